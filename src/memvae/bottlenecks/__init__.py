@@ -1,0 +1,24 @@
+"""The registry of bottlenecks: one name, one class, one file each."""
+from __future__ import annotations
+
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from memvae.bottlenecks.memory import MemoryRead
+from memvae.bottlenecks.vq import VectorQuantizer
+from memvae.bottlenecks.vq_ema import VectorQuantizerEMA
+
+REGISTRY: dict[str, type[Bottleneck]] = {
+    "vq": VectorQuantizer,
+    "vq_ema": VectorQuantizerEMA,
+    "memory": MemoryRead,
+}
+
+
+def bottleneck_class(kind: str) -> type[Bottleneck]:
+    """The class registered under ``kind``; unknown names fail with the known ones."""
+    try:
+        return REGISTRY[kind]
+    except KeyError:
+        raise ValueError(f"unknown bottleneck {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+__all__ = ["Bottleneck", "BottleneckOutput", "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]

@@ -1,0 +1,57 @@
+"""The contract every bottleneck follows.
+
+A bottleneck maps the encoder output ``z`` (B×D×H×W) to what the decoder reads,
+position by position: N = B·H·W queries against a memory of K slots of width D.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BottleneckOutput:
+    """What every bottleneck returns.
+
+    Attributes:
+        quantized: B×D×H×W, what the decoder receives.
+        loss: scalar, the bottleneck's own loss term (0 when it has none).
+        codes: B×H×W int64, the slot each position reads most (argmin distance for
+            VQ, argmax weight for the memory read); usage is measured from these.
+        weights: B×H×W×K read weights of a soft read, or None (hard reads, and soft
+            reads computed without materialising the N×K matrix).
+        metrics: scalar tensors for logging (e.g. ``perplexity``, ``beta``,
+            ``entropy_bits``), detached.
+    """
+
+    quantized: torch.Tensor
+    loss: torch.Tensor
+    codes: torch.Tensor
+    weights: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Bottleneck(nn.Module):
+    """Base class: a memory ``self.memory`` of shape K×D plus ``forward(z)``."""
+
+    num_slots: int
+    dim: int
+
+    def forward(self, z: torch.Tensor) -> BottleneckOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def slots(self) -> torch.Tensor:
+        """K×D: the slot vectors the decoder may receive (for decoding sampled codes)."""
+        return self.memory
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """B×H×W slot indices -> B×D×H×W slot vectors (the hard read of those codes)."""
+        return self.slots()[codes].permute(0, 3, 1, 2).contiguous()
+
+    def set_progress(self, fraction: float) -> None:
+        """Called by the training loop with the fraction of training done (0..1).
+
+        Bottlenecks with schedules (annealed β, Gumbel temperature) override it.
+        """

@@ -1,0 +1,215 @@
+"""The soft, differentiable memory read studied here (NTM-style content addressing)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memvae.bottlenecks import functional as Fn
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+
+SIMILARITIES = ("l2", "cosine")
+TRAIN_READS = ("soft", "straight_through", "gumbel")
+READ_MODES = ("soft", "hard")
+WRITES = ("gradient", "soft_ema")
+IMPLS = ("auto", "dense", "fused")
+
+
+class MemoryRead(Bottleneck):
+    """Content-addressed soft read of a memory M (K×D), as in the Neural Turing Machine.
+
+    For each position's query z (D):
+        w = softmax(β·s(z, M_k))          s = −‖z − M_k‖² ("l2") or cos(z, M_k) ("cosine")
+        r = Σ_k w_k M_k                   (the "soft" read, what the decoder receives)
+    β = exp(log β) > 0 is learned; ``beta_growth`` multiplies it by a schedule that
+    rises geometrically from 1 to ``beta_growth`` over training (1 = off).
+
+    The l2 logits use −β‖z − m‖² = 2β z·m − β‖m‖² − β‖z‖², dropping the last term,
+    which is the same for every slot. The read is then attention with query [z, 1] and
+    key [2β m, −β‖m‖²], which the fused path hands to
+    ``F.scaled_dot_product_attention`` so that the N×K weights are never held.
+
+    Reads (``train_read`` in training mode, ``read_mode`` in eval mode):
+        soft:             r as above.
+        hard:             M_argmax(w): a discrete read, log2 K bits per position.
+        straight_through: forward M_argmax(w), backward the gradient of the soft read.
+        gumbel:           soft read with weights softmax((β·s + g)/τ), g ~ Gumbel(0, 1),
+                          τ annealed geometrically from ``gumbel_tau[0]`` to ``gumbel_tau[1]``.
+
+    Writes:
+        gradient: M is a parameter trained through the read (the study's model).
+        soft_ema: M is a buffer; in training mode each slot moves toward the mean of the
+                  encoder vectors weighted by their read weights (see
+                  :func:`~memvae.bottlenecks.functional.ema_write`, with A = w), and the
+                  loss gains commitment·‖z − sg(r)‖². With one-hot w this is vq_ema's update.
+
+    ``entropy_weight`` > 0 adds that weight times the mean entropy of w (bits) to the
+    loss, pushing the read toward one slot.
+
+    Args:
+        num_slots: K.  dim: D.
+        similarity: "l2" or "cosine".
+        beta_init: initial β.
+        read_mode: read in eval mode ("soft" or "hard"); may be changed after training.
+        train_read: read in training mode (see above).
+        beta_growth: factor by which β's schedule multiplies it at the end of training.
+        entropy_weight: weight of the entropy penalty.
+        gumbel_tau: (start, end) temperature of the Gumbel read.
+        write: "gradient" or "soft_ema".  decay: γ of the soft write.
+        commitment: weight of the commitment term of the soft write.
+        impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
+            N·K > ``fused_threshold`` and the read allows it).
+        chunk: queries per chunk when statistics are computed without the full matrix.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        dim: int,
+        similarity: str = "l2",
+        beta_init: float = 1.0,
+        read_mode: str = "soft",
+        train_read: str = "soft",
+        beta_growth: float = 1.0,
+        entropy_weight: float = 0.0,
+        gumbel_tau: tuple[float, float] = (1.0, 0.1),
+        write: str = "gradient",
+        decay: float = 0.99,
+        commitment: float = 0.25,
+        impl: str = "auto",
+        fused_threshold: int = 1 << 22,
+        chunk: int = 4096,
+    ):
+        super().__init__()
+        for name, value, allowed in (
+            ("similarity", similarity, SIMILARITIES),
+            ("read_mode", read_mode, READ_MODES),
+            ("train_read", train_read, TRAIN_READS),
+            ("write", write, WRITES),
+            ("impl", impl, IMPLS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if beta_init <= 0:
+            raise ValueError(f"beta_init must be > 0, got {beta_init}")
+        self.num_slots, self.dim = num_slots, dim
+        self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
+        self.beta_growth, self.entropy_weight, self.gumbel_tau = beta_growth, entropy_weight, tuple(gumbel_tau)
+        self.write, self.decay, self.commitment = write, decay, commitment
+        self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
+        self.progress = 0.0
+        memory = torch.randn(num_slots, dim)
+        if write == "gradient":
+            self.memory = nn.Parameter(memory)
+        else:
+            self.register_buffer("memory", memory)
+            self.register_buffer("cluster_size", torch.zeros(num_slots))
+            self.register_buffer("embed_sum", memory.clone())
+        self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
+
+    def set_progress(self, fraction: float) -> None:
+        self.progress = float(min(max(fraction, 0.0), 1.0))
+
+    def beta(self) -> torch.Tensor:
+        """The effective β (scalar tensor): the learned value times its schedule."""
+        return self.log_beta.exp() * self.beta_growth**self.progress
+
+    def tau(self) -> float:
+        """The Gumbel temperature at the current point of training."""
+        start, end = self.gumbel_tau
+        return start * (end / start) ** self.progress
+
+    def logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """β·s(x, M) up to a per-row constant, N×D queries -> N×K (float32)."""
+        x, memory = x.float(), memory.float()
+        if self.similarity == "l2":
+            return beta * torch.addmm(-memory.pow(2).sum(1), x, memory.t(), alpha=2.0)
+        return beta * (F.normalize(x, dim=1) @ F.normalize(memory, dim=1).t())
+
+    def _fused_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Σ_k softmax_k(β·s) M_k without the N×K matrix: N×D -> N×D."""
+        x, memory = x.float(), memory.float()
+        if self.similarity == "l2":
+            q = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+            k = torch.cat([2.0 * beta * memory, -beta * memory.pow(2).sum(1, keepdim=True)], 1)
+        else:
+            q, k = F.normalize(x, dim=1), beta * F.normalize(memory, dim=1)
+        return F.scaled_dot_product_attention(q[None], k[None], memory[None], scale=1.0)[0]
+
+    @torch.no_grad()
+    def _chunked_statistics(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, want_write: bool):
+        """Codes, weight statistics and (optionally) soft-write sums, chunk by chunk.
+
+        Returns (codes N, stats dict of sums over N, counts K or None, sums K×D or None).
+        """
+        codes, stats = [], {}
+        counts = torch.zeros(self.num_slots, device=x.device) if want_write else None
+        sums = torch.zeros(self.num_slots, self.dim, device=x.device) if want_write else None
+        for part in x.split(self.chunk):
+            logits = self.logits(part, memory, beta)
+            codes.append(logits.argmax(1))
+            for key, value in Fn.weight_statistics(logits).items():
+                stats[key] = stats.get(key, 0.0) + value
+            if want_write:
+                w = logits.softmax(1)
+                counts += w.sum(0)
+                sums += w.t() @ part.float()
+        return torch.cat(codes), stats, counts, sums
+
+    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W -> BottleneckOutput (quantized B×D×H×W, codes B×H×W, weights B×H×W×K or None)."""
+        x = Fn.flatten_positions(z)
+        n = x.shape[0]
+        beta = self.beta()
+        mode = self.train_read if self.training else self.read_mode
+        soft_write = self.training and self.write == "soft_ema"
+        # The soft write changes the memory in place after the read; the read keeps its own copy.
+        memory = self.memory.clone() if soft_write else self.memory
+        loss = x.new_zeros(())
+        weights = None
+        fused_ok = mode in ("soft", "hard") and self.entropy_weight == 0.0
+        use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.num_slots > self.fused_threshold))
+
+        if use_fused:
+            idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_write)
+            read = memory[idx] if mode == "hard" else self._fused_read(x, memory, beta)
+            if soft_write:
+                Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
+        else:
+            logits = self.logits(x, memory, beta)
+            w = logits.softmax(1)
+            idx = logits.argmax(1)
+            if mode == "gumbel":
+                gumbel = -torch.empty_like(logits).exponential_().log()
+                read = ((logits + gumbel) / self.tau()).softmax(1) @ memory
+            elif mode == "hard":
+                read = memory[idx]
+            else:
+                read = w @ memory
+                if mode == "straight_through":
+                    read = Fn.straight_through(read, memory[idx])
+            with torch.no_grad():
+                stats = Fn.weight_statistics(logits)
+            if self.entropy_weight > 0:
+                entropy_bits = -(w * F.log_softmax(logits, 1)).sum(1).mean() / math.log(2.0)
+                loss = loss + self.entropy_weight * entropy_bits
+            if soft_write:
+                wd = w.detach()
+                Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, wd.sum(0), wd.t() @ x.detach().float(), self.decay)
+            weights = w.view(z.shape[0], z.shape[2], z.shape[3], self.num_slots)
+
+        read = read.to(x.dtype)
+        if self.write == "soft_ema" and self.training:
+            loss = loss + self.commitment * F.mse_loss(x, read.detach())
+        metrics = {key: (value / n).detach() for key, value in stats.items()}
+        metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()
+        metrics["beta"] = beta.detach()
+        return BottleneckOutput(
+            quantized=Fn.unflatten_positions(read, z),
+            loss=loss,
+            codes=idx.view(z.shape[0], z.shape[2], z.shape[3]),
+            weights=weights,
+            metrics=metrics,
+        )

@@ -1,0 +1,44 @@
+"""VQ-VAE's nearest-neighbour read with a codebook trained by gradient."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memvae.bottlenecks import functional as Fn
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+
+
+class VectorQuantizer(Bottleneck):
+    """Nearest-slot read (van den Oord et al. 2017, eq. 3).
+
+    i*_n = argmin_k ‖z_n − M_k‖²; output M_i* with the straight-through gradient
+    z + sg(M_i* − z); loss ‖sg(z) − M_i*‖² + commitment·‖z − sg(M_i*)‖².
+
+    Args:
+        num_slots: K.
+        dim: D, the width of z and of each slot.
+        commitment: weight of the commitment term (0.25 in the paper).
+    """
+
+    def __init__(self, num_slots: int, dim: int, commitment: float = 0.25):
+        super().__init__()
+        self.num_slots, self.dim, self.commitment = num_slots, dim, commitment
+        self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-1 / num_slots, 1 / num_slots))
+
+    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W -> BottleneckOutput with quantized B×D×H×W, codes B×H×W."""
+        x = Fn.flatten_positions(z)
+        idx = Fn.nearest_slots(x, self.memory)
+        chosen = self.memory[idx]
+        codebook_loss = F.mse_loss(chosen, x.detach())
+        commitment_loss = F.mse_loss(x, chosen.detach())
+        quantized = Fn.unflatten_positions(Fn.straight_through(x, chosen), z)
+        codes = idx.view(z.shape[0], z.shape[2], z.shape[3])
+        perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots))
+        return BottleneckOutput(
+            quantized=quantized,
+            loss=codebook_loss + self.commitment * commitment_loss,
+            codes=codes,
+            metrics={"perplexity": perplexity.detach()},
+        )

@@ -1,0 +1,200 @@
+"""The ``memvae`` command line. Library code never imports this module."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memvae.errors import MemvaeError
+
+
+def _overrides(tokens: list[str]) -> list[str]:
+    """``--key value`` / ``--key=value`` tokens left over by argparse -> ``key=value``."""
+    pairs, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise MemvaeError(f"unexpected argument {token!r} (config overrides look like --train.steps 1000)")
+        key = token[2:]
+        if "=" in key:
+            pairs.append(key)
+            i += 1
+            continue
+        if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+            raise MemvaeError(f"config override {token} needs a value")
+        pairs.append(f"{key}={tokens[i + 1]}")
+        i += 2
+    return pairs
+
+
+def cmd_train(args, extra: list[str]) -> None:
+    from memvae import config as C
+    from memvae.train import train
+
+    overrides = _overrides(extra)
+    config_path = args.config
+    if config_path is None and args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
+        config_path = Path(args.run_dir) / "config.toml"
+    if config_path is None:
+        raise MemvaeError("memvae train needs --config FILE (or --resume with --run-dir of an existing run)")
+    cfg = C.load_config(config_path, overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
+                 show_progress=not args.no_progress)
+    if last:
+        print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f})")
+
+
+def _format_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+EVAL_COLUMNS = ["mse", "nmse", "psnr", "perplexity", "slots_used", "entropy_bits", "max_weight", "confident_frac", "beta"]
+
+
+def eval_table(name: str, results: dict) -> list[list]:
+    """Rows (one per read) of an evaluation result for :func:`_format_table`."""
+    rows = []
+    for read, metrics in results.items():
+        if isinstance(metrics, dict):
+            rows.append([name, read] + [metrics.get(c, "") for c in EVAL_COLUMNS])
+    return rows
+
+
+def cmd_eval(args, extra: list[str]) -> None:
+    from memvae.data import load_array_images, load_data
+    from memvae.evaluate import evaluate_model
+    from memvae.runs import load_run
+    from memvae.train import resolve_device
+
+    device = resolve_device(args.device)
+    rows, cache = [], {}
+    for run_dir in args.run_dirs:
+        model, cfg, state = load_run(run_dir, device)
+        key = (cfg.data.source, args.data_dir or cfg.data.dir, cfg.data.image_size)
+        if key not in cache:
+            cache[key] = load_data(cfg.data.source, key[1] or None, cfg.data.image_size)
+        data = cache[key]
+        variance = data.train_variance()
+        report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
+                  "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
+        rows += eval_table(f"{cfg.name} test", report["test"])
+        if args.lossless:
+            images = load_array_images(args.lossless, args.lossless_key)
+            report["lossless"] = evaluate_model(model, images, variance, args.batch_size, device)
+            rows += eval_table(f"{cfg.name} lossless", report["lossless"])
+        out = Path(run_dir) / "eval.json"
+        out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}")
+    print(_format_table(["model", "read"] + EVAL_COLUMNS, rows))
+
+
+def cmd_reconstruct(args, extra: list[str]) -> None:
+    import torch
+
+    from memvae.data import load_data, to_input, to_uint8
+    from memvae.evaluate import reads_of
+    from memvae.plots import reconstruction_grid
+    from memvae.runs import load_run
+
+    images, rows = None, []
+    for run_dir in args.run_dirs:
+        model, cfg, _ = load_run(run_dir)
+        if images is None:
+            data = load_data(cfg.data.source, args.data_dir or cfg.data.dir or None, cfg.data.image_size)
+            images = data.test[args.first : args.first + args.n]
+            rows.append(("original", images))
+        for read in reads_of(model):
+            if read != "nearest":
+                model.bottleneck.read_mode = read
+            with torch.no_grad():
+                recon = model(to_input(images)).reconstruction
+            label = cfg.name if read == "nearest" else f"{cfg.name} ({read})"
+            rows.append((label, to_uint8(recon)))
+    out = reconstruction_grid(rows, args.out, title=f"test images {args.first}..{args.first + args.n - 1}")
+    print(f"wrote {out}")
+
+
+def cmd_plot(args, extra: list[str]) -> None:
+    from memvae.metrics import read_metrics
+    from memvae.plots import convergence_figure
+
+    curves = {}
+    for run_dir in args.run_dirs:
+        records = read_metrics(run_dir)
+        if not records:
+            raise MemvaeError(f"{run_dir} has no training records in metrics.jsonl")
+        curves[Path(run_dir).name] = [records]
+    print(f"wrote {convergence_figure(curves, args.out, args.smoothing)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    def data_dir_arg(p):
+        p.add_argument("--data-dir", help="data directory (holds cifar-10-batches-py, or the image folder); "
+                       "default: $MEMVAE_DATA_DIR, else ~/.cache/memvae (CIFAR-10 is downloaded there)")
+
+    p = sub.add_parser("train", parents=[common], help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000")
+    p.add_argument("--config", help="TOML config file (see configs/)")
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
+    data_dir_arg(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate runs on the whole test set; writes RUN_DIR/eval.json")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    data_dir_arg(p)
+    p.add_argument("--lossless", help="also evaluate on uint8 N×H×W×3 images in this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz)")
+    p.add_argument("--lossless-key", default="x_test", help="array name in the --lossless file (default x_test)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reconstruct", parents=[common], help="grid of test images and each run's reconstructions")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--n", type=int, default=10, help="number of test images")
+    p.add_argument("--first", type=int, default=0, help="index of the first test image")
+    data_dir_arg(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("plot", parents=[common], help="NMSE (log) and perplexity against update for runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--smoothing", type=int, default=5, help="moving-average window in log records")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if extra and not getattr(args, "extra_ok", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.func(args, extra)
+    except MemvaeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

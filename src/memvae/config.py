@@ -1,0 +1,256 @@
+"""Typed configuration: dataclasses, loaded from TOML files and command-line overrides.
+
+A config file has a top-level ``name`` and the sections ``[data]``, ``[model]``,
+``[bottleneck]`` and ``[train]``; every key is a field below. Overrides are
+``section.key=value`` strings (the command line also takes ``--section.key value``
+and, when the key is unique, ``--key value``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memvae.bottlenecks import REGISTRY
+from memvae.bottlenecks.memory import IMPLS, READ_MODES, SIMILARITIES, TRAIN_READS, WRITES
+from memvae.errors import MemvaeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    source: str = "cifar10"  # "cifar10" or "folder"
+    dir: str = ""  # empty: $MEMVAE_DATA_DIR, else ~/.cache/memvae
+    image_size: int = 32  # side of the square images a folder source is resized/cropped to
+    eval_images: int = 1000  # size of the fixed held-out subset evaluated during training
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    res_hidden: int = 32
+    res_blocks: int = 2
+    embedding_dim: int = 64  # D
+
+
+@dataclass
+class BottleneckConfig:
+    kind: str = "vq"  # a name in memvae.bottlenecks.REGISTRY
+    slots: int = 512  # K
+    commitment: float = 0.25  # vq, vq_ema, memory with write = "soft_ema"
+    decay: float = 0.99  # vq_ema, memory with write = "soft_ema"
+    similarity: str = "l2"  # memory: "l2" or "cosine"
+    beta_init: float = 1.0  # memory: initial β
+    read_mode: str = "soft"  # memory: read in evaluation, "soft" or "hard"
+    train_read: str = "soft"  # memory: "soft", "straight_through" or "gumbel"
+    beta_growth: float = 1.0  # memory: β multiplied by a schedule rising to this factor
+    entropy_weight: float = 0.0  # memory: weight of the read-entropy penalty (bits)
+    gumbel_tau_start: float = 1.0
+    gumbel_tau_end: float = 0.1
+    write: str = "gradient"  # memory: "gradient" or "soft_ema"
+    impl: str = "auto"  # memory: "auto", "dense" or "fused"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 25000
+    batch_size: int = 32
+    lr: float = 3e-4
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    amp: bool = True  # bf16 autocast for the networks on CUDA (bottleneck maths stay float32)
+    compile: bool = False  # torch.compile the networks
+    channels_last: bool = False
+    on_nonfinite: str = "stop"  # "stop" or "skip" an update whose loss is NaN/Inf
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = ("data", "model", "bottleneck", "train")
+CHOICES = {
+    "data.source": ("cifar10", "folder"),
+    "bottleneck.kind": tuple(sorted(REGISTRY)),
+    "bottleneck.similarity": SIMILARITIES,
+    "bottleneck.read_mode": READ_MODES,
+    "bottleneck.train_read": TRAIN_READS,
+    "bottleneck.write": WRITES,
+    "bottleneck.impl": IMPLS,
+    "train.on_nonfinite": ("stop", "skip"),
+}
+POSITIVE = {
+    "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
+    "bottleneck.slots", "bottleneck.beta_init", "bottleneck.beta_growth", "bottleneck.gumbel_tau_start",
+    "bottleneck.gumbel_tau_end", "train.steps", "train.batch_size", "train.lr", "train.log_every",
+    "train.eval_every", "train.checkpoint_every",
+}
+NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.entropy_weight", "train.seed", "train.threads"}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``train.steps``."""
+    keys = ["name"]
+    for section in SECTIONS:
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(getattr(Config(), section))]
+    return keys
+
+
+def _unknown(key: str, candidates: list[str]) -> MemvaeError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
+    return MemvaeError(f"unknown config key {key!r}{hint}")
+
+
+def resolve_key(key: str) -> str:
+    """A dotted key, or a bare field name that is unique across sections -> dotted key."""
+    keys = all_keys()
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.split(".")[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise MemvaeError(f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
+    raise _unknown(key, keys)
+
+
+def _field_type(key: str) -> type:
+    if key == "name":
+        return str
+    section, name = key.split(".")
+    return {f.name: f.type for f in dataclasses.fields(getattr(Config(), section))}[name]
+
+
+def _coerce(key: str, value: Any, from_text: bool) -> Any:
+    """Check ``value`` against the field's type; strings from the command line are parsed."""
+    kind = _field_type(key)
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
+    if from_text:
+        text = str(value)
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            return kind(text)
+        except ValueError:
+            raise MemvaeError(f"config key {key!r} expects {kind.__name__}, got {text!r}") from None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise MemvaeError(f"config key {key!r} expects {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    if key == "name":
+        cfg.name = value
+    else:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+
+
+def get(cfg: Config, key: str) -> Any:
+    if key == "name":
+        return cfg.name
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks; raises MemvaeError naming the key and the rule."""
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise MemvaeError(f"config key {key!r} must be one of {', '.join(allowed)}, got {get(cfg, key)!r}")
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise MemvaeError(f"config key {key!r} must be > 0, got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise MemvaeError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
+    if not 0.0 < cfg.bottleneck.decay < 1.0:
+        raise MemvaeError(f"config key 'bottleneck.decay' must be in (0, 1), got {cfg.bottleneck.decay!r}")
+    if not cfg.name or any(c in cfg.name for c in "/\\"):
+        raise MemvaeError(f"config key 'name' must be a non-empty name without slashes, got {cfg.name!r}")
+    return cfg
+
+
+def from_dict(raw: dict, cfg: Config | None = None) -> Config:
+    """Nested dict (as in a TOML file) -> Config, checking every key and type."""
+    cfg = cfg if cfg is not None else Config()
+    for top, value in raw.items():
+        if top == "name":
+            _set(cfg, "name", _coerce("name", value, False))
+        elif top in SECTIONS:
+            if not isinstance(value, dict):
+                raise MemvaeError(f"config section [{top}] must be a table, got {value!r}")
+            for key, item in value.items():
+                dotted = f"{top}.{key}"
+                if dotted not in all_keys():
+                    raise _unknown(dotted, all_keys())
+                _set(cfg, dotted, _coerce(dotted, item, False))
+        else:
+            raise _unknown(top, ["name", *SECTIONS])
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (values parsed by the field's type)."""
+    for item in overrides:
+        if "=" not in item:
+            raise MemvaeError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        dotted = resolve_key(key.strip())
+        _set(cfg, dotted, _coerce(dotted, value.strip(), True))
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise MemvaeError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise MemvaeError(f"config file {path} is not valid TOML: {exc}") from None
+        from_dict(raw, cfg)
+    return validate(apply_overrides(cfg, list(overrides)))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML text that :func:`load_config` reads back unchanged."""
+    raw = to_dict(cfg)
+    lines = [f"name = {json.dumps(raw['name'])}"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for key, value in raw[section].items():
+            text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+            lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

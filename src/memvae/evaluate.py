@@ -1,0 +1,80 @@
+"""Whole-test-set evaluation, the same for every model (DESIGN.md, "Measuring")."""
+from __future__ import annotations
+
+import torch
+
+from memvae.bottlenecks import MemoryRead
+from memvae.bottlenecks.functional import code_counts, perplexity_from_counts
+from memvae.data import to_input
+from memvae.metrics import nmse, psnr
+from memvae.model import Autoencoder
+
+
+@torch.no_grad()
+def evaluate_read(
+    model: Autoencoder, images: torch.Tensor, train_variance: float, batch_size: int = 500, device: str | torch.device = "cpu"
+) -> dict:
+    """Reconstruction and slot usage of ``model`` (as it reads now) on uint8 N×3×H×W images.
+
+    MSE is over all pixels and channels on the [0, 1] scale; PSNR is computed from it;
+    perplexity and slots used come from the slot counts over the whole set (not per
+    batch). Memory reads add mean weight entropy (bits), mean max weight, the fraction
+    of positions with max weight > 0.99, and β.
+    """
+    model.eval()
+    k = model.bottleneck.num_slots
+    counts = torch.zeros(k, dtype=torch.int64, device=device)
+    sq_error, pixels, positions = 0.0, 0, 0
+    sums: dict[str, float] = {}
+    for batch in images.split(batch_size):
+        x = to_input(batch.to(device))
+        out = model(x)
+        sq_error += float((out.reconstruction.float() - x).pow(2).sum(dtype=torch.float64))
+        pixels += x.numel()
+        counts += code_counts(out.bottleneck.codes, k)
+        n = out.bottleneck.codes.numel()
+        positions += n
+        for key in ("entropy_bits", "max_weight", "confident"):
+            if key in out.bottleneck.metrics:
+                sums[key] = sums.get(key, 0.0) + float(out.bottleneck.metrics[key]) * n
+    mse = sq_error / pixels
+    result = {
+        "images": int(images.shape[0]),
+        "mse": mse,
+        "nmse": nmse(mse, train_variance),
+        "psnr": psnr(mse),
+        "perplexity": float(perplexity_from_counts(counts)),
+        "slots_used": int((counts > 0).sum()),
+    }
+    if sums:
+        result["entropy_bits"] = sums["entropy_bits"] / positions
+        result["max_weight"] = sums["max_weight"] / positions
+        result["confident_frac"] = sums["confident"] / positions
+    if isinstance(model.bottleneck, MemoryRead):
+        result["beta"] = float(model.bottleneck.beta())
+    return result
+
+
+def reads_of(model: Autoencoder) -> list[str]:
+    """The reads a model can be evaluated with: "soft" and "hard" for memory, else "nearest"."""
+    return ["soft", "hard"] if isinstance(model.bottleneck, MemoryRead) else ["nearest"]
+
+
+@torch.no_grad()
+def evaluate_model(model: Autoencoder, images: torch.Tensor, train_variance: float, batch_size: int = 500, device="cpu") -> dict:
+    """{read: evaluate_read(...)} for every read of the model; memory models also get
+    ``hard_gap`` = hard NMSE − soft NMSE. The model's read mode is restored afterwards."""
+    results = {}
+    bottleneck = model.bottleneck
+    saved = getattr(bottleneck, "read_mode", None)
+    try:
+        for read in reads_of(model):
+            if read != "nearest":
+                bottleneck.read_mode = read
+            results[read] = evaluate_read(model, images, train_variance, batch_size, device)
+    finally:
+        if saved is not None:
+            bottleneck.read_mode = saved
+    if "hard" in results:
+        results["hard_gap"] = results["hard"]["nmse"] - results["soft"]["nmse"]
+    return results

@@ -1,0 +1,54 @@
+"""Reconstruction measures and the JSON-lines metrics log."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def nmse(mse: float, variance: float) -> float:
+    """MSE normalised by the training pixels' variance (both on the [0, 1] pixel scale)."""
+    return mse / variance
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB for pixels on the [0, 1] scale."""
+    return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, each with a ``step`` and a ``kind``
+    ("train" or "eval"). Plots and tables are derived from it, never recomputed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict]:
+        """All complete records; a line cut short by a crash is skipped."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records after ``step`` (on resume, so the log matches an unbroken run)."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: str = "train") -> list[dict]:
+    """The records of one kind from a run directory's metrics.jsonl."""
+    return [r for r in MetricsLog(Path(run_dir) / "metrics.jsonl").read() if r.get("kind") == kind]

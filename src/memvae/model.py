@@ -1,0 +1,71 @@
+"""Encoder → bottleneck → decoder, with the model's own loss and metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memvae.bottlenecks import BottleneckOutput, bottleneck_class
+from memvae.config import BottleneckConfig, Config, ModelConfig
+from memvae.nets import Decoder, Encoder
+
+
+@dataclass(frozen=True)
+class AutoencoderOutput:
+    """Attributes:
+    reconstruction: B×3×H×W, on the input's scale.
+    loss: scalar to minimise: reconstruction MSE + the bottleneck's loss.
+    recon_mse: scalar reconstruction MSE (per pixel and channel).
+    bottleneck: the bottleneck's output (codes, weights, metrics).
+    """
+
+    reconstruction: torch.Tensor
+    loss: torch.Tensor
+    recon_mse: torch.Tensor
+    bottleneck: BottleneckOutput
+
+
+def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
+    """The registered bottleneck named by ``cfg.kind``, with the options it takes."""
+    cls = bottleneck_class(cfg.kind)
+    if cfg.kind == "vq":
+        return cls(cfg.slots, dim, commitment=cfg.commitment)
+    if cfg.kind == "vq_ema":
+        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay)
+    return cls(
+        cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
+        train_read=cfg.train_read, beta_growth=cfg.beta_growth, entropy_weight=cfg.entropy_weight,
+        gumbel_tau=(cfg.gumbel_tau_start, cfg.gumbel_tau_end), write=cfg.write, decay=cfg.decay,
+        commitment=cfg.commitment, impl=cfg.impl,
+    )
+
+
+class Autoencoder(nn.Module):
+    """Images B×3×H×W (pixels scaled to [-0.5, 0.5]) -> AutoencoderOutput."""
+
+    def __init__(self, model: ModelConfig, bottleneck: BottleneckConfig):
+        super().__init__()
+        d = model.embedding_dim
+        self.encoder = Encoder(model.hidden, model.res_hidden, model.res_blocks, d)
+        self.bottleneck = build_bottleneck(bottleneck, d)
+        self.decoder = Decoder(model.hidden, model.res_hidden, model.res_blocks, d)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Autoencoder":
+        return cls(cfg.model, cfg.bottleneck)
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        z = self.encoder(x)
+        # The bottleneck's distances and softmax run in float32 even under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = self.bottleneck(z.float())
+        reconstruction = self.decoder(out.quantized.to(z.dtype)).float()
+        recon_mse = F.mse_loss(reconstruction, x.float())
+        return AutoencoderOutput(reconstruction, recon_mse + out.loss, recon_mse, out)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """B×h×w slot indices -> B×3×H×W images (each position reads its slot's row)."""
+        return self.decoder(self.bottleneck.decode_codes(codes))

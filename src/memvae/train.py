@@ -1,0 +1,310 @@
+"""The training loop: generic over models, exact to resume, safe to interrupt.
+
+Runs on one process, or on several under ``torchrun`` (DistributedDataParallel): every
+rank walks the same permutation and takes its share ``batch[rank::world]`` of each
+global batch; only rank 0 writes the run directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from memvae import config as C
+from memvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from memvae.data import EpochBatcher, load_data, to_input
+from memvae.errors import MemvaeError
+from memvae.evaluate import evaluate_read
+from memvae.metrics import MetricsLog, nmse
+from memvae.model import Autoencoder
+from memvae.runs import config_mismatch, environment, prepare_run_dir
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MemvaeError(f"device {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each update."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Interval:
+    """Sums of the training measures since the last log record."""
+
+    KEYS = ("recon_mse", "perplexity", "updates", "skipped")
+
+    def __init__(self, state: dict | None = None):
+        self.sums = {k: 0.0 for k in self.KEYS} if state is None else {k: float(state[k]) for k in self.KEYS}
+
+    def state_dict(self) -> dict:
+        return dict(self.sums)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train(
+    cfg: C.Config,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    data_dir: str | None = None,
+    show_progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train ``cfg``'s model, writing the run directory; returns the last log record.
+
+    Args:
+        cfg: validated config.
+        run_dir: where the run lives (refused if it exists, unless resume/overwrite).
+        resume: continue from the newest checkpoint in ``run_dir``.
+        overwrite: delete an existing ``run_dir`` first.
+        data_dir: overrides ``cfg.data.dir``.
+        show_progress: tqdm progress bar.
+        stop_after: stop (with a checkpoint, as on SIGTERM) after this many updates in
+            total; for tests and for splitting long runs.
+    """
+    run_dir = Path(run_dir)
+    rank, world = _distributed()
+    is_main = rank == 0
+    tc = cfg.train
+    if tc.batch_size % world:
+        raise MemvaeError(f"batch size {tc.batch_size} does not split evenly over {world} processes")
+    if is_main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    if dist.is_initialized():
+        dist.barrier()
+    found = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and found is None and is_main:
+        print(f"no checkpoint in {run_dir}: starting from update 0")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    torch.manual_seed(tc.seed)
+
+    data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
+    variance = data.train_variance()
+    train_images = data.train.to(device)  # the whole set stays resident (uint8)
+    eval_images = data.test[: cfg.data.eval_images]
+    batcher = EpochBatcher(len(train_images), tc.batch_size, tc.seed)
+
+    model = Autoencoder.from_config(cfg).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    step, train_seconds, interval = 0, 0.0, _Interval()
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    if found is not None:
+        state = load_checkpoint(*found, map_location=device)
+        problem = config_mismatch(state["config"], cfg)
+        if problem:
+            raise MemvaeError(f"checkpoint {found[0]} is from a different model configuration ({problem})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batcher.load_state_dict(state["batcher"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        step, train_seconds = int(state["step"]), float(state["train_seconds"])
+        interval = _Interval(state["interval"])
+        if is_main:
+            log.truncate_after(step)
+    if is_main:
+        (run_dir / "config.toml").write_text(C.to_toml(cfg))
+        meta = {"config_name": cfg.name, "device": str(device), "world_size": world, **environment()}
+        (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    def checkpoint_state() -> dict:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "train_seconds": train_seconds,
+            "batcher": batcher.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "interval": interval.state_dict(),
+            "config": C.to_dict(cfg),
+        }
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def save() -> None:
+        if not is_main:
+            return
+        try:
+            save_checkpoint(run_dir / "checkpoints", checkpoint_state(), step)
+        except OSError as exc:
+            tqdm.write(f"warning: could not save checkpoint at update {step} ({exc}); the previous one is kept")
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    networks = ddp
+    if tc.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and tc.amp) else nullcontext()
+    )
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
+
+    bar = tqdm(total=tc.steps, initial=step, disable=not (show_progress and is_main), desc=cfg.name, dynamic_ncols=True)
+    last_record: dict = {}
+    with _StopRequest() as stop:
+        while step < tc.steps:
+            model.bottleneck.set_progress(step / tc.steps)
+            indices = batcher.next()[rank::world]
+            x = to_input(train_images[indices])
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            started = time.perf_counter()
+            with autocast:
+                out = networks(x)
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                if tc.on_nonfinite == "skip":
+                    optimizer.zero_grad(set_to_none=True)
+                    interval.sums["skipped"] += 1
+                    step += 1
+                    bar.update(1)
+                    continue
+                _report_nonfinite(run_dir if is_main else None, step + 1, loss_value, model, indices, out)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - started
+            step += 1
+            interval.sums["recon_mse"] += float(out.recon_mse.detach())
+            interval.sums["perplexity"] += float(out.bottleneck.metrics["perplexity"])
+            interval.sums["updates"] += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                mse_sum, ppl_sum, updates, skipped = _all_reduce_sum(
+                    [interval.sums[k] for k in _Interval.KEYS], device
+                )
+                updates_all = max(updates, 1.0)
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    "train_nmse": nmse(mse_sum / updates_all, variance),
+                    "train_perplexity": ppl_sum / updates_all,
+                    "skipped": int(skipped / world),
+                    "train_seconds": train_seconds,
+                }
+                for key in ("beta", "entropy_bits", "max_weight"):
+                    if key in out.bottleneck.metrics:
+                        record[key] = float(out.bottleneck.metrics[key])
+                interval = _Interval()
+                if is_main:
+                    log.append(record)
+                    for key, value in record.items():
+                        if key not in ("kind", "step"):
+                            writer.add_scalar(f"train/{key}", value, step)
+                bar.set_postfix(nmse=f"{record['train_nmse']:.4f}", ppl=f"{record['train_perplexity']:.1f}")
+                last_record = record
+            if step % tc.eval_every == 0 or step == tc.steps:
+                result = evaluate_read(model, eval_images, variance, device=device)
+                model.train()
+                record = {"kind": "eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}}
+                if is_main:
+                    log.append(record)
+                    for key in ("eval_nmse", "eval_perplexity", "eval_slots_used"):
+                        writer.add_scalar(key.replace("eval_", "eval/"), record[key], step)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                save()
+            if stop.signal is not None or (stop_after is not None and step >= stop_after and step < tc.steps):
+                save()
+                bar.close()
+                if writer:
+                    writer.close()
+                if stop.signal is not None:
+                    name = signal.Signals(stop.signal).name
+                    raise KeyboardInterrupt(
+                        f"{name}: stopped at update {step}, checkpoint saved; resume with "
+                        f"memvae train --run-dir {run_dir} --resume"
+                    )
+                return last_record
+    bar.close()
+    if writer:
+        writer.close()
+    return last_record
+
+
+def _report_nonfinite(run_dir: Path | None, step: int, value: float, model, indices, out) -> None:
+    """Save what is needed to look into a NaN/Inf loss, then stop with a clear message."""
+    where = ""
+    if run_dir is not None:
+        path = run_dir / f"nonfinite_step_{step:08d}.pt"
+        torch.save(
+            {
+                "step": step,
+                "loss": value,
+                "recon_mse": float(out.recon_mse.detach()),
+                "bottleneck_loss": float(out.bottleneck.loss.detach()),
+                "batch_indices": indices.cpu(),
+                "model": model.state_dict(),
+            },
+            path,
+        )
+        where = f"; the model before this update and the batch are in {path}"
+    raise MemvaeError(
+        f"loss is {value} at update {step}; stopped (the last good checkpoint is kept{where}); "
+        "lower train.lr, or set train.on_nonfinite=skip to skip such updates"
+    )
