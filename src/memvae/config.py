@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from memvae.bottlenecks import REGISTRY
+from memvae.bottlenecks.base import INITS
 from memvae.bottlenecks.memory import IMPLS, READ_MODES, SIMILARITIES, TRAIN_READS, WRITES
 from memvae.errors import MemvaeError
 
@@ -46,6 +47,7 @@ class ModelConfig:
 class BottleneckConfig:
     kind: str = "vq"  # a name in memvae.bottlenecks.REGISTRY
     slots: int = 512  # K
+    init: str = "default"  # "random", "data" (first batch's encoder outputs), or the kind's own default
     commitment: float = 0.25  # vq, vq_ema, memory with write = "soft_ema"
     decay: float = 0.99  # vq_ema, memory with write = "soft_ema"
     similarity: str = "l2"  # memory: "l2" or "cosine"
@@ -90,6 +92,7 @@ SECTIONS = ("data", "model", "bottleneck", "train")
 CHOICES = {
     "data.source": ("cifar10", "folder"),
     "bottleneck.kind": tuple(sorted(REGISTRY)),
+    "bottleneck.init": ("default", *INITS),
     "bottleneck.similarity": SIMILARITIES,
     "bottleneck.read_mode": READ_MODES,
     "bottleneck.train_read": TRAIN_READS,

@@ -30,15 +30,16 @@ class AutoencoderOutput:
 def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
     """The registered bottleneck named by ``cfg.kind``, with the options it takes."""
     cls = bottleneck_class(cfg.kind)
+    init = {} if cfg.init == "default" else {"init": cfg.init}
     if cfg.kind == "vq":
-        return cls(cfg.slots, dim, commitment=cfg.commitment)
+        return cls(cfg.slots, dim, commitment=cfg.commitment, **init)
     if cfg.kind == "vq_ema":
-        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay)
+        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, **init)
     return cls(
         cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
         train_read=cfg.train_read, beta_growth=cfg.beta_growth, entropy_weight=cfg.entropy_weight,
         gumbel_tau=(cfg.gumbel_tau_start, cfg.gumbel_tau_end), write=cfg.write, decay=cfg.decay,
-        commitment=cfg.commitment, impl=cfg.impl,
+        commitment=cfg.commitment, impl=cfg.impl, **init,
     )
 
 

@@ -33,11 +33,43 @@ class BottleneckOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+INITS = ("random", "data")
+
+
 class Bottleneck(nn.Module):
-    """Base class: a memory ``self.memory`` of shape K×D plus ``forward(z)``."""
+    """Base class: a memory ``self.memory`` of shape K×D plus ``forward(z)``.
+
+    Slots start either "random" (each bottleneck's classic initialisation) or "data":
+    copied from K encoder outputs of the first training batch (k-means initialisation
+    with no iterations), which keeps slots from starting far from every query.
+    """
 
     num_slots: int
     dim: int
+
+    def _setup_init(self, init: str) -> None:
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
+        # A buffer, so a resumed run knows the data initialisation already happened.
+        self.register_buffer("initialized", torch.tensor(init != "data"))
+
+    @torch.no_grad()
+    def _init_from_data(self, x: torch.Tensor) -> None:
+        """With init = "data", on the first training call: slots ← K rows of x (N×D)."""
+        if bool(self.initialized) or not self.training:
+            return
+        n = x.shape[0]
+        pick = torch.randperm(n, device=x.device)[: self.num_slots] if n >= self.num_slots else torch.randint(n, (self.num_slots,), device=x.device)
+        rows = x[pick].float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(rows, 0)  # every rank starts from rank 0's slots
+        self.memory.data.copy_(rows)
+        if hasattr(self, "embed_sum"):
+            # Count each slot once, so the moving average starts at the slot itself.
+            self.embed_sum.copy_(rows)
+            self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:  # pragma: no cover - abstract
         raise NotImplementedError

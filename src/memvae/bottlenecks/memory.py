@@ -62,6 +62,7 @@ class MemoryRead(Bottleneck):
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
         chunk: queries per chunk when statistics are computed without the full matrix.
+        init: "random" (N(0, 1) slots) or "data" (see Bottleneck).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class MemoryRead(Bottleneck):
         impl: str = "auto",
         fused_threshold: int = 1 << 22,
         chunk: int = 4096,
+        init: str = "random",
     ):
         super().__init__()
         for name, value, allowed in (
@@ -108,6 +110,7 @@ class MemoryRead(Bottleneck):
             self.register_buffer("cluster_size", torch.zeros(num_slots))
             self.register_buffer("embed_sum", memory.clone())
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
+        self._setup_init(init)
 
     def set_progress(self, fraction: float) -> None:
         self.progress = float(min(max(fraction, 0.0), 1.0))
@@ -161,6 +164,7 @@ class MemoryRead(Bottleneck):
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W -> BottleneckOutput (quantized B×D×H×W, codes B×H×W, weights B×H×W×K or None)."""
         x = Fn.flatten_positions(z)
+        self._init_from_data(x)
         n = x.shape[0]
         beta = self.beta()
         mode = self.train_read if self.training else self.read_mode

@@ -19,16 +19,19 @@ class VectorQuantizer(Bottleneck):
         num_slots: K.
         dim: D, the width of z and of each slot.
         commitment: weight of the commitment term (0.25 in the paper).
+        init: "random" (uniform in ±1/K) or "data" (see Bottleneck).
     """
 
-    def __init__(self, num_slots: int, dim: int, commitment: float = 0.25):
+    def __init__(self, num_slots: int, dim: int, commitment: float = 0.25, init: str = "random"):
         super().__init__()
         self.num_slots, self.dim, self.commitment = num_slots, dim, commitment
         self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-1 / num_slots, 1 / num_slots))
+        self._setup_init(init)
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W -> BottleneckOutput with quantized B×D×H×W, codes B×H×W."""
         x = Fn.flatten_positions(z)
+        self._init_from_data(x)
         idx = Fn.nearest_slots(x, self.memory)
         chosen = self.memory[idx]
         codebook_loss = F.mse_loss(chosen, x.detach())
