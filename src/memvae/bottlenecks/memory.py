@@ -62,7 +62,9 @@ class MemoryRead(Bottleneck):
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
         chunk: queries per chunk when statistics are computed without the full matrix.
-        init: "random" (N(0, 1) slots) or "data" (see Bottleneck).
+        init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
+            the gradient write, "data" for the soft write, whose N(0, 1) slots collapse
+            onto the few of smallest norm (measured: 3 slots in use after 300 updates).
     """
 
     def __init__(
@@ -82,7 +84,7 @@ class MemoryRead(Bottleneck):
         impl: str = "auto",
         fused_threshold: int = 1 << 22,
         chunk: int = 4096,
-        init: str = "random",
+        init: str | None = None,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -110,7 +112,7 @@ class MemoryRead(Bottleneck):
             self.register_buffer("cluster_size", torch.zeros(num_slots))
             self.register_buffer("embed_sum", memory.clone())
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
-        self._setup_init(init)
+        self._setup_init(init or ("data" if write == "soft_ema" else "random"))
 
     def set_progress(self, fraction: float) -> None:
         self.progress = float(min(max(fraction, 0.0), 1.0))
