@@ -96,10 +96,8 @@ def cmd_eval(args, extra: list[str]) -> None:
 
 
 def cmd_reconstruct(args, extra: list[str]) -> None:
-    import torch
-
-    from memvae.data import load_data, to_input, to_uint8
-    from memvae.evaluate import reads_of
+    from memvae.data import load_data
+    from memvae.evaluate import reconstructions
     from memvae.plots import reconstruction_grid
     from memvae.runs import load_run
 
@@ -110,13 +108,8 @@ def cmd_reconstruct(args, extra: list[str]) -> None:
             data = load_data(cfg.data.source, args.data_dir or cfg.data.dir or None, cfg.data.image_size)
             images = data.test[args.first : args.first + args.n]
             rows.append(("original", images))
-        for read in reads_of(model):
-            if read != "nearest":
-                model.bottleneck.read_mode = read
-            with torch.no_grad():
-                recon = model(to_input(images)).reconstruction
-            label = cfg.name if read == "nearest" else f"{cfg.name} ({read})"
-            rows.append((label, to_uint8(recon)))
+        for read, recon in reconstructions(model, images).items():
+            rows.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
     out = reconstruction_grid(rows, args.out, title=f"test images {args.first}..{args.first + args.n - 1}")
     print(f"wrote {out}")
 
@@ -132,6 +125,16 @@ def cmd_plot(args, extra: list[str]) -> None:
             raise MemvaeError(f"{run_dir} has no training records in metrics.jsonl")
         curves[Path(run_dir).name] = [records]
     print(f"wrote {convergence_figure(curves, args.out, args.smoothing)}")
+
+
+def cmd_compare(args, extra: list[str]) -> None:
+    from memvae.compare import compare
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
+            lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--smoothing", type=int, default=5, help="moving-average window in log records")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("compare", parents=[common], help="the study's experiment: train models alike, then figures and tables")
+    p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine",
+                   help="comma-separated config names in --config-dir (or paths to .toml files)")
+    p.add_argument("--steps", type=int, default=25000, help="updates per run")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1)")
+    p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
+    p.add_argument("--config-dir", default="configs", help="where the model configs are")
+    p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    data_dir_arg(p)
+    p.set_defaults(func=cmd_compare, extra_ok=True)
     return parser
 
 

@@ -1,11 +1,13 @@
 """Whole-test-set evaluation, the same for every model (DESIGN.md, "Measuring")."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from memvae.bottlenecks import MemoryRead
 from memvae.bottlenecks.functional import code_counts, perplexity_from_counts
-from memvae.data import to_input
+from memvae.data import to_input, to_uint8
 from memvae.metrics import nmse, psnr
 from memvae.model import Autoencoder
 
@@ -60,21 +62,39 @@ def reads_of(model: Autoencoder) -> list[str]:
     return ["soft", "hard"] if isinstance(model.bottleneck, MemoryRead) else ["nearest"]
 
 
+@contextmanager
+def read_mode(model: Autoencoder, read: str):
+    """Evaluate a memory model with ``read`` ("soft"/"hard") inside the block; "nearest" is a no-op."""
+    bottleneck = model.bottleneck
+    saved = getattr(bottleneck, "read_mode", None)
+    if read != "nearest":
+        bottleneck.read_mode = read
+    try:
+        yield model
+    finally:
+        if saved is not None:
+            bottleneck.read_mode = saved
+
+
 @torch.no_grad()
 def evaluate_model(model: Autoencoder, images: torch.Tensor, train_variance: float, batch_size: int = 500, device="cpu") -> dict:
     """{read: evaluate_read(...)} for every read of the model; memory models also get
     ``hard_gap`` = hard NMSE − soft NMSE. The model's read mode is restored afterwards."""
     results = {}
-    bottleneck = model.bottleneck
-    saved = getattr(bottleneck, "read_mode", None)
-    try:
-        for read in reads_of(model):
-            if read != "nearest":
-                bottleneck.read_mode = read
+    for read in reads_of(model):
+        with read_mode(model, read):
             results[read] = evaluate_read(model, images, train_variance, batch_size, device)
-    finally:
-        if saved is not None:
-            bottleneck.read_mode = saved
     if "hard" in results:
         results["hard_gap"] = results["hard"]["nmse"] - results["soft"]["nmse"]
     return results
+
+
+@torch.no_grad()
+def reconstructions(model: Autoencoder, images: torch.Tensor, device="cpu") -> dict[str, torch.Tensor]:
+    """{read: uint8 N×3×H×W reconstructions of uint8 ``images``} for every read of the model."""
+    model.eval()
+    result = {}
+    for read in reads_of(model):
+        with read_mode(model, read):
+            result[read] = to_uint8(model(to_input(images.to(device))).reconstruction).cpu()
+    return result

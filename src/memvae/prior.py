@@ -1,0 +1,319 @@
+"""A prior over the slot maps of a trained run, for generation (VQ-VAE paper, section 4).
+
+A trained autoencoder turns every image into an h×w map of slot indices (its codes:
+nearest slot for VQ, argmax weight for the memory read). A gated PixelCNN
+(:mod:`memvae.pixelcnn`) fitted to the training images' maps gives p(c); sampling c in
+raster order and decoding it with the run's decoder gives new images.
+
+Layout inside a run directory::
+
+    prior/metrics.jsonl    "train" records (bits per index) and "eval" records (on
+                           the first ``eval_maps`` test maps)
+    prior/checkpoints/     memvae.checkpoint files: {"model", "optimizer", "step",
+                           "options", "num_slots", "map_shape", "model_step"}
+    prior/eval.json        test NLL of the final prior on the test maps
+
+The prior is tied to the run's checkpoint it was fitted on (``model_step``): if the run
+trains further, its codes change meaning and the prior must be refitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memvae.checkpoint import load_latest, save_checkpoint
+from memvae.data import load_data, to_input, to_uint8
+from memvae.errors import MemvaeError
+from memvae.metrics import MetricsLog
+from memvae.model import Autoencoder
+from memvae.pixelcnn import GatedPixelCNN
+from memvae.runs import load_run
+
+PRIOR_DIR = "prior"
+
+
+@dataclass
+class PriorOptions:
+    """How to fit the prior.
+
+    Attributes:
+        steps: Adam updates.
+        batch_size: maps per update.
+        lr: Adam learning rate.
+        seed: seed of the initialisation and of the batch order.
+        width: channels of the PixelCNN.
+        layers: gated layers of the PixelCNN.
+        kernel: kernel size of its masked convolutions (odd).
+        log_every: updates between "train" records.
+        eval_every: updates between "eval" records (0: only at the end).
+        eval_maps: test maps used by the "eval" records during training (0: all);
+            the final eval.json always uses every test map extracted.
+        train_images: use only the first N training images (0: all), for quick checks.
+        test_images: use only the first N test images (0: all), for quick checks.
+        extract_batch: images per batch when extracting codes.
+        device: "auto", "cpu", "cuda", ...
+        threads: CPU threads for torch (0: torch's default).
+    """
+
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    width: int = 64
+    layers: int = 8
+    kernel: int = 3
+    log_every: int = 100
+    eval_every: int = 1000
+    eval_maps: int = 1000
+    train_images: int = 0
+    test_images: int = 0
+    extract_batch: int = 500
+    device: str = "auto"
+    threads: int = 0
+
+    def validate(self) -> "PriorOptions":
+        for name in ("steps", "batch_size", "width", "layers", "log_every", "extract_batch"):
+            if getattr(self, name) <= 0:
+                raise MemvaeError(f"prior option {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("seed", "eval_every", "eval_maps", "train_images", "test_images", "threads"):
+            if getattr(self, name) < 0:
+                raise MemvaeError(f"prior option {name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise MemvaeError(f"prior option lr must be > 0, got {self.lr!r}")
+        if self.kernel < 3 or self.kernel % 2 == 0:
+            raise MemvaeError(f"prior option kernel must be odd and >= 3, got {self.kernel!r}")
+        return self
+
+
+def _device(name: str) -> torch.device:
+    from memvae.train import resolve_device  # train imports much; only needed here
+
+    return resolve_device(name)
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2.0)
+
+
+@torch.no_grad()
+def extract_codes(model: Autoencoder, images: torch.Tensor, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The slot map of every image: uint8 N×3×H×W -> int64 N×h×w (on the CPU).
+
+    The model runs in eval mode, so a memory model reads with its evaluation read; its
+    codes are the argmax weights either way. The model's mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        maps = [model(to_input(batch.to(device))).bottleneck.codes.cpu() for batch in images.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(maps)
+
+
+@torch.no_grad()
+def nll_bits(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+    """Mean negative log2-likelihood per index of N×h×w codes under ``prior`` (float64 sum)."""
+    prior.eval()
+    total, count = 0.0, 0
+    for batch in codes.split(batch_size):
+        batch = batch.to(device)
+        total += float(F.cross_entropy(prior(batch), batch, reduction="sum").double())
+        count += batch.numel()
+    return bits(total / count)
+
+
+def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, num_slots: int) -> float:
+    """Bits per index of the test codes under the training codes' slot frequencies
+    (add-one smoothed): the baseline a prior that models context must beat."""
+    counts = torch.bincount(train_codes.reshape(-1), minlength=num_slots).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    return bits(float(-logp[test_codes.reshape(-1)].mean()))
+
+
+def prior_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / PRIOR_DIR
+
+
+def train_prior(
+    run_dir: str | os.PathLike,
+    options: PriorOptions | None = None,
+    data_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
+    """Fit a gated PixelCNN to the slot maps of a trained run, then evaluate it.
+
+    Writes ``RUN_DIR/prior/`` (metrics.jsonl, checkpoints/, eval.json; see the module
+    docstring) and returns the evaluation (the contents of eval.json).
+
+    Args:
+        run_dir: a run directory with a checkpoint (see :func:`memvae.runs.load_run`).
+        options: see :class:`PriorOptions` (None: the defaults).
+        data_dir: overrides the run's data directory.
+        overwrite: replace an existing prior; without it an existing one is refused.
+        progress: optional callable taking each log record (e.g. to print it).
+    """
+    options = dataclasses.replace(options or PriorOptions()).validate()
+    out_dir = prior_dir(run_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again")
+        shutil.rmtree(out_dir)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = _device(options.device)
+    model, cfg, state = load_run(run_dir, device)
+    data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
+    train_images = data.train[: options.train_images or None]
+    test_images = data.test[: options.test_images or None]
+    train_codes = extract_codes(model, train_images, options.extract_batch, device)
+    test_codes = extract_codes(model, test_images, options.extract_batch, device)
+    num_slots, map_shape = model.bottleneck.num_slots, list(train_codes.shape[1:])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    torch.manual_seed(options.seed)
+    prior = GatedPixelCNN(num_slots, options.width, options.layers, options.kernel).to(device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr)
+    # The batch order has its own generator, so it depends on the seed alone.
+    order = torch.Generator().manual_seed(options.seed)
+    train_codes_dev = train_codes.to(device)
+    eval_codes = test_codes[: options.eval_maps or None]
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out_dir / "checkpoints", {
+            "model": prior.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "options": dataclasses.asdict(options),
+            "num_slots": num_slots,
+            "map_shape": map_shape,
+            "model_step": int(state["step"]),
+        }, step)
+
+    nll_sum, updates, seconds = 0.0, 0, 0.0
+    for step in range(1, options.steps + 1):
+        prior.train()
+        started = time.perf_counter()
+        batch = train_codes_dev[torch.randint(len(train_codes_dev), (options.batch_size,), generator=order).to(device)]
+        loss = prior.nll(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds += time.perf_counter() - started
+        nll_sum += float(loss.detach())
+        updates += 1
+        if step % options.log_every == 0 or step == options.steps:
+            record = {"kind": "train", "step": step, "train_bits_per_index": bits(nll_sum / updates), "train_seconds": seconds}
+            log.append(record)
+            if progress:
+                progress(record)
+            nll_sum, updates = 0.0, 0
+        if (options.eval_every and step % options.eval_every == 0) or step == options.steps:
+            record = {"kind": "eval", "step": step, "eval_bits_per_index": nll_bits(prior, eval_codes, device=device)}
+            log.append(record)
+            if progress:
+                progress(record)
+            checkpoint(step)
+
+    per_index = nll_bits(prior, test_codes, device=device)
+    positions = map_shape[0] * map_shape[1]
+    result = {
+        "run_dir": str(run_dir),
+        "model_step": int(state["step"]),
+        "prior_step": options.steps,
+        "train_maps": len(train_codes),
+        "test_maps": len(test_codes),
+        "num_slots": num_slots,
+        "map_shape": map_shape,
+        "bits_per_index": per_index,
+        "bits_per_image": positions * per_index,
+        "uniform_bits_per_index": math.log2(num_slots),
+        "unigram_bits_per_index": unigram_bits(train_codes, test_codes, num_slots),
+        "options": dataclasses.asdict(options),
+    }
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def load_prior(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GatedPixelCNN, dict]:
+    """The trained prior of a run directory, in eval mode, and its checkpoint dict."""
+    state = load_latest(prior_dir(run_dir) / "checkpoints", map_location=device)
+    if state is None:
+        raise MemvaeError(f"{run_dir} has no trained prior; run `memvae prior {run_dir}` first")
+    opts = state["options"]
+    prior = GatedPixelCNN(int(state["num_slots"]), int(opts["width"]), int(opts["layers"]), int(opts["kernel"])).to(device)
+    try:
+        prior.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise MemvaeError(f"the prior checkpoint of {run_dir} does not fit its own options: {str(exc).splitlines()[0]}") from None
+    return prior.eval(), state
+
+
+@torch.no_grad()
+def sample_codes(
+    prior: GatedPixelCNN,
+    n: int,
+    map_shape: tuple[int, int],
+    temperature: float = 1.0,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Draw ``n`` maps from the prior in raster order -> int64 n×h×w.
+
+    Each position is drawn from softmax(logits / temperature) given the positions
+    already drawn; temperature < 1 sharpens the distribution, > 1 flattens it. The
+    draws use their own generator seeded with ``seed`` (None: a fresh random seed), so
+    they are repeatable and leave torch's global random state alone. One forward pass
+    per position: h·w passes in all.
+    """
+    if not temperature > 0:
+        raise MemvaeError(f"temperature must be > 0, got {temperature!r}")
+    if n <= 0:
+        raise MemvaeError(f"number of samples must be > 0, got {n!r}")
+    prior.eval()
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    h, w = map_shape
+    codes = torch.zeros(n, h, w, dtype=torch.int64, device=device)
+    for i in range(h):
+        for j in range(w):
+            # Positions from (i, j) on are still zeros; causality makes them irrelevant here.
+            probs = (prior(codes)[:, :, i, j].double() / temperature).softmax(1)
+            codes[:, i, j] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return codes
+
+
+def sample_images(
+    run_dir: str | os.PathLike,
+    n: int,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``n`` slot maps from a run's prior and decode them with the run's model.
+
+    Returns (uint8 images n×3×H×W, int64 codes n×h×w). Refuses a prior fitted to an
+    earlier checkpoint of the run than the one loaded.
+    """
+    prior, state = load_prior(run_dir, device)
+    model, _, model_state = load_run(run_dir, device)
+    if int(model_state["step"]) != int(state["model_step"]):
+        raise MemvaeError(
+            f"the prior of {run_dir} was fitted to the model at update {state['model_step']}, but the run is now at "
+            f"update {model_state['step']}; fit it again with `memvae prior {run_dir} --overwrite`"
+        )
+    codes = sample_codes(prior, n, tuple(state["map_shape"]), temperature, seed, device)
+    images = to_uint8(model.decode_codes(codes))
+    return images.cpu(), codes.cpu()
