@@ -67,6 +67,10 @@ def _numpy_reconstruct():
     return multiarray._reconstruct
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a class or function outside the allowed list."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that admits only what CIFAR-10's batch files need: numpy's array
     reconstruction, ``numpy.ndarray`` and ``numpy.dtype``. Anything else (``os.system``,
@@ -81,7 +85,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 file never contains")
+            raise ForbiddenGlobal(f"it asks for {module}.{name}, which a CIFAR-10 file never contains")
         if name == "_reconstruct":
             return _numpy_reconstruct()
         return getattr(np, name)
@@ -92,9 +96,9 @@ def safe_unpickle(path: Path) -> object:
     try:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
+    except ForbiddenGlobal as exc:
         raise MemvaeError(f"refusing to load {path}: {exc}") from None
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
         raise MemvaeError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); delete it to download a fresh copy") from None
 
 
@@ -191,7 +195,7 @@ def load_image_folder(folder: str | os.PathLike, size: int = 32) -> ImageData:
     """A folder of PNG/JPEG images as an ImageData of ``size``×``size`` images.
 
     If the folder has ``train/`` and ``test/`` subfolders those are the split; otherwise
-    every tenth file (in sorted order) is held out as the test set.
+    every tenth file in sorted order (at least one) is held out as the test set.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -200,8 +204,9 @@ def load_image_folder(folder: str | os.PathLike, size: int = 32) -> ImageData:
         train_files, test_files = _image_files(folder / "train"), _image_files(folder / "test")
     else:
         files = _image_files(folder)
-        train_files = [f for i, f in enumerate(files) if i % 10 != 9]
-        test_files = [f for i, f in enumerate(files) if i % 10 == 9]
+        held_out = set(range(9, len(files), 10)) or {len(files) - 1}  # at least one test image
+        train_files = [f for i, f in enumerate(files) if i not in held_out]
+        test_files = [f for i, f in enumerate(files) if i in held_out]
     if not train_files or not test_files:
         raise MemvaeError(f"image folder {folder} has too few PNG/JPEG images (need at least 2: train and test)")
     train = torch.stack([_load_image(f, size) for f in train_files])

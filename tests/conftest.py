@@ -1,0 +1,37 @@
+"""Shared fixtures: the real CIFAR-10 copy (../shared/data or $MEMVAE_DATA_DIR)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("MEMVAE_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if not (path / "cifar-10-batches-py").is_dir():
+        pytest.fail(f"the tests need CIFAR-10 in {path}/cifar-10-batches-py (set MEMVAE_DATA_DIR)")
+    os.environ["MEMVAE_DATA_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar(data_dir):
+    from memvae.data import load_cifar10
+
+    return load_cifar10(data_dir, download=False)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)

@@ -1,0 +1,235 @@
+"""Behaviour of every bottleneck, checked against brute-force recomputation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memvae.bottlenecks import REGISTRY, MemoryRead, VectorQuantizer, VectorQuantizerEMA, bottleneck_class
+from memvae.bottlenecks.functional import perplexity_from_counts
+
+K, D = 32, 8
+
+
+def make(kind: str, **kw):
+    if kind == "memory_cosine":
+        return MemoryRead(K, D, similarity="cosine", **kw)
+    return bottleneck_class(kind)(K, D, **kw)
+
+
+ALL = ["vq", "vq_ema", "memory", "memory_cosine"]
+
+
+def brute_force_nearest(z: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """B×D×H×W, K×D -> B×H×W by explicit loops over positions and slots."""
+    b, d, h, w = z.shape
+    codes = torch.empty(b, h, w, dtype=torch.int64)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                dist = ((memory - z[i, :, y, x]) ** 2).sum(1)
+                codes[i, y, x] = dist.argmin()
+    return codes
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_output_shape_and_contract(kind):
+    bottleneck = make(kind)
+    z = torch.randn(3, D, 5, 4)
+    out = bottleneck(z)
+    assert out.quantized.shape == z.shape
+    assert out.codes.shape == (3, 5, 4) and out.codes.dtype == torch.int64
+    assert out.loss.shape == ()
+    assert "perplexity" in out.metrics
+    with pytest.raises(Exception):
+        out.loss = None  # frozen dataclass
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_gradients_reach_encoder_output_and_trained_memory(kind):
+    bottleneck = make(kind)
+    z = torch.randn(2, D, 4, 4, requires_grad=True)
+    out = bottleneck(z)
+    (out.quantized.square().sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    if kind == "vq_ema":
+        assert not isinstance(bottleneck.memory, torch.nn.Parameter)
+    else:
+        assert bottleneck.memory.grad is not None and bottleneck.memory.grad.abs().sum() > 0
+    if kind.startswith("memory"):
+        assert bottleneck.log_beta.grad is not None and bottleneck.log_beta.grad.abs() > 0
+
+
+@pytest.mark.parametrize("kind", ["vq", "vq_ema", "memory"])
+def test_codes_equal_brute_force_nearest_slot(kind):
+    bottleneck = make(kind, init="random")
+    bottleneck.eval()
+    z = torch.randn(2, D, 3, 3)
+    out = bottleneck(z)
+    # For l2 memory, argmax of softmax(−β‖z−m‖²) is the nearest slot.
+    assert torch.equal(out.codes, brute_force_nearest(z, bottleneck.memory.detach()))
+
+
+def test_cosine_codes_are_most_similar_slot():
+    bottleneck = make("memory_cosine").eval()
+    z = torch.randn(2, D, 3, 3)
+    out = bottleneck(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+    sims = F.cosine_similarity(flat[:, None, :], bottleneck.memory.detach()[None], dim=2)
+    assert torch.equal(out.codes.reshape(-1), sims.argmax(1))
+
+
+def test_vq_output_is_nearest_slot_and_losses_follow_eq3():
+    vq = VectorQuantizer(K, D, commitment=0.25)
+    z = torch.randn(2, D, 3, 3)
+    out = vq(z)
+    chosen = vq.memory[brute_force_nearest(z, vq.memory.detach())].permute(0, 3, 1, 2)
+    assert torch.allclose(out.quantized, chosen, atol=1e-6)
+    expected = F.mse_loss(chosen, z) * 1.25
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("similarity", ["l2", "cosine"])
+def test_memory_weights_are_a_distribution_and_read_is_their_mixture(similarity):
+    bottleneck = MemoryRead(K, D, similarity=similarity, impl="dense")
+    z = torch.randn(2, D, 3, 3)
+    out = bottleneck(z)
+    w = out.weights
+    assert w.shape == (2, 3, 3, K)
+    assert (w >= 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones(2, 3, 3), atol=1e-5)
+    mixture = torch.einsum("bhwk,kd->bdhw", w, bottleneck.memory)
+    assert torch.allclose(out.quantized, mixture, atol=1e-5)
+    # Brute force: the weights favour near slots (the sign the study's notebook got wrong).
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+    if similarity == "l2":
+        scores = -torch.cdist(flat, bottleneck.memory.detach()).pow(2)
+    else:
+        scores = F.cosine_similarity(flat[:, None], bottleneck.memory.detach()[None], dim=2)
+    expected = torch.softmax(bottleneck.beta().detach() * scores, dim=1)
+    assert torch.allclose(w.reshape(-1, K), expected, atol=1e-5)
+
+
+def test_l2_read_with_large_beta_equals_vq_read():
+    torch.manual_seed(1)
+    vq = VectorQuantizer(K, D)
+    memory = MemoryRead(K, D, beta_init=1e5).eval()
+    memory.memory.data.copy_(torch.randn(K, D))
+    vq.memory.data.copy_(memory.memory.data)
+    z = torch.randn(2, D, 4, 4)
+    soft, nearest = memory(z), vq(z)
+    assert torch.equal(soft.codes, nearest.codes)
+    assert torch.allclose(soft.quantized, nearest.quantized, atol=1e-5)
+
+
+def test_cosine_read_unchanged_when_z_is_scaled():
+    bottleneck = MemoryRead(K, D, similarity="cosine", beta_init=5.0)
+    z = torch.randn(2, D, 3, 3)
+    a, b = bottleneck(z), bottleneck(z * 7.5)
+    assert torch.allclose(a.quantized, b.quantized, atol=1e-5)
+    assert torch.equal(a.codes, b.codes)
+
+
+def test_hard_read_mode_reads_the_argmax_slot():
+    bottleneck = MemoryRead(K, D).eval()
+    z = torch.randn(2, D, 3, 3)
+    soft = bottleneck(z)
+    bottleneck.read_mode = "hard"
+    hard = bottleneck(z)
+    assert torch.equal(hard.codes, soft.codes)
+    assert torch.allclose(hard.quantized, bottleneck.decode_codes(hard.codes))
+
+
+def test_beta_is_positive_and_learned_through_exp():
+    bottleneck = MemoryRead(K, D, beta_init=3.0)
+    assert math.isclose(float(bottleneck.beta().detach()), 3.0, rel_tol=1e-6)
+    bottleneck.log_beta.data.fill_(-50.0)
+    assert float(bottleneck.beta().detach()) > 0
+
+
+@pytest.mark.parametrize("kind", ["vq_ema", "memory_write"])
+def test_ema_slots_move_in_training_mode_and_never_in_eval_mode(kind):
+    bottleneck = VectorQuantizerEMA(K, D) if kind == "vq_ema" else MemoryRead(K, D, write="soft_ema", beta_init=50.0)
+    z = torch.randn(4, D, 4, 4)
+    bottleneck.train()
+    bottleneck(z)  # first call: data initialisation
+    before = bottleneck.memory.clone()
+    bottleneck(z + 0.1)
+    assert not torch.allclose(bottleneck.memory, before)
+    bottleneck.eval()
+    frozen = bottleneck.memory.clone(), bottleneck.cluster_size.clone(), bottleneck.embed_sum.clone()
+    for _ in range(3):
+        bottleneck(torch.randn(4, D, 4, 4))
+    assert torch.equal(bottleneck.memory, frozen[0])
+    assert torch.equal(bottleneck.cluster_size, frozen[1])
+    assert torch.equal(bottleneck.embed_sum, frozen[2])
+
+
+def test_vq_ema_update_matches_the_equations():
+    ema = VectorQuantizerEMA(K, D, decay=0.9, eps=1e-5, init="random")
+    ema.cluster_size.fill_(2.0)
+    ema.embed_sum.copy_(ema.memory * 2.0)
+    n0, s0 = ema.cluster_size.clone(), ema.embed_sum.clone()
+    z = torch.randn(2, D, 3, 3)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+    codes = brute_force_nearest(z, ema.memory).reshape(-1)
+    ema.train()(z)
+    counts = torch.bincount(codes, minlength=K).float()
+    sums = torch.zeros(K, D).index_add_(0, codes, flat)
+    n = 0.9 * n0 + 0.1 * counts
+    s = 0.9 * s0 + 0.1 * sums
+    smoothed = (n + 1e-5) / (n.sum() + K * 1e-5) * n.sum()
+    assert torch.allclose(ema.cluster_size, n, atol=1e-6)
+    assert torch.allclose(ema.memory, s / smoothed[:, None], atol=1e-5)
+
+
+def test_soft_write_with_one_hot_weights_equals_vq_ema_update():
+    """With β huge the read weights are one-hot, so the soft write must be vq_ema's update."""
+    torch.manual_seed(3)
+    ema = VectorQuantizerEMA(K, D, decay=0.95, init="random")
+    soft = MemoryRead(K, D, write="soft_ema", decay=0.95, beta_init=1e6, init="random", impl="dense")
+    soft.memory.copy_(ema.memory)
+    soft.embed_sum.copy_(ema.embed_sum)
+    z = torch.randn(2, D, 4, 4)
+    out = soft.train()(z)
+    assert torch.allclose(out.weights.max(-1).values, torch.ones(()), atol=0), "weights must be one-hot here"
+    ema.train()(z)
+    assert torch.allclose(soft.cluster_size, ema.cluster_size, atol=1e-6)
+    assert torch.allclose(soft.embed_sum, ema.embed_sum, atol=1e-5)
+    assert torch.allclose(soft.memory, ema.memory, atol=1e-5)
+
+
+def test_soft_write_memory_gets_no_gradient_and_commitment_loss_is_present():
+    bottleneck = MemoryRead(K, D, write="soft_ema", beta_init=20.0)
+    z = torch.randn(2, D, 3, 3, requires_grad=True)
+    out = bottleneck.train()(z)
+    assert out.loss > 0
+    (out.quantized.sum() + out.loss).backward()
+    assert not bottleneck.memory.requires_grad and bottleneck.memory.grad is None
+    assert z.grad.abs().sum() > 0
+
+
+def test_data_initialisation_copies_encoder_outputs_once():
+    ema = VectorQuantizerEMA(K, D, init="data").train()
+    z = torch.randn(4, D, 4, 4)
+    ema(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+    # After the first write every slot is a mix of initial rows that came from z; the
+    # initialisation itself is checked through the flag and a fresh eval-mode read.
+    assert bool(ema.initialized)
+    fresh = VectorQuantizerEMA(K, D, init="data").train()
+    fresh._init_from_data(flat)
+    assert all((flat == row).all(1).any() for row in fresh.memory)
+
+
+def test_perplexity_counts():
+    assert math.isclose(float(perplexity_from_counts(torch.tensor([5, 5, 5, 5]))), 4.0, rel_tol=1e-5)
+    assert math.isclose(float(perplexity_from_counts(torch.tensor([9, 0, 0]))), 1.0, rel_tol=1e-5)
+
+
+def test_registry_rejects_unknown_names_with_the_known_ones():
+    with pytest.raises(ValueError, match="vq, vq_ema"):
+        bottleneck_class("nearest")
+    assert set(REGISTRY) == {"vq", "vq_ema", "memory"}

@@ -1,0 +1,254 @@
+"""The PixelCNN prior over slot maps: causality, fitting on a real run, sampling, CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from memvae.cli_prior import GRID_GAP, add_prior_commands, grid_shape
+from memvae.config import load_config
+from memvae.data import load_cifar10
+from memvae.errors import MemvaeError
+from memvae.metrics import MetricsLog
+from memvae.pixelcnn import GatedPixelCNN
+from memvae.prior import (
+    PriorOptions,
+    extract_codes,
+    load_prior,
+    nll_bits,
+    sample_codes,
+    sample_images,
+    train_prior,
+)
+from memvae.runs import load_run
+from memvae.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("MEMVAE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+# Small enough for a busy 2-core CPU; large enough to beat both baselines clearly.
+OPTIONS = PriorOptions(
+    steps=150, batch_size=32, lr=2e-3, width=32, layers=4, log_every=25, eval_every=50, eval_maps=500,
+    train_images=5000, test_images=2000, device="cpu", threads=1,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- the network
+def position_changes(model: GatedPixelCNN, codes: torch.Tensor, s: int) -> torch.Tensor:
+    """Which positions' logits change when the index at raster position s changes
+    (h·w bools, raster order)."""
+    h, w = codes.shape[1:]
+    changed = codes.clone()
+    changed[0, s // w, s % w] = (codes[0, s // w, s % w] + 1) % model.num_slots
+    with torch.no_grad():
+        diff = (model(changed) - model(codes)).abs().amax(dim=1)[0]  # h×w
+    return (diff > 0).reshape(-1)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 7)])
+def test_pixelcnn_is_causal_and_has_no_blind_spot(shape):
+    """Changing the index at s must leave the logits at every t ≤ s exactly as they
+    were, and (with enough layers) change them at every t > s: no blind spot."""
+    torch.manual_seed(0)
+    h, w = shape
+    model = GatedPixelCNN(num_slots=8, width=8, layers=max(h, w), kernel=3).double().eval()
+    codes = torch.randint(8, (1, h, w))
+    for s in range(h * w):
+        changed = position_changes(model, codes, s)
+        assert not changed[: s + 1].any(), f"position {s} leaks into {changed[: s + 1].nonzero().flatten().tolist()}"
+        missed = (~changed[s + 1 :]).nonzero().flatten() + s + 1
+        assert len(missed) == 0, f"positions {missed.tolist()} do not see position {s}"
+
+
+def test_pixelcnn_first_position_ignores_the_input():
+    torch.manual_seed(1)
+    model = GatedPixelCNN(num_slots=16, width=16, layers=3).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(16, (20, 8, 8)))
+    assert torch.equal(logits[:, :, 0, 0], logits[:1, :, 0, 0].expand(20, -1))
+
+
+def test_pixelcnn_shapes_and_nll():
+    model = GatedPixelCNN(num_slots=12, width=8, layers=2)
+    codes = torch.randint(12, (3, 4, 5))
+    logits = model(codes)
+    assert logits.shape == (3, 12, 4, 5)
+    brute = -torch.log_softmax(logits, 1).gather(1, codes[:, None]).mean()
+    assert torch.allclose(model.nll(codes), brute)
+    with pytest.raises(ValueError):
+        GatedPixelCNN(12, kernel=4)
+
+
+# ---------------------------------------------------------------- a real run
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A smoke VQ model trained for 60 updates on CIFAR-10."""
+    path = tmp_path_factory.mktemp("prior") / "run"
+    cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.steps=60", "train.threads=1"])
+    train(cfg, path, data_dir=DATA_DIR, show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(run_dir) -> dict:
+    """The prior of ``run_dir``, fitted with OPTIONS; its eval.json contents."""
+    return train_prior(run_dir, OPTIONS, data_dir=DATA_DIR)
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return load_cifar10(DATA_DIR).test[: OPTIONS.test_images]
+
+
+def test_prior_writes_finite_results(run_dir, fitted):
+    saved = json.loads((run_dir / "prior" / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(fitted))
+    assert saved["test_maps"] == OPTIONS.test_images and saved["train_maps"] == OPTIONS.train_images
+    assert saved["map_shape"] == [8, 8] and saved["num_slots"] == 64 and saved["model_step"] == 60
+    for key in ("bits_per_index", "bits_per_image", "unigram_bits_per_index"):
+        assert math.isfinite(saved[key]) and saved[key] > 0, key
+    assert saved["bits_per_image"] == pytest.approx(64 * saved["bits_per_index"])
+    records = MetricsLog(run_dir / "prior" / "metrics.jsonl").read()
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    eval_steps = [r["step"] for r in records if r["kind"] == "eval"]
+    assert train_steps == list(range(25, 151, 25)) and eval_steps == [50, 100, 150]
+    assert all(math.isfinite(r.get("train_bits_per_index", r.get("eval_bits_per_index"))) for r in records)
+
+
+def test_prior_beats_uniform_and_slot_frequencies(run_dir, fitted):
+    """The fitted prior must code test maps in fewer bits than log2 K (uniform) and than
+    the training slot frequencies alone (no context), and improve during training."""
+    assert fitted["uniform_bits_per_index"] == 6.0
+    assert fitted["bits_per_index"] < fitted["unigram_bits_per_index"] - 0.3
+    assert fitted["unigram_bits_per_index"] < fitted["uniform_bits_per_index"]
+    evals = [r["eval_bits_per_index"] for r in MetricsLog(run_dir / "prior" / "metrics.jsonl").read() if r["kind"] == "eval"]
+    assert evals[-1] < evals[0]
+
+
+def test_prior_checkpoint_is_plain_and_reproduces_the_evaluation(run_dir, fitted, test_images):
+    ckpt = sorted((run_dir / "prior" / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == OPTIONS.steps and state["options"]["width"] == OPTIONS.width
+    prior, _ = load_prior(run_dir)
+    model, _, _ = load_run(run_dir)
+    codes = extract_codes(model, test_images, batch_size=700)
+    assert codes.shape == (OPTIONS.test_images, 8, 8) and codes.dtype == torch.int64
+    assert nll_bits(prior, codes, batch_size=300) == pytest.approx(fitted["bits_per_index"], rel=1e-6)
+
+
+def test_prior_refuses_to_overwrite(run_dir, fitted):
+    with pytest.raises(MemvaeError, match="--overwrite"):
+        train_prior(run_dir, OPTIONS, data_dir=DATA_DIR)
+
+
+# ---------------------------------------------------------------- sampling
+def test_sampling_is_repeatable_and_decodes(run_dir, fitted):
+    images, codes = sample_images(run_dir, 6, temperature=1.0, seed=3)
+    again_images, again_codes = sample_images(run_dir, 6, temperature=1.0, seed=3)
+    _, other_codes = sample_images(run_dir, 6, temperature=1.0, seed=4)
+    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8
+    assert codes.shape == (6, 8, 8) and 0 <= codes.min() and codes.max() < 64
+    assert torch.equal(codes, again_codes) and torch.equal(images, again_images)
+    assert not torch.equal(codes, other_codes)
+    model, _, _ = load_run(run_dir)
+    from memvae.data import to_uint8
+
+    assert torch.equal(images, to_uint8(model.decode_codes(codes)))
+
+
+def test_cold_sampling_is_greedy(run_dir, fitted):
+    """At a temperature near 0 each position takes the most likely index given the
+    positions drawn before it: the raster-order loop conditions on the right context."""
+    prior, state = load_prior(run_dir)
+    codes = sample_codes(prior, 5, (8, 8), temperature=1e-6, seed=0)
+    with torch.no_grad():
+        assert torch.equal(prior(codes).argmax(1), codes)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_frequencies_follow_the_tempered_distribution(run_dir, fitted, temperature):
+    """On a 1×1 map the draws of position 0 must follow softmax(logits / T)."""
+    prior, _ = load_prior(run_dir)
+    n = 20000
+    codes = sample_codes(prior, n, (1, 1), temperature=temperature, seed=1)
+    with torch.no_grad():
+        p = (prior(torch.zeros(1, 1, 1, dtype=torch.int64))[0, :, 0, 0].double() / temperature).softmax(0)
+    freq = torch.bincount(codes.flatten(), minlength=64).double() / n
+    # 5 standard errors of a binomial proportion, per index.
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all()
+
+
+def test_sampling_rejects_bad_input(run_dir, fitted, tmp_path):
+    prior, _ = load_prior(run_dir)
+    with pytest.raises(MemvaeError, match="temperature"):
+        sample_codes(prior, 2, (8, 8), temperature=0.0)
+    with pytest.raises(MemvaeError, match="no trained prior"):
+        load_prior(tmp_path)
+
+
+# ---------------------------------------------------------------- command line
+def parser() -> argparse.ArgumentParser:
+    """A parser built the way memvae.cli builds its own."""
+    p = argparse.ArgumentParser(prog="memvae")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true")
+    add_prior_commands(sub, common)
+    return p
+
+
+def cli(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    args.func(args, [])
+
+
+def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("prior", "tensorboard"))
+    with pytest.raises(MemvaeError, match="no trained prior") as info:
+        cli(["sample", str(copy), "--out", str(tmp_path / "x.png"), "--seed", "0"])
+    assert "\n" not in str(info.value)
+
+    cli(["prior", str(copy), "--steps", "20", "--batch-size", "16", "--width", "16", "--layers", "2",
+         "--train-images", "500", "--test-images", "200", "--data-dir", DATA_DIR, "--device", "cpu", "--quiet"])
+    out = capsys.readouterr().out
+    assert "bits per index" in out
+    saved = json.loads((copy / "prior" / "eval.json").read_text())
+    assert f"{saved['bits_per_index']:.4f} bits per index" in out
+
+    for n in (10, 64):
+        png = tmp_path / f"samples{n}.png"
+        cli(["sample", str(copy), "--n", str(n), "--out", str(png), "--seed", "5", "--temperature", "0.8"])
+        rows, cols = grid_shape(n)
+        with Image.open(png) as img:
+            assert img.size == (cols * (32 + GRID_GAP) + GRID_GAP, rows * (32 + GRID_GAP) + GRID_GAP)
+            assert img.mode == "RGB"
+    assert (rows, cols) == (8, 8) and grid_shape(10) == (3, 4)
+    first = (tmp_path / "samples64.png").read_bytes()
+    cli(["sample", str(copy), "--n", "64", "--out", str(tmp_path / "again.png"), "--seed", "5", "--temperature", "0.8"])
+    assert (tmp_path / "again.png").read_bytes() == first
+
+    with pytest.raises(MemvaeError, match="temperature"):
+        cli(["sample", str(copy), "--out", str(tmp_path / "y.png"), "--temperature", "-1"])
+
+
+def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path):
+    """Training the run further changes what its codes mean: the old prior is refused."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tensorboard"))
+    cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.steps=62", "train.threads=1"])
+    train(cfg, copy, resume=True, data_dir=DATA_DIR, show_progress=False)
+    with pytest.raises(MemvaeError, match="fitted to the model at update 60"):
+        sample_images(copy, 2, seed=0)
