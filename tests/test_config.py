@@ -82,5 +82,5 @@ def test_unknown_key_with_no_close_match_lists_the_valid_keys():
 def test_bare_key_shared_by_two_sections_is_ambiguous(monkeypatch):
     keys = C.all_keys() + ["data.steps"]
     monkeypatch.setattr(C, "all_keys", lambda: keys)
-    with pytest.raises(MemvaeError, match="ambiguous; use one of data.steps, train.steps"):
+    with pytest.raises(MemvaeError, match="ambiguous; use one of train.steps, data.steps"):
         C.resolve_key("steps")
