@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from memvae.runs import load_run
 from memvae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = os.environ.get("MEMVAE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +49,7 @@ def test_straight_through_reads_the_argmax_slot_and_passes_the_soft_gradient():
     nearest = brute_force_nearest(z, st.memory)
     assert torch.equal(out.codes, nearest)
     hard = st.memory.detach()[nearest].permute(0, 3, 1, 2)
-    # z + sg(r_hard − z) can round to r_hard ± 1 ulp; see the report on functional.straight_through.
-    torch.testing.assert_close(out.quantized, hard, rtol=0, atol=1e-6)
+    assert torch.equal(out.quantized, hard)
     assert not torch.allclose(grads["soft"][3].quantized, hard, atol=1e-3)  # the soft read differs
 
     # Backward: exactly the soft read's gradient, non-zero for z (the logits), M and β.
@@ -87,24 +84,24 @@ def test_beta_schedule_multiplies_beta_by_its_growth():
     assert betas[0.5] == pytest.approx(3.0 * math.sqrt(50.0), rel=1e-6)  # geometric in between
     assert betas[2.0] == betas[1.0] and betas[-1.0] == betas[0.0]  # progress is clamped to [0, 1]
     assert entropies[1.0] < entropies[0.5] < entropies[0.0]  # a larger β sharpens the read
-    assert float(read.log_beta.exp()) == pytest.approx(3.0)  # the schedule is not learned
+    assert float(read.log_beta.detach().exp()) == pytest.approx(3.0)  # the schedule is not learned
 
 
 def test_beta_schedule_is_off_by_default():
     read = MemoryRead(16, 8, beta_init=2.0)
     read.set_progress(1.0)
-    assert float(read.beta()) == pytest.approx(2.0)
+    assert float(read.beta().detach()) == pytest.approx(2.0)
 
 
 @pytest.fixture(scope="module")
-def growth_run(tmp_path_factory) -> Path:
+def growth_run(tmp_path_factory, data_dir) -> Path:
     """A smoke memory model trained 20 updates with β growing 100×."""
     path = tmp_path_factory.mktemp("growth") / "run"
     cfg = load_config(ROOT / "configs" / "smoke.toml", [
         "train.steps=20", "train.threads=1", "train.log_every=20", "train.eval_every=20",
         "bottleneck.kind=memory", "bottleneck.beta_growth=100", "data.eval_images=50",
     ])
-    train(cfg, path, data_dir=DATA_DIR, show_progress=False)
+    train(cfg, path, data_dir=data_dir, show_progress=False)
     return path
 
 
@@ -112,16 +109,15 @@ def test_training_loop_drives_the_beta_schedule(growth_run):
     """The last update ran at progress 19/20: its logged β is exp(log β)·100^(19/20)."""
     record = read_metrics(growth_run)[-1]
     model, _, _ = load_run(growth_run)
-    learned = float(model.bottleneck.log_beta.exp())
+    learned = float(model.bottleneck.log_beta.detach().exp())
     # log β moved by at most one Adam step (lr 1e-3) after the logged forward pass.
     assert record["beta"] == pytest.approx(learned * 100 ** (19 / 20), rel=3e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="progress is not saved or restored: a loaded model reads with β/beta_growth")
 def test_loaded_model_reads_with_the_scheduled_beta(growth_run):
     model, _, _ = load_run(growth_run)
-    learned = float(model.bottleneck.log_beta.exp())
-    assert float(model.bottleneck.beta()) == pytest.approx(learned * 100, rel=1e-6)
+    learned = float(model.bottleneck.log_beta.detach().exp())
+    assert float(model.bottleneck.beta().detach()) == pytest.approx(learned * 100, rel=1e-6)
 
 
 # ---------------------------------------------------------------- Gumbel read
@@ -183,21 +179,21 @@ def test_gumbel_argmax_follows_the_softmax():
 
 
 # ---------------------------------------------------------------- entropy penalty, real runs
-def final_eval(tmp_path: Path, name: str, entropy_weight: float) -> dict:
+def final_eval(tmp_path: Path, data_dir: Path, name: str, entropy_weight: float) -> dict:
     cfg = load_config(ROOT / "configs" / "smoke.toml", [
         "train.steps=150", "train.threads=1", "train.log_every=50", "train.eval_every=150",
         "bottleneck.kind=memory", f"bottleneck.entropy_weight={entropy_weight}",
     ])
-    train(cfg, tmp_path / name, data_dir=DATA_DIR, show_progress=False)
+    train(cfg, tmp_path / name, data_dir=data_dir, show_progress=False)
     return read_metrics(tmp_path / name, "eval")[-1]
 
 
-def test_entropy_penalty_lowers_read_entropy_on_cifar10(tmp_path):
+def test_entropy_penalty_lowers_read_entropy_on_cifar10(tmp_path, data_dir):
     """150 updates of the smoke memory model on CIFAR-10, with and without the penalty:
     the penalised read is much less spread over slots on held-out images, and the model
     still reconstructs (a weight of 0.01 already collapses it to a single slot, NMSE ≈ 1)."""
-    plain = final_eval(tmp_path, "plain", 0.0)
-    penalised = final_eval(tmp_path, "penalised", 0.001)
+    plain = final_eval(tmp_path, data_dir, "plain", 0.0)
+    penalised = final_eval(tmp_path, data_dir, "penalised", 0.001)
     assert plain["eval_entropy_bits"] > 2.0  # the unpenalised read really is soft
     assert penalised["eval_entropy_bits"] < 0.5 * plain["eval_entropy_bits"]
     assert penalised["eval_max_weight"] > plain["eval_max_weight"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from PIL import Image
 
 from memvae.cli_prior import GRID_GAP, add_prior_commands, grid_shape
 from memvae.config import load_config
-from memvae.data import load_cifar10
+from memvae.data import to_uint8
 from memvae.errors import MemvaeError
 from memvae.metrics import MetricsLog
 from memvae.pixelcnn import GatedPixelCNN
@@ -31,7 +30,6 @@ from memvae.runs import load_run
 from memvae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = os.environ.get("MEMVAE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 # Small enough for a busy 2-core CPU; large enough to beat both baselines clearly.
 OPTIONS = PriorOptions(
@@ -93,23 +91,23 @@ def test_pixelcnn_shapes_and_nll():
 
 # ---------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, data_dir) -> Path:
     """A smoke VQ model trained for 60 updates on CIFAR-10."""
     path = tmp_path_factory.mktemp("prior") / "run"
     cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.steps=60", "train.threads=1"])
-    train(cfg, path, data_dir=DATA_DIR, show_progress=False)
+    train(cfg, path, data_dir=data_dir, show_progress=False)
     return path
 
 
 @pytest.fixture(scope="module")
-def fitted(run_dir) -> dict:
+def fitted(run_dir, data_dir) -> dict:
     """The prior of ``run_dir``, fitted with OPTIONS; its eval.json contents."""
-    return train_prior(run_dir, OPTIONS, data_dir=DATA_DIR)
+    return train_prior(run_dir, OPTIONS, data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
-def test_images():
-    return load_cifar10(DATA_DIR).test[: OPTIONS.test_images]
+def test_images(cifar):
+    return cifar.test[: OPTIONS.test_images]
 
 
 def test_prior_writes_finite_results(run_dir, fitted):
@@ -148,9 +146,9 @@ def test_prior_checkpoint_is_plain_and_reproduces_the_evaluation(run_dir, fitted
     assert nll_bits(prior, codes, batch_size=300) == pytest.approx(fitted["bits_per_index"], rel=1e-6)
 
 
-def test_prior_refuses_to_overwrite(run_dir, fitted):
+def test_prior_refuses_to_overwrite(run_dir, fitted, data_dir):
     with pytest.raises(MemvaeError, match="--overwrite"):
-        train_prior(run_dir, OPTIONS, data_dir=DATA_DIR)
+        train_prior(run_dir, OPTIONS, data_dir=data_dir)
 
 
 # ---------------------------------------------------------------- sampling
@@ -163,15 +161,13 @@ def test_sampling_is_repeatable_and_decodes(run_dir, fitted):
     assert torch.equal(codes, again_codes) and torch.equal(images, again_images)
     assert not torch.equal(codes, other_codes)
     model, _, _ = load_run(run_dir)
-    from memvae.data import to_uint8
-
     assert torch.equal(images, to_uint8(model.decode_codes(codes)))
 
 
 def test_cold_sampling_is_greedy(run_dir, fitted):
     """At a temperature near 0 each position takes the most likely index given the
     positions drawn before it: the raster-order loop conditions on the right context."""
-    prior, state = load_prior(run_dir)
+    prior, _ = load_prior(run_dir)
     codes = sample_codes(prior, 5, (8, 8), temperature=1e-6, seed=0)
     with torch.no_grad():
         assert torch.equal(prior(codes).argmax(1), codes)
@@ -214,7 +210,7 @@ def cli(argv: list[str]) -> None:
     args.func(args, [])
 
 
-def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys):
+def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys, data_dir):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("prior", "tensorboard"))
     with pytest.raises(MemvaeError, match="no trained prior") as info:
@@ -222,7 +218,7 @@ def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys):
     assert "\n" not in str(info.value)
 
     cli(["prior", str(copy), "--steps", "20", "--batch-size", "16", "--width", "16", "--layers", "2",
-         "--train-images", "500", "--test-images", "200", "--data-dir", DATA_DIR, "--device", "cpu", "--quiet"])
+         "--train-images", "500", "--test-images", "200", "--data-dir", str(data_dir), "--device", "cpu", "--quiet"])
     out = capsys.readouterr().out
     assert "bits per index" in out
     saved = json.loads((copy / "prior" / "eval.json").read_text())
@@ -244,11 +240,11 @@ def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys):
         cli(["sample", str(copy), "--out", str(tmp_path / "y.png"), "--temperature", "-1"])
 
 
-def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path):
+def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path, data_dir):
     """Training the run further changes what its codes mean: the old prior is refused."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tensorboard"))
     cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.steps=62", "train.threads=1"])
-    train(cfg, copy, resume=True, data_dir=DATA_DIR, show_progress=False)
+    train(cfg, copy, resume=True, data_dir=data_dir, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 60"):
         sample_images(copy, 2, seed=0)

@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     data_dir_arg(p)
     p.set_defaults(func=cmd_compare, extra_ok=True)
+
+    from memvae.cli_prior import add_prior_commands
+
+    add_prior_commands(sub, common)
     return parser
 
 

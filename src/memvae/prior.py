@@ -165,10 +165,9 @@ def train_prior(
     """
     options = dataclasses.replace(options or PriorOptions()).validate()
     out_dir = prior_dir(run_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again")
-        shutil.rmtree(out_dir)
+    exists = out_dir.exists() and any(out_dir.iterdir())
+    if exists and not overwrite:
+        raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again")
     if options.threads:
         torch.set_num_threads(options.threads)
     device = _device(options.device)
@@ -180,6 +179,8 @@ def train_prior(
     test_codes = extract_codes(model, test_images, options.extract_batch, device)
     num_slots, map_shape = model.bottleneck.num_slots, list(train_codes.shape[1:])
 
+    if exists:  # only now: a failure while loading leaves the old prior in place
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir / "metrics.jsonl")
     torch.manual_seed(options.seed)

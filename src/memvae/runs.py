@@ -83,4 +83,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise MemvaeError(f"checkpoint {found[0]} does not fit its own config: {str(exc).splitlines()[0]}") from None
+    # Schedules (β growth, Gumbel τ) are not parameters: restore them from the update
+    # count, so that a loaded run reads as it did at that point of training.
+    model.bottleneck.set_progress(int(state["step"]) / cfg.train.steps)
     return model.eval(), cfg, state

@@ -38,8 +38,10 @@ def nearest_slots(x: torch.Tensor, memory: torch.Tensor, chunk: int = 8192) -> t
 
 
 def straight_through(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Forward value ``target``, gradient of the identity to ``z`` (VQ-VAE, eq. 3)."""
-    return z + (target - z).detach()
+    """Forward value ``target`` exactly, gradient of the identity to ``z`` (VQ-VAE, eq. 3)."""
+    # z − sg(z) is exactly 0, so the forward value is target to the bit (z + sg(target − z)
+    # can be off by one ulp).
+    return target.detach() + (z - z.detach())
 
 
 def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
