@@ -132,7 +132,8 @@ def cmd_compare(args, extra: list[str]) -> None:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
-            lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress)
+            lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
+            test_images=args.test_images)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json")
 
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
     p.add_argument("--config-dir", default="configs", help="where the model configs are")
     p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
+    p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     data_dir_arg(p)
     p.set_defaults(func=cmd_compare, extra_ok=True)

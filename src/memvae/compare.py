@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from memvae import config as C
 from memvae.checkpoint import latest_checkpoint
-from memvae.data import load_array_images, load_data
+from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError
-from memvae.evaluate import evaluate_model, reconstructions
+from memvae.evaluate import evaluate_model, reads_of, reconstructions
 from memvae.metrics import read_metrics
 from memvae.plots import convergence_figure, reconstruction_grid
 from memvae.runs import load_run
@@ -97,9 +97,11 @@ def compare(
     overrides: list[str] = (),
     images_shown: int = 10,
     show_progress: bool = True,
+    test_images: int | None = None,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
-    each on the whole test set, and write the figures and tables; returns results.json's dict."""
+    each on the whole test set (or its first ``test_images``, for a quick look), and write
+    the figures and tables; returns results.json's dict."""
     out, config_dir = Path(out), Path(config_dir)
     plan = []
     for model in models:
@@ -110,20 +112,23 @@ def compare(
     if len(set(names)) * seeds != len(names):
         raise MemvaeError(f"two models share a config name: {names}")
 
+    first = plan[0][0].data
+    data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
     overall = tqdm(total=len(plan) * steps, desc="compare", disable=not show_progress, position=0, dynamic_ncols=True)
     for cfg, run_dir in plan:
         state = _run_state(run_dir, cfg)
         if state != "done":
-            train(cfg, run_dir, resume=state == "partial", data_dir=data_dir, show_progress=show_progress)
+            train(cfg, run_dir, resume=state == "partial", data=data, show_progress=show_progress)
         overall.update(steps)
     overall.close()
-    return report(out, plan, data_dir, lossless, images_shown)
+    return report(out, plan, data, lossless, images_shown, test_images)
 
 
-def report(out: Path, plan: list[tuple[C.Config, Path]], data_dir, lossless, images_shown: int) -> dict:
+def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossless, images_shown: int,
+           test_images: int | None = None) -> dict:
     """Evaluate the finished runs of ``plan`` and write figures and tables into ``out``."""
-    data = load_data(plan[0][0].data.source, data_dir or plan[0][0].data.dir or None, plan[0][0].data.image_size)
     variance = data.train_variance()
+    test = data.test[:test_images] if test_images else data.test
     lossless_images = load_array_images(lossless) if lossless else None
     shown = data.test[:images_shown]
     by_model: dict[str, list] = {}
@@ -133,9 +138,10 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data_dir, lossless, ima
         model, _, state = load_run(run_dir)
         eval_path = run_dir / "eval.json"
         cached = json.loads(eval_path.read_text()) if eval_path.exists() else None
-        if cached is None or cached.get("step") != state["step"] or ("lossless" in cached) != bool(lossless):
+        if (cached is None or cached.get("step") != state["step"] or ("lossless" in cached) != bool(lossless)
+                or cached["test"][reads_of(model)[0]]["images"] != len(test)):
             cached = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
-                      "test": evaluate_model(model, data.test, variance)}
+                      "test": evaluate_model(model, test, variance)}
             if lossless_images is not None:
                 cached["lossless"] = evaluate_model(model, lossless_images, variance)
             eval_path.write_text(json.dumps(cached, indent=1))
@@ -164,6 +170,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data_dir, lossless, ima
         "steps": steps,
         "seeds": seeds,
         "nmse_levels": list(NMSE_LEVELS),
+        "test_images": len(test),
         "models": {name: {"seeds": runs, "summary": _summarise(runs)} for name, runs in by_model.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -210,8 +217,8 @@ def results_table(results: dict) -> str:
                 row.insert(3, _fmt(summary.get("lossless", {}).get(read, {}).get("nmse")))
             lines.append("| " + " | ".join(row) + " |")
     caption = (
-        f"\n{results['steps']} updates, {results['seeds']} seed(s), mean ± std over seeds. Test metrics on the whole "
-        "CIFAR-10 test set; perplexity and slots used from slot counts over the whole set. 'updates to x': first "
+        f"\n{results['steps']} updates, {results['seeds']} seed(s), mean ± std over seeds. Test metrics on "
+        f"{results['test_images']} test images; perplexity and slots used from slot counts over the whole set. 'updates to x': first "
         "logged update whose training NMSE (average over the log interval) is ≤ x. s / update: training time only, "
         "on the machine named in the run's meta.json.\n"
     )

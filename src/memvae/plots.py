@@ -14,12 +14,13 @@ import torch  # noqa: E402
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average (window shrinks at the ends), for noisy training curves."""
-    if window <= 1 or len(values) < 3:
+    half = window // 2
+    if half == 0 or len(values) < 3:
         return values
-    kernel = np.ones(window)
-    padded_sum = np.convolve(values, kernel, mode="same")
-    counts = np.convolve(np.ones_like(values), kernel, mode="same")
-    return padded_sum / counts
+    cumsum = np.concatenate([[0.0], np.cumsum(values)])
+    lo = np.clip(np.arange(len(values)) - half, 0, len(values))
+    hi = np.clip(np.arange(len(values)) + half + 1, 0, len(values))
+    return (cumsum[hi] - cumsum[lo]) / (hi - lo)
 
 
 def reconstruction_grid(rows: list[tuple[str, torch.Tensor]], out: str | os.PathLike, title: str | None = None) -> Path:

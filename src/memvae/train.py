@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from memvae import config as C
 from memvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from memvae.data import EpochBatcher, load_data, to_input
+from memvae.data import EpochBatcher, ImageData, load_data, to_input
 from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_read
 from memvae.metrics import MetricsLog, nmse
@@ -73,11 +73,15 @@ class _Interval:
         return dict(self.sums)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun."""
+def _distributed(device: str = "auto") -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun.
+
+    The backend follows the device training runs on (``train.device``): NCCL for CUDA,
+    gloo for CPU, also on a machine that has a GPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -90,6 +94,14 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on any, so that all ranks take the same
+    branch (a rank that stops or skips alone leaves the others waiting in a collective)."""
+    if not dist.is_initialized():
+        return flag
+    return _all_reduce_sum([float(flag)], device)[0] > 0
+
+
 def train(
     cfg: C.Config,
     run_dir: str | os.PathLike,
@@ -98,6 +110,7 @@ def train(
     data_dir: str | None = None,
     show_progress: bool = True,
     stop_after: int | None = None,
+    data: ImageData | None = None,
 ) -> dict:
     """Train ``cfg``'s model, writing the run directory; returns the last log record.
 
@@ -110,9 +123,10 @@ def train(
         show_progress: tqdm progress bar.
         stop_after: stop (with a checkpoint, as on SIGTERM) after this many updates in
             total; for tests and for splitting long runs.
+        data: images already in memory (skips loading ``cfg.data``), e.g. your own tensors.
     """
     run_dir = Path(run_dir)
-    rank, world = _distributed()
+    rank, world = _distributed(cfg.train.device)
     is_main = rank == 0
     tc = cfg.train
     if tc.batch_size % world:
@@ -132,7 +146,8 @@ def train(
         torch.cuda.set_device(device)
     torch.manual_seed(tc.seed)
 
-    data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
+    if data is None:
+        data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     variance = data.train_variance()
     train_images = data.train.to(device)  # the whole set stays resident (uint8)
     eval_images = data.test[: cfg.data.eval_images]
@@ -157,7 +172,8 @@ def train(
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
         step, train_seconds = int(state["step"]), float(state["train_seconds"])
-        interval = _Interval(state["interval"])
+        # The checkpoint holds the interval's sums over all ranks (see save): rank 0 takes them.
+        interval = _Interval(state["interval"]) if is_main else _Interval()
         if is_main:
             log.truncate_after(step)
     if is_main:
@@ -181,10 +197,15 @@ def train(
         return state
 
     def save() -> None:
+        # Every rank calls save at the same update; the log interval's sums are summed over
+        # ranks so that a resumed run logs what the unbroken one would.
+        summed = _all_reduce_sum([interval.sums[k] for k in _Interval.KEYS], device)
         if not is_main:
             return
         try:
-            save_checkpoint(run_dir / "checkpoints", checkpoint_state(), step)
+            state = checkpoint_state()
+            state["interval"] = dict(zip(_Interval.KEYS, summed))
+            save_checkpoint(run_dir / "checkpoints", state, step)
         except OSError as exc:
             tqdm.write(f"warning: could not save checkpoint at update {step} ({exc}); the previous one is kept")
 
@@ -215,7 +236,7 @@ def train(
             with autocast:
                 out = networks(x)
             loss_value = float(out.loss.detach())
-            if not math.isfinite(loss_value):
+            if _any_rank(not math.isfinite(loss_value), device):
                 if tc.on_nonfinite == "skip":
                     optimizer.zero_grad(set_to_none=True)
                     interval.sums["skipped"] += 1
@@ -269,13 +290,14 @@ def train(
                         writer.add_scalar(key.replace("eval_", "eval/"), record[key], step)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 save()
-            if stop.signal is not None or (stop_after is not None and step >= stop_after and step < tc.steps):
+            signalled = _any_rank(stop.signal is not None, device)  # every rank stops at the same update
+            if signalled or (stop_after is not None and step >= stop_after and step < tc.steps):
                 save()
                 bar.close()
                 if writer:
                     writer.close()
-                if stop.signal is not None:
-                    name = signal.Signals(stop.signal).name
+                if signalled:
+                    name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another process"
                     raise KeyboardInterrupt(
                         f"{name}: stopped at update {step}, checkpoint saved; resume with "
                         f"memvae train --run-dir {run_dir} --resume"
