@@ -50,17 +50,22 @@ def _model_config(model: str, config_dir: Path, steps: int, seed: int, overrides
 
 
 def _run_state(run_dir: Path, cfg: C.Config) -> str:
-    """"new", "partial" (resume it) or "done"; a run made with another config is refused."""
+    """"new", "partial" (resume or extend it) or "done"; a run made with another config is refused."""
     found = latest_checkpoint(run_dir / "checkpoints") if run_dir.exists() else None
     if found is None:
         return "new"
-    # The thread count does not change the numbers; everything else must match.
+    # The thread count does not change the numbers, and a shorter run may be extended
+    # (resuming is exact); everything else must match.
     saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml")), C.to_dict(cfg)
     for d in (saved, wanted):
         d["train"].pop("threads")
+        d["train"].pop("steps")
     if saved != wanted:
         raise MemvaeError(f"{run_dir} was trained with a different config; remove it or choose another --out")
-    return "done" if found[1]["step"] >= cfg.train.steps else "partial"
+    step = found[1]["step"]
+    if step > cfg.train.steps:
+        raise MemvaeError(f"{run_dir} is already trained past {cfg.train.steps} updates (to {step}); choose another --out")
+    return "done" if step == cfg.train.steps else "partial"
 
 
 def _mean_std(values: list[float | None]) -> dict:
