@@ -13,10 +13,11 @@ the size and SHA-256 recorded there catch a file damaged later.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, rename into place."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, rename into place,
+    fsync the directory (so that the rename itself survives a power cut)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -46,6 +48,14 @@ def _write_atomic(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some systems (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict, step: int) -> Path:
@@ -56,11 +66,20 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, step: int) -> Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
-    _write_atomic(path, lambda f: torch.save(state, f))
+    # Serialise in memory first: torch.save straight into a file turns the OSError of a
+    # full disk into an opaque RuntimeError; a plain write keeps it an OSError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _write_atomic(path, lambda f: f.write(buffer.getbuffer()))
     pointer = {"file": path.name, "step": step, "size": path.stat().st_size, "sha256": _sha256(path)}
     _write_atomic(directory / "latest.json", lambda f: f.write(json.dumps(pointer).encode()))
-    for old in sorted(directory.glob("step_*.pt"))[: -(KEEP + 1)]:
+    # Only files older than this one go: files with higher numbers, left by a crashed run
+    # whose pointer never reached them, must not push the new checkpoint out.
+    older = sorted(p for p in directory.glob("step_*.pt") if p.name < path.name)
+    for old in older[: max(len(older) - KEEP, 0)]:
         old.unlink(missing_ok=True)
+    for stale in directory.glob("*.tmp"):  # temporary files of saves cut short by a crash
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -87,12 +106,22 @@ def load_checkpoint(path: str | os.PathLike, pointer: dict | None = None, map_lo
         if size != pointer.get("size") or _sha256(path) != pointer.get("sha256"):
             raise MemvaeError(f"checkpoint {path} is corrupt (size or SHA-256 differs from when it was saved)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MemvaeError(f"refusing to load checkpoint {path}: it holds objects other than tensors and numbers ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise MemvaeError(f"checkpoint {path} is truncated or corrupt ({str(exc).splitlines()[0][:120]})") from None
+        # torch's message opens with advice to retry with weights_only=False: never show that.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        forbidden = next((line for line in lines if "GLOBAL" in line), None)
+        if forbidden:
+            raise MemvaeError(f"refusing to load checkpoint {path}: it holds objects other than tensors and numbers ({forbidden})") from None
+        detail = next((line[line.index("WeightsUnpickler error"):] for line in lines if "WeightsUnpickler error" in line), "")
+        raise MemvaeError(
+            f"checkpoint {path} is corrupt or holds objects other than tensors and numbers ({detail[:120] or type(exc).__name__})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file can trip torch.load in many ways (KeyError, IndexError, ...)
+        detail = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise MemvaeError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {detail})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise MemvaeError(f"checkpoint {path} is not a memvae checkpoint")
     return state

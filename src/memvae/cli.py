@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def cmd_train(args, extra: list[str]) -> None:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
                  show_progress=not args.no_progress)
-    if last:
+    if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
         print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f})")
 
 

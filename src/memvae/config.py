@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -159,7 +160,10 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
             raise MemvaeError(f"config key {key!r} expects {kind.__name__}, got {text!r}") from None
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # TOML integers have no size limit in tomllib
+            raise MemvaeError(f"config key {key!r} expects float, got an integer too large for one") from None
     if not ok:
         raise MemvaeError(f"config key {key!r} expects {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -182,6 +186,10 @@ def get(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Range and choice checks; raises MemvaeError naming the key and the rule."""
+    for key in all_keys():  # NaN passes every comparison below, and TOML cannot hold inf
+        value = get(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MemvaeError(f"config key {key!r} must be a finite number, got {value!r}")
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
             raise MemvaeError(f"config key {key!r} must be one of {', '.join(allowed)}, got {get(cfg, key)!r}")
@@ -247,13 +255,30 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string in plain ASCII. (json.dumps is not one: it writes characters
+    beyond U+FFFF as surrogate pairs, which TOML rejects.)"""
+
+    def escape(ch: str) -> str:
+        if ch in '"\\':
+            return "\\" + ch
+        if " " <= ch <= "~":
+            return ch
+        return f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
+
+    return '"' + "".join(escape(ch) for ch in text) + '"'
+
+
 def to_toml(cfg: Config) -> str:
     """The config as TOML text that :func:`load_config` reads back unchanged."""
     raw = to_dict(cfg)
-    lines = [f"name = {json.dumps(raw['name'])}"]
+    lines = [f"name = {_toml_string(raw['name'])}"]
     for section in SECTIONS:
         lines += ["", f"[{section}]"]
         for key, value in raw[section].items():
-            text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+            text = (
+                ("true" if value else "false") if isinstance(value, bool)
+                else _toml_string(value) if isinstance(value, str) else json.dumps(value)
+            )
             lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"

@@ -39,9 +39,15 @@ class ImageData:
 
 
 def pixel_variance(images: torch.Tensor) -> float:
-    """Variance of all pixels of uint8 images, on the [0, 1] scale (float64 sums)."""
-    x = images.reshape(-1).to(torch.float64) / 255.0
-    return float(x.var(unbiased=False))
+    """Variance of all pixels of uint8 images, on the [0, 1] scale (float64 sums).
+
+    Computed from the 256-bin histogram: exact, and without a float64 copy of the images
+    (1.2 GB and 1.4 s for CIFAR-10's training set).
+    """
+    counts = torch.bincount(images.reshape(-1).cpu(), minlength=256).to(torch.float64)
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    mean = (counts * values).sum() / counts.sum()
+    return float((counts * (values - mean).pow(2)).sum() / counts.sum())
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,11 @@ def safe_unpickle(path: Path) -> object:
     except ForbiddenGlobal as exc:
         raise MemvaeError(f"refusing to load {path}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
-        raise MemvaeError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); delete it to download a fresh copy") from None
+        # Only a missing folder triggers a download (a missing file is an error): say so.
+        detail = " ".join(str(exc).split())  # some pickle messages span two lines
+        raise MemvaeError(
+            f"{path} is truncated or corrupt ({type(exc).__name__}: {detail}); delete the folder {path.parent} to download a fresh copy"
+        ) from None
 
 
 def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,6 +167,8 @@ def train(
             raise MemvaeError(f"checkpoint {found[0]} is from a different model configuration ({problem})")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the config's rate, not the saved one: a resumed
+            group["lr"] = tc.lr  # run may change train.lr, and config.toml says it did
         batcher.load_state_dict(state["batcher"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
@@ -233,34 +235,42 @@ def train(
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             started = time.perf_counter()
+            # The forward pass may write buffers (moving-average slots, data initialisation):
+            # keep a copy, so that a skipped or reported update leaves no trace of a bad batch.
+            buffers = [b.clone() for b in model.buffers()]
             with autocast:
                 out = networks(x)
             loss_value = float(out.loss.detach())
             if _any_rank(not math.isfinite(loss_value), device):
-                if tc.on_nonfinite == "skip":
-                    optimizer.zero_grad(set_to_none=True)
-                    interval.sums["skipped"] += 1
-                    step += 1
-                    bar.update(1)
-                    continue
-                _report_nonfinite(run_dir if is_main else None, step + 1, loss_value, model, indices, out)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
+                if tc.on_nonfinite != "skip":
+                    _report_nonfinite(run_dir if is_main else None, step + 1, loss_value, model, indices, out)
+                # Skipped: no step, but logging, evaluation, checkpoints and signals below
+                # still happen at their updates.
+                optimizer.zero_grad(set_to_none=True)
+                interval.sums["skipped"] += 1
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                interval.sums["recon_mse"] += float(out.recon_mse.detach())
+                interval.sums["perplexity"] += float(out.bottleneck.metrics["perplexity"])
+                interval.sums["updates"] += 1
+            del buffers
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - started
             step += 1
-            interval.sums["recon_mse"] += float(out.recon_mse.detach())
-            interval.sums["perplexity"] += float(out.bottleneck.metrics["perplexity"])
-            interval.sums["updates"] += 1
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.steps:
                 mse_sum, ppl_sum, updates, skipped = _all_reduce_sum(
                     [interval.sums[k] for k in _Interval.KEYS], device
                 )
-                updates_all = max(updates, 1.0)
+                # An interval whose updates were all skipped has no training error: NaN, not 0.
+                updates_all = updates if updates else float("nan")
                 record = {
                     "kind": "train",
                     "step": step,

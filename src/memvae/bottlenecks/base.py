@@ -55,15 +55,28 @@ class Bottleneck(nn.Module):
         self.register_buffer("initialized", torch.tensor(init != "data"))
 
     @torch.no_grad()
-    def _init_from_data(self, x: torch.Tensor) -> None:
-        """With init = "data", on the first training call: slots ← K rows of x (N×D)."""
+    def _init_from_data(self, x: torch.Tensor, positions: int = 1) -> None:
+        """With init = "data", on the first training call: slots ← K rows of x (N×D).
+
+        ``positions`` is the number of rows per image (H·W). Under torch.distributed the
+        rows are drawn from the whole global batch: every rank's share is gathered in the
+        order one process sees it (rank r holds images r, r + world, ...), so any number
+        of processes starts from the slots that one process would.
+        """
         if bool(self.initialized) or not self.training:
             return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            world = torch.distributed.get_world_size()
+            shares = [torch.empty_like(x) for _ in range(world)]
+            torch.distributed.all_gather(shares, x.contiguous())
+            # world×(images per rank)×positions×D -> images in their global order
+            x = torch.stack(shares).view(world, -1, positions, x.shape[1]).transpose(0, 1).reshape(-1, x.shape[1])
         n = x.shape[0]
         pick = torch.randperm(n, device=x.device)[: self.num_slots] if n >= self.num_slots else torch.randint(n, (self.num_slots,), device=x.device)
         rows = x[pick].float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(rows, 0)  # every rank starts from rank 0's slots
+        if distributed:
+            torch.distributed.broadcast(rows, 0)  # every rank keeps rank 0's draw, whatever its RNG
         self.memory.data.copy_(rows)
         if hasattr(self, "embed_sum"):
             # Count each slot once, so the moving average starts at the slot itself.

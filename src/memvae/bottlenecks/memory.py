@@ -61,7 +61,8 @@ class MemoryRead(Bottleneck):
         commitment: weight of the commitment term of the soft write.
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
-        chunk: queries per chunk when statistics are computed without the full matrix.
+        chunk: queries per chunk when statistics are computed without the full matrix
+            (fewer when chunk·K would exceed ``fused_threshold``).
         init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
             the gradient write, "data" for the soft write, whose N(0, 1) slots collapse
             onto the few of smallest norm (measured: 3 slots in use after 300 updates).
@@ -127,21 +128,35 @@ class MemoryRead(Bottleneck):
         return start * (end / start) ** self.progress
 
     def logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """β·s(x, M) up to a per-row constant, N×D queries -> N×K (float32)."""
+        """β·s(x, M) up to a per-row constant, N×D queries -> N×K (float32).
+
+        β scales the K×D operand, not the N×K product: one N×K matrix fewer, forward
+        and backward.
+        """
         x, memory = x.float(), memory.float()
         if self.similarity == "l2":
-            return beta * torch.addmm(-memory.pow(2).sum(1), x, memory.t(), alpha=2.0)
-        return beta * (F.normalize(x, dim=1) @ F.normalize(memory, dim=1).t())
+            return torch.addmm(-beta * memory.pow(2).sum(1), x, (2.0 * beta * memory).t())
+        return F.normalize(x, dim=1) @ (beta * F.normalize(memory, dim=1)).t()
 
     def _fused_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """Σ_k softmax_k(β·s) M_k without the N×K matrix: N×D -> N×D."""
+        """Σ_k softmax_k(β·s) M_k without the N×K matrix: N×D -> N×D.
+
+        The fused kernels of ``F.scaled_dot_product_attention`` (flash attention on CPU and
+        CUDA, memory-efficient attention on CUDA) take only 4-D inputs whose query, key and
+        value share one width, a multiple of 8; anything else falls back, silently, to the
+        math kernel, which holds the N×K weights. So q, k and M are zero-padded to that
+        width (zeros add nothing to q·k, and the padded output columns are dropped) and
+        passed as 1×1×N×W.
+        """
         x, memory = x.float(), memory.float()
         if self.similarity == "l2":
             q = torch.cat([x, torch.ones_like(x[:, :1])], 1)
             k = torch.cat([2.0 * beta * memory, -beta * memory.pow(2).sum(1, keepdim=True)], 1)
         else:
             q, k = F.normalize(x, dim=1), beta * F.normalize(memory, dim=1)
-        return F.scaled_dot_product_attention(q[None], k[None], memory[None], scale=1.0)[0]
+        width = -(-q.shape[1] // 8) * 8
+        q, k, v = (F.pad(t, (0, width - t.shape[1]))[None, None] for t in (q, k, memory))
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)[0, 0, :, : memory.shape[1]]
 
     @torch.no_grad()
     def _chunked_statistics(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, want_write: bool):
@@ -152,7 +167,9 @@ class MemoryRead(Bottleneck):
         codes, stats = [], {}
         counts = torch.zeros(self.num_slots, device=x.device) if want_write else None
         sums = torch.zeros(self.num_slots, self.dim, device=x.device) if want_write else None
-        for part in x.split(self.chunk):
+        # At most fused_threshold logits at a time, however large K is.
+        rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots))
+        for part in x.split(rows):
             logits = self.logits(part, memory, beta)
             codes.append(logits.argmax(1))
             for key, value in Fn.weight_statistics(logits).items():
@@ -166,7 +183,7 @@ class MemoryRead(Bottleneck):
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W -> BottleneckOutput (quantized B×D×H×W, codes B×H×W, weights B×H×W×K or None)."""
         x = Fn.flatten_positions(z)
-        self._init_from_data(x)
+        self._init_from_data(x, z.shape[2] * z.shape[3])
         n = x.shape[0]
         beta = self.beta()
         mode = self.train_read if self.training else self.read_mode

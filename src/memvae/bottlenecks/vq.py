@@ -31,7 +31,7 @@ class VectorQuantizer(Bottleneck):
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W -> BottleneckOutput with quantized B×D×H×W, codes B×H×W."""
         x = Fn.flatten_positions(z)
-        self._init_from_data(x)
+        self._init_from_data(x, z.shape[2] * z.shape[3])
         idx = Fn.nearest_slots(x, self.memory)
         chosen = self.memory[idx]
         codebook_loss = F.mse_loss(chosen, x.detach())
