@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemvaeError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt as exc:
         print(str(exc) or "interrupted", file=sys.stderr)

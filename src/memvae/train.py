@@ -176,8 +176,10 @@ def train(
         step, train_seconds = int(state["step"]), float(state["train_seconds"])
         # The checkpoint holds the interval's sums over all ranks (see save): rank 0 takes them.
         interval = _Interval(state["interval"]) if is_main else _Interval()
-        if is_main:
-            log.truncate_after(step)
+    if resume and is_main:
+        # Records after the checkpoint (all of them, when a run died before its first
+        # checkpoint) come again from this run: drop them so that none appears twice.
+        log.truncate_after(step)
     if is_main:
         (run_dir / "config.toml").write_text(C.to_toml(cfg))
         meta = {"config_name": cfg.name, "device": str(device), "world_size": world, **environment()}
@@ -223,7 +225,7 @@ def train(
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
 
     bar = tqdm(total=tc.steps, initial=step, disable=not (show_progress and is_main), desc=cfg.name, dynamic_ncols=True)
     last_record: dict = {}
@@ -324,18 +326,19 @@ def _report_nonfinite(run_dir: Path | None, step: int, value: float, model, indi
     where = ""
     if run_dir is not None:
         path = run_dir / f"nonfinite_step_{step:08d}.pt"
-        torch.save(
-            {
-                "step": step,
-                "loss": value,
-                "recon_mse": float(out.recon_mse.detach()),
-                "bottleneck_loss": float(out.bottleneck.loss.detach()),
-                "batch_indices": indices.cpu(),
-                "model": model.state_dict(),
-            },
-            path,
-        )
-        where = f"; the model before this update and the batch are in {path}"
+        report = {
+            "step": step,
+            "loss": value,
+            "recon_mse": float(out.recon_mse.detach()),
+            "bottleneck_loss": float(out.bottleneck.loss.detach()),
+            "batch_indices": indices.cpu(),
+            "model": model.state_dict(),
+        }
+        try:
+            torch.save(report, path)
+            where = f"; the model before this update and the batch are in {path}"
+        except (OSError, RuntimeError):  # a full disk must not hide the message below
+            path.unlink(missing_ok=True)
     raise MemvaeError(
         f"loss is {value} at update {step}; stopped (the last good checkpoint is kept{where}); "
         "lower train.lr, or set train.on_nonfinite=skip to skip such updates"

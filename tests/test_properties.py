@@ -1,0 +1,296 @@
+"""Property tests (hypothesis): the config parser and the data loaders, fed arbitrary
+input, either succeed or raise MemvaeError, never another exception; valid configs
+survive the trip through config.toml unchanged."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from memvae import config as C
+from memvae.data import _read_cifar_batch, load_image_folder
+from memvae.errors import MemvaeError
+
+SETTINGS = settings(deadline=None, max_examples=100, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+KEYS = C.all_keys()
+BARE = sorted({k.split(".")[-1] for k in KEYS})
+
+
+def _field(key: str):
+    if key == "name":
+        return "str"
+    section, name = key.split(".")
+    kind = {f.name: f.type for f in dataclasses.fields(getattr(C.Config(), section))}[name]
+    return kind if isinstance(kind, str) else kind.__name__
+
+
+# ------------------------------------------------------------------ config
+keys = st.one_of(
+    st.sampled_from(KEYS),
+    st.sampled_from(BARE),
+    st.text(max_size=20),
+    st.builds(lambda k, t: f"{k}{t}", st.sampled_from(KEYS), st.text(max_size=3)),  # near-misses
+)
+text_values = st.one_of(
+    st.text(max_size=20),
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "1_000", "0x10", "true", "false", "yes", "0", "", " ", "١٢"]),
+    st.sampled_from(sum(C.CHOICES.values(), ())),
+)
+
+
+def _round_trip(cfg: C.Config) -> C.Config:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(C.to_toml(cfg), encoding="utf-8")
+        return C.load_config(path)
+
+
+def _edge_text(key: str):
+    """Text that is near the edge of what ``key`` accepts."""
+    kind = _field(key)
+    if kind == "float":
+        edge = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                         st.sampled_from(["nan", "inf", "-inf", "1e400", "-1e-400", "1_0.5", "0"]))
+    elif kind == "int":
+        edge = st.one_of(st.integers(-(2**70), 2**70).map(str), st.sampled_from(["1.0", "1e3", "1_000", "0", "-1", " 7 "]))
+    elif kind == "bool":
+        edge = st.sampled_from(["true", "False", "YES", "1", "0", "on", "2"])
+    else:
+        edge = st.one_of(st.text(max_size=20), st.sampled_from(C.CHOICES.get(key, ("",))))
+    return st.one_of(edge, text_values)
+
+
+keyed_text = st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), _edge_text(k)))
+
+
+@SETTINGS
+@given(st.lists(st.one_of(st.tuples(keys, text_values), keyed_text, keyed_text), max_size=4))
+def test_any_overrides_give_a_valid_config_or_memvae_error(pairs):
+    overrides = [f"{k}={v}" for k, v in pairs]
+    try:
+        cfg = C.load_config(SMOKE_PATH, overrides)
+    except MemvaeError as exc:
+        event("MemvaeError")
+        assert str(exc) and "\n" not in str(exc)
+        return
+    event("accepted")
+    # Whatever was accepted is a valid config and survives config.toml unchanged.
+    assert C.validate(cfg) is cfg
+    assert _round_trip(cfg) == cfg
+
+
+toml_values = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.integers(-(2**2000), 2**2000),
+        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=10),
+    ),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def _edge_value(key: str):
+    """Typed values near the edge of what ``key`` accepts (as tomllib would return them)."""
+    kind = _field(key)
+    if kind == "float":
+        return st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**2000), 2**2000))
+    if kind == "int":
+        return st.one_of(st.integers(-(2**70), 2**70), st.integers(-(2**2000), 2**2000), st.booleans(), st.floats())
+    if kind == "bool":
+        return st.one_of(st.booleans(), st.integers(0, 1))
+    return st.one_of(st.text(max_size=20), st.sampled_from(C.CHOICES.get(key, ("",))))
+
+
+@st.composite
+def parsed_files(draw):
+    """Nested dicts as tomllib returns them: mostly real keys with values of any type,
+    sometimes unknown keys or sections, sometimes a section that is not a table."""
+    raw: dict = {}
+    keyed = st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), st.one_of(_edge_value(k), toml_values)))
+    for key, value in draw(st.lists(keyed, max_size=5)):
+        if key == "name":
+            raw["name"] = value
+        else:
+            section, name = key.split(".")
+            if isinstance(raw.get(section, {}), dict):
+                raw.setdefault(section, {})[name] = value
+    junk = draw(st.dictionaries(st.one_of(st.sampled_from(list(C.SECTIONS)), st.text(max_size=8)), toml_values, max_size=2))
+    if draw(st.booleans()):
+        raw.update(junk)
+    return raw
+
+
+@SETTINGS
+@given(parsed_files())
+def test_any_parsed_file_gives_a_valid_config_or_memvae_error(raw):
+    """What tomllib can hand from_dict: tables, ints of any size, floats (nan, inf), text, arrays."""
+    try:
+        cfg = C.validate(C.from_dict(raw))
+    except MemvaeError as exc:
+        event("MemvaeError")
+        assert str(exc) and "\n" not in str(exc)
+        return
+    event("accepted")
+    assert _round_trip(cfg) == cfg
+
+
+def _valid_value(key: str):
+    """A strategy for values the key accepts."""
+    if key in C.CHOICES:
+        return st.sampled_from(C.CHOICES[key])
+    kind = _field(key)
+    if key == "name":
+        return st.text(min_size=1, max_size=30).filter(lambda s: "/" not in s and "\\" not in s)
+    if key == "bottleneck.decay":
+        return st.floats(min_value=1e-6, max_value=1 - 1e-6)
+    if kind == "int":
+        low = 1 if key in C.POSITIVE else 0
+        return st.integers(low, 2**62)
+    if kind == "float":
+        return st.floats(min_value=1e-300 if key in C.POSITIVE else 0.0, max_value=1e300, allow_nan=False)
+    if kind == "bool":
+        return st.booleans()
+    return st.text(max_size=30)
+
+
+@st.composite
+def valid_configs(draw):
+    chosen = draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=len(KEYS)))
+    return {key: draw(_valid_value(key)) for key in chosen}
+
+
+@SETTINGS
+@given(valid_configs())
+def test_valid_typed_values_round_trip_through_config_toml(values):
+    raw: dict = {}
+    for key, value in values.items():
+        if key == "name":
+            raw["name"] = value
+        else:
+            section, name = key.split(".")
+            raw.setdefault(section, {})[name] = value
+    cfg = C.validate(C.from_dict(raw))
+    for key, value in values.items():
+        assert C.get(cfg, key) == value
+    assert _round_trip(cfg) == cfg
+    # The same values given as command-line overrides (text) give the same config.
+    overrides = []
+    for key, value in values.items():
+        text = ("true" if value else "false") if isinstance(value, bool) else repr(value) if isinstance(value, float) else str(value)
+        if isinstance(value, str) and (text != text.strip() or not text):
+            continue  # overrides strip surrounding blanks
+        overrides.append(f"{key}={text}")
+    from_text = C.load_config(None, overrides)
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        assert C.get(from_text, key) == C.get(cfg, key), key
+
+
+# ------------------------------------------------------------------ image folders
+def _encoded(fmt: str, w: int, h: int, mode: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    image = Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+    if fmt == "JPEG" and mode == "RGBA":
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@st.composite
+def image_files(draw):
+    """(suffix, bytes): random bytes, or a real PNG/JPEG, possibly mutated or cut short."""
+    suffix = draw(st.sampled_from([".png", ".jpg", ".jpeg", ".PNG"]))
+    kind = draw(st.sampled_from(["random", "valid", "mutated", "truncated"]))
+    if kind == "random":
+        return suffix, draw(st.binary(max_size=300))
+    fmt = draw(st.sampled_from(["PNG", "JPEG"]))
+    data = _encoded(fmt, draw(st.integers(1, 70)), draw(st.integers(1, 70)), draw(st.sampled_from(["RGB", "RGBA", "L"])),
+                    draw(st.integers(0, 1000)))
+    if kind == "mutated":
+        data = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        data = bytes(data)
+    elif kind == "truncated":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    return suffix, data
+
+
+@settings(SETTINGS, max_examples=200)
+@given(st.lists(image_files(), min_size=1, max_size=5), st.sampled_from([8, 16, 32]))
+def test_image_folder_of_arbitrary_files_loads_or_raises_memvae_error(files, size):
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (suffix, data) in enumerate(files):
+            (Path(tmp) / f"f{i}{suffix}").write_bytes(data)
+        try:
+            data = load_image_folder(tmp, size)
+        except MemvaeError as exc:
+            event("MemvaeError")
+            assert str(exc) and "\n" not in str(exc)
+            return
+    event("loaded")
+    n = len(files)
+    assert data.train.dtype == torch.uint8 and data.test.dtype == torch.uint8
+    assert data.train.shape[1:] == (3, size, size) and data.test.shape[1:] == (3, size, size)
+    assert data.train.shape[0] + data.test.shape[0] == n >= 2
+
+
+# ------------------------------------------------------------------ CIFAR-10 batch files
+@st.composite
+def cifar_batches(draw):
+    """A small batch in CIFAR-10's pickle format, then damaged: bytes changed, cut short, or
+    the content swapped for other picklable data."""
+    n = draw(st.integers(0, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 100)))
+    batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [int(i) for i in rng.integers(0, 10, n)]}
+    kind = draw(st.sampled_from(["mutated", "truncated", "other content"]))
+    if kind == "other content":
+        batch[draw(st.sampled_from(["data", "labels"]))] = draw(
+            st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3),
+                      st.builds(lambda d: np.zeros((2, d), dtype=np.uint8), st.integers(0, 4000)),
+                      st.just(np.zeros((1, 3072), dtype=np.float32)))
+        )
+    data = pickle.dumps(batch, protocol=draw(st.sampled_from([2, 4, 5])))
+    if kind == "mutated":
+        data = bytearray(data)
+        for _ in range(draw(st.integers(1, 6))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        data = bytes(data)
+    elif kind == "truncated":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    return data
+
+
+@settings(SETTINGS, max_examples=200)
+@given(cifar_batches())
+def test_damaged_cifar_batch_loads_or_raises_memvae_error(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data_batch_1"
+        path.write_bytes(data)
+        try:
+            images, labels = _read_cifar_batch(path)
+        except MemvaeError as exc:
+            event("MemvaeError")
+            assert str(exc) and "\n" not in str(exc)
+            return
+    event("loaded")
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+    assert labels.shape == (images.shape[0],)
+
+
+SMOKE_PATH = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+

@@ -1,0 +1,665 @@
+"""Runs that survive: faults injected into checkpoint writes, real processes killed and
+resumed, non-finite losses, and checkpoints crafted or damaged on purpose.
+
+Subprocess tests run ``python -m memvae train`` on the smoke config (one thread, 100
+updates, a checkpoint every 6) and compare with one uninterrupted run of the same command.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memvae import checkpoint
+from memvae import config as C
+from memvae.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from memvae.data import ImageData, to_input
+from memvae.errors import MemvaeError
+from memvae.metrics import read_metrics
+from memvae.model import Autoencoder
+from memvae.nets import Encoder
+from memvae.train import train
+from tests.cli_util import SMOKE, checkpoint_step, read_jsonl, run_memvae, start_memvae, strip_times
+
+LINUX = sys.platform.startswith("linux")  # fork and /proc/self/fd below
+STEPS = 100
+TRAIN_ARGS = [
+    "--config", SMOKE, "--train.threads", "1", "--train.steps", STEPS, "--train.log_every", "4",
+    "--train.eval_every", "25", "--train.checkpoint_every", "6",
+    # The Gumbel read draws random numbers at every update: resuming must restore the RNG.
+    "--bottleneck.kind", "memory", "--bottleneck.train_read", "gumbel", "--no-progress",
+]
+
+
+def smoke(*overrides: str) -> C.Config:
+    return C.load_config(SMOKE, ["train.threads=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def small_cifar(cifar) -> ImageData:
+    """The first 2,000 training and 200 test images of the real CIFAR-10, in memory: the
+    in-process runs below need no more, and skip loading and measuring all 50,000."""
+    return ImageData(cifar.train[:2000], cifar.test[:200], cifar.train_labels[:2000], cifar.test_labels[:200])
+
+
+def small_state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)},
+        "step": seed,
+        "config": {"model": {"hidden": 8}},
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# ------------------------------------------------------------------ fault injection
+class DiskFull(io.RawIOBase):
+    """A file that takes ``limit`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        data = bytes(data)
+        if len(data) > self.left:
+            self.f.write(data[: self.left])
+            self.f.flush()
+            self.left = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        super().close()  # flushes first
+        self.f.close()
+
+
+def _fail_nth(real, n: int, exc: Exception, when=lambda *a: True):
+    """Wrap ``real`` so that its ``n``-th call for which ``when(*args)`` holds raises ``exc``."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        if when(*args):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise exc
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _inject(monkeypatch, fault: str) -> None:
+    real_save, real_open = torch.save, open
+    if fault == "torch.save writes half, then fails":
+        def half_then_fail(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(torch, "save", half_then_fail)
+    elif fault in ("disk full in the checkpoint", "disk full in latest.json"):
+        target = ".pt.tmp" if "checkpoint" in fault else "latest.json.tmp"
+
+        def disk_full_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            return DiskFull(f, 100) if str(file).endswith(target) and "w" in mode else f
+
+        monkeypatch.setattr(checkpoint, "open", disk_full_open, raising=False)
+    elif fault == "fsync of the checkpoint fails (ENOSPC)":
+        exc = OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "fsync", _fail_nth(os.fsync, 1, exc, when=lambda fd: _fd_path(fd).endswith(".pt.tmp")))
+    elif fault == "fsync of latest.json fails (EIO)":
+        exc = OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(os, "fsync", _fail_nth(os.fsync, 1, exc, when=lambda fd: _fd_path(fd).endswith("latest.json.tmp")))
+    elif fault == "rename of the checkpoint fails":
+        monkeypatch.setattr(os, "replace", _fail_nth(os.replace, 1, OSError(errno.EACCES, "Permission denied")))
+    elif fault == "rename of latest.json fails":
+        monkeypatch.setattr(os, "replace", _fail_nth(os.replace, 2, OSError(errno.EROFS, "Read-only file system")))
+    else:  # pragma: no cover
+        raise AssertionError(fault)
+
+
+WRITE_FAULTS = [
+    "torch.save writes half, then fails",
+    "disk full in the checkpoint",
+    "fsync of the checkpoint fails (ENOSPC)",
+    "rename of the checkpoint fails",
+    "disk full in latest.json",
+    "fsync of latest.json fails (EIO)",
+    "rename of latest.json fails",
+]
+
+
+@pytest.mark.skipif(not LINUX, reason="identifies files by /proc/self/fd")
+@pytest.mark.parametrize("fault", WRITE_FAULTS)
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, fault):
+    good, newer, later = small_state(10), small_state(20), small_state(30)
+    save_checkpoint(tmp_path, good, 10)
+    with monkeypatch.context() as m:
+        _inject(m, fault)
+        with pytest.raises(OSError):
+            save_checkpoint(tmp_path, newer, 20)
+    assert_same_state(load_latest(tmp_path), good)
+    assert json.loads((tmp_path / "latest.json").read_text())["file"] == "step_00000010.pt"
+    assert not list(tmp_path.glob("*.tmp")), "a failed write left its temporary file"
+    # The disk works again: the next save is the latest.
+    save_checkpoint(tmp_path, later, 30)
+    assert_same_state(load_latest(tmp_path), later)
+
+
+CRASH_POINTS = {
+    # point: the step load_latest must find afterwards
+    "half of the checkpoint written": 10,
+    "checkpoint written, before its rename": 10,
+    "checkpoint renamed, before latest.json": 10,
+    "half of latest.json written": 10,
+    "latest.json written, before its rename": 10,
+    "latest.json renamed, before old files are removed": 20,
+}
+
+
+def _save_and_die_at(directory: Path, state: dict, step: int, point: str) -> None:
+    """In a forked child: save, and end the process abruptly (os._exit: no cleanup, no
+    finally blocks) at ``point``, as a power cut or SIGKILL would."""
+    real_open, real_replace = open, os.replace
+
+    def dying_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        name = str(file)
+        if "w" in mode and (
+            (point == "half of the checkpoint written" and name.endswith(".pt.tmp"))
+            or (point == "half of latest.json written" and name.endswith("latest.json.tmp"))
+        ):
+            class Dying(DiskFull):
+                def write(self, data):
+                    self.f.write(bytes(data)[: max(1, len(data) // 2)])
+                    self.f.flush()
+                    os._exit(0)
+
+            return Dying(f, 0)
+        return f
+
+    def dying_replace(src, dst):
+        src, dst = str(src), str(dst)
+        if point == "checkpoint written, before its rename" and src.endswith(".pt.tmp"):
+            os._exit(0)
+        if point == "latest.json written, before its rename" and src.endswith("latest.json.tmp"):
+            os._exit(0)
+        real_replace(src, dst)
+        if point == "checkpoint renamed, before latest.json" and dst.endswith(".pt"):
+            os._exit(0)
+        if point == "latest.json renamed, before old files are removed" and dst.endswith("latest.json"):
+            os._exit(0)
+
+    checkpoint.open = dying_open
+    os.replace = dying_replace
+    save_checkpoint(directory, state, step)
+
+
+@pytest.mark.skipif(not LINUX, reason="crashes a forked child")
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint(tmp_path, point):
+    for step in (2, 4, 6, 8, 10):  # a few older files, so removal of old ones is in play
+        save_checkpoint(tmp_path, small_state(step), step)
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            _save_and_die_at(tmp_path, small_state(20), 20, point)
+            os._exit(3)  # the crash point was never reached
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child did not die at {point!r}"
+    expected = CRASH_POINTS[point]
+    assert_same_state(load_latest(tmp_path), small_state(expected))
+    # The run goes on: the next save works and cleans up what the crash left.
+    save_checkpoint(tmp_path, small_state(30), 30)
+    assert_same_state(load_latest(tmp_path), small_state(30))
+    assert not list(tmp_path.glob("*.tmp")), "temporary files of the crashed save are left behind"
+
+
+def test_old_checkpoints_with_higher_numbers_never_remove_the_newest(tmp_path):
+    """Files left from before a crash (pointer write failed) may carry higher update numbers
+    than a resumed run's new checkpoints; removing 'all but the last few by name' must not
+    delete the file latest.json has just been pointed at."""
+    save_checkpoint(tmp_path, small_state(50), 50)
+    for step in (55, 57, 59):  # written, but latest.json was never updated to name them
+        torch.save(small_state(step), tmp_path / f"step_{step:08d}.pt")
+    # The resumed run, with a checkpoint interval of 2, saves 52 then 54.
+    for step in (52, 54):
+        save_checkpoint(tmp_path, small_state(step), step)
+        assert_same_state(load_latest(tmp_path), small_state(step))
+
+
+def test_training_goes_on_when_saves_fail_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, small_cifar):
+    """From update 10 on, the disk is full while a checkpoint is written (a real torch.save
+    into a file that fails with ENOSPC half-way). Training must finish, warn at every
+    failed save, keep the update-5 checkpoint, and resuming from it must end exactly as a
+    run that never failed."""
+    cfg = smoke("train.steps=20", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=5")
+    train(cfg, tmp_path / "clean", show_progress=False, data=small_cifar)
+
+    real_open = open
+
+    def full_from_10(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        m = re.search(r"step_(\d+)\.pt\.tmp$", str(file))
+        return DiskFull(f, 4096) if m and int(m.group(1)) >= 10 and "w" in mode else f
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "open", full_from_10, raising=False)
+        last = train(cfg, tmp_path / "faulty", show_progress=False, data=small_cifar)
+    out = capsys.readouterr().out
+    assert last["step"] == 20
+    for step in (10, 15, 20):
+        assert f"warning: could not save checkpoint at update {step}" in out, out
+    assert "No space left on device" in out and "the previous one is kept" in out
+    assert load_latest(tmp_path / "faulty" / "checkpoints")["step"] == 5
+    assert strip_times(read_metrics(tmp_path / "faulty")) == strip_times(read_metrics(tmp_path / "clean"))
+
+    train(cfg, tmp_path / "faulty", resume=True, show_progress=False, data=small_cifar)
+    clean = read_jsonl(tmp_path / "clean" / "metrics.jsonl")
+    resumed = read_jsonl(tmp_path / "faulty" / "metrics.jsonl")
+    assert strip_times(resumed) == strip_times(clean)
+    a, b = load_latest(tmp_path / "clean" / "checkpoints"), load_latest(tmp_path / "faulty" / "checkpoints")
+    assert_same_state(a, b)
+
+
+# ------------------------------------------------------------------ killed processes
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted ``memvae train`` of TRAIN_ARGS: (metrics without times, final model)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    result = run_memvae("train", *TRAIN_ARGS, "--run-dir", run)
+    assert result.returncode == 0, result.stderr
+    state = load_latest(run / "checkpoints")
+    assert state["step"] == STEPS
+    return strip_times(read_jsonl(run / "metrics.jsonl")), state
+
+
+def _wait_for_checkpoint(proc, run: Path, at_least: int, timeout: float = 120) -> int:
+    """Poll until latest.json names an update >= ``at_least``; the process must still run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = checkpoint_step(run)
+        if step is not None and step >= at_least:
+            return step
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before update {at_least}: {proc.stderr.read()}")
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError(f"no checkpoint at update >= {at_least} within {timeout} s")
+
+
+def _assert_identical(run: Path, reference) -> None:
+    metrics, state = reference
+    assert strip_times(read_jsonl(run / "metrics.jsonl")) == metrics
+    final = load_latest(run / "checkpoints")
+    assert final["step"] == STEPS
+    assert_same_state(final, state)
+    for key in state["optimizer"]["state"]:
+        for name, value in state["optimizer"]["state"][key].items():
+            assert torch.equal(final["optimizer"]["state"][key][name], value), (key, name)
+
+
+def test_sigkill_at_random_updates_then_resume_ends_identical(tmp_path, uninterrupted):
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    killed_after = []
+    args = ["train", *TRAIN_ARGS, "--run-dir", run]
+    for _ in range(2):  # killed twice: once in the first process, once in a resumed one
+        proc = start_memvae(*args)
+        start = (checkpoint_step(run) or 0) + 1
+        target = rng.randrange(start, min(start + 30, STEPS - 25))
+        _wait_for_checkpoint(proc, run, target)
+        time.sleep(rng.uniform(0.0, 0.1))  # a few updates on: anywhere up to ~the next checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before it was killed"
+        killed_after.append(checkpoint_step(run))
+        assert killed_after[-1] < STEPS, f"seed {seed}"
+        assert read_jsonl(run / "metrics.jsonl"), f"seed {seed}: killed before it logged anything"
+        args = ["train", "--run-dir", run, "--resume", "--no-progress"]
+    result = run_memvae(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"update {STEPS}" in result.stdout
+    _assert_identical(run, uninterrupted)
+    print(f"seed {seed}: killed with the latest checkpoint at updates {killed_after}")
+
+
+def test_sigkill_before_the_first_checkpoint_then_resume_ends_identical(tmp_path, uninterrupted):
+    """Killed after it logged but before any checkpoint: --resume starts from update 0 and
+    must not keep the dead run's log records (they would appear twice)."""
+    run = tmp_path / "run"
+    proc = start_memvae("train", *TRAIN_ARGS, "--train.checkpoint_every", "50", "--run-dir", run)
+    deadline = time.monotonic() + 120
+    while not [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] >= 8]:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before update 8"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint_step(run) is None, "killed too late: a checkpoint exists"
+    result = run_memvae("train", "--run-dir", run, "--resume", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "starting from update 0" in result.stdout
+    _assert_identical(run, uninterrupted)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_save_exit_130_and_resume_identically(tmp_path, uninterrupted, sig):
+    rng = random.Random()
+    run = tmp_path / "run"
+    proc = start_memvae("train", *TRAIN_ARGS, "--run-dir", run)
+    _wait_for_checkpoint(proc, run, rng.randrange(6, 60))
+    time.sleep(rng.uniform(0.0, 0.1))
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err
+    assert "--resume" in err and str(run) in err, err
+    found = re.search(r"stopped at update (\d+), checkpoint saved", err)
+    assert found, err
+    stopped = int(found.group(1))
+    assert 0 < stopped < STEPS
+    assert checkpoint_step(run) == stopped
+    assert (run / "checkpoints" / f"step_{stopped:08d}.pt").is_file()
+    assert load_latest(run / "checkpoints")["step"] == stopped
+
+    result = run_memvae("train", "--run-dir", run, "--resume", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    _assert_identical(run, uninterrupted)
+
+
+# ------------------------------------------------------------------ non-finite losses
+def test_absurd_learning_rate_stops_at_the_first_nan_and_keeps_the_last_good_checkpoint(tmp_path, cifar):
+    run = tmp_path / "run"
+    result = run_memvae("train", "--config", SMOKE, "--train.threads", "1", "--train.steps", "30",
+                        "--train.lr", "1e30", "--train.checkpoint_every", "1", "--run-dir", run, "--no-progress")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    found = re.match(r"error: loss is (nan|inf|-inf) at update (\d+); stopped \(the last good checkpoint is kept", lines[0])
+    assert found, lines[0]
+    bad = int(found.group(2))
+    assert "train.on_nonfinite=skip" in lines[0] and "lower train.lr" in lines[0]
+    dump_path = run / f"nonfinite_step_{bad:08d}.pt"
+    assert str(dump_path) in lines[0]
+    # The last checkpoint is the update before, complete and finite.
+    kept = load_latest(run / "checkpoints")
+    assert kept["step"] == bad - 1 >= 1
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    # The dump is plain data, and really reproduces the non-finite loss.
+    dump = torch.load(dump_path, weights_only=True)
+    assert dump["step"] == bad and not math.isfinite(dump["loss"])
+    cfg = C.load_config(run / "config.toml")
+    model = Autoencoder.from_config(cfg)
+    model.load_state_dict(dump["model"])
+    model.train()
+    with torch.no_grad():
+        loss = model(to_input(cifar.train[dump["batch_indices"]])).loss
+    assert not torch.isfinite(loss), float(loss)
+
+
+def test_raising_the_learning_rate_on_resume_takes_effect_and_the_good_checkpoint_stays(tmp_path, small_cifar):
+    """A sane run to update 10, resumed with lr = 1e30: the resumed run must use the new
+    rate (as its config.toml says), stop at its first non-finite loss, and keep update 10."""
+    run = tmp_path / "run"
+    train(smoke("train.steps=10", "train.checkpoint_every=5"), run, show_progress=False, data=small_cifar)
+    good = load_latest(run / "checkpoints")
+    with pytest.raises(MemvaeError, match=r"loss is (nan|inf|-inf) at update (1[1-9]|2\d|30);") as info:
+        train(smoke("train.steps=30", "train.checkpoint_every=5", "train.lr=1e30"), run, resume=True, show_progress=False, data=small_cifar)
+    bad = int(re.search(r"at update (\d+)", str(info.value)).group(1))
+    kept = load_latest(run / "checkpoints")
+    assert kept["step"] == 5 * ((bad - 1) // 5)
+    if kept["step"] == 10:
+        assert_same_state(kept, good)
+    assert C.load_config(run / "config.toml").train.lr == 1e30
+
+
+def test_skip_mode_survives_an_absurd_learning_rate(tmp_path, small_cifar):
+    """lr = 1e30 makes every update after the first non-finite; with skip the run still
+    logs, evaluates and checkpoints at every due update, and its weights stay finite."""
+    cfg = smoke("train.steps=12", "train.log_every=4", "train.eval_every=6", "train.checkpoint_every=4",
+                "train.lr=1e30", "train.on_nonfinite=skip")
+    last = train(cfg, tmp_path / "run", show_progress=False, data=small_cifar)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [6, 12]
+    skipped = sum(r["skipped"] for r in records)
+    assert 1 <= skipped < 12 and last["step"] == 12
+    for r in records:  # an interval with no update applied has no training error to report
+        if r["skipped"] == 4:
+            assert math.isnan(r["train_nmse"]), r
+        else:
+            assert math.isfinite(r["train_nmse"]), r
+    state = load_latest(tmp_path / "run" / "checkpoints")
+    assert state["step"] == 12
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.fixture
+def nan_at_update(monkeypatch):
+    """Make the encoder's output NaN at training forward number ``n`` (a bad batch, a
+    hardware glitch): returns a setter."""
+    real = Encoder.forward
+    target = {"n": None, "calls": 0}
+
+    def forward(self, x):
+        z = real(self, x)
+        if self.training:
+            target["calls"] += 1
+            if target["calls"] == target["n"]:
+                z = z * float("nan")
+        return z
+
+    monkeypatch.setattr(Encoder, "forward", forward)
+
+    def set_update(n):
+        target["n"], target["calls"] = n, 0
+
+    return set_update
+
+
+@pytest.mark.parametrize("kind", ["vq", "vq_ema"])
+def test_a_skipped_update_leaves_no_trace(tmp_path, small_cifar, nan_at_update, kind):
+    """Skipping update 8 must leave model, moving averages and optimizer exactly as after
+    update 7 (vq_ema writes its slots during the forward pass: that write must be undone),
+    and training must go on, logging the skip in the record of update 8."""
+    cfg = smoke("train.steps=16", "train.log_every=4", "train.eval_every=16", "train.checkpoint_every=100",
+                f"bottleneck.kind={kind}", "train.on_nonfinite=skip")
+    nan_at_update(None)
+    train(cfg, tmp_path / "seven", show_progress=False, data=small_cifar, stop_after=7)
+    nan_at_update(8)
+    train(cfg, tmp_path / "skip8", show_progress=False, data=small_cifar, stop_after=8)
+    before, after = load_latest(tmp_path / "seven" / "checkpoints"), load_latest(tmp_path / "skip8" / "checkpoints")
+    assert after["step"] == 8
+    for key in before["model"]:
+        assert torch.equal(before["model"][key], after["model"][key]), key
+    for key in before["optimizer"]["state"]:
+        for name, value in before["optimizer"]["state"][key].items():
+            assert torch.equal(after["optimizer"]["state"][key][name], value), (key, name)
+
+    nan_at_update(8)
+    train(cfg, tmp_path / "full", show_progress=False, data=small_cifar)
+    records = read_metrics(tmp_path / "full")
+    assert [(r["step"], r["skipped"]) for r in records] == [(4, 0), (8, 1), (12, 0), (16, 0)]
+    final = load_latest(tmp_path / "full" / "checkpoints")
+    assert final["step"] == 16
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+    assert all(math.isfinite(r["train_nmse"]) for r in records)
+    # Updates 9..16 were applied: the weights moved on from where the skip left them.
+    assert any(not torch.equal(final["model"][k], after["model"][k]) for k in after["model"])
+
+
+def test_a_nan_in_stop_mode_names_the_update_and_keeps_the_checkpoint(tmp_path, small_cifar, nan_at_update):
+    nan_at_update(7)
+    cfg = smoke("train.steps=16", "train.checkpoint_every=5", "bottleneck.kind=vq_ema")
+    with pytest.raises(MemvaeError, match=r"loss is nan at update 7; stopped"):
+        train(cfg, tmp_path / "run", show_progress=False, data=small_cifar)
+    assert load_latest(tmp_path / "run" / "checkpoints")["step"] == 5
+    dump = torch.load(tmp_path / "run" / "nonfinite_step_00000007.pt", weights_only=True)
+    assert dump["step"] == 7 and len(dump["batch_indices"]) == cfg.train.batch_size
+    # "The model before this update": the moving averages are not yet polluted by the bad batch.
+    assert all(torch.isfinite(v).all() for v in dump["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------ crafted and damaged files
+class RunsCode:
+    """Unpickling this runs ``touch MARKER`` (what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted_run(tmp_path: Path, marker: Path) -> Path:
+    """A run directory whose checkpoint (with a correct latest.json) runs code when unpickled."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    path = run / "checkpoints" / "step_00000010.pt"
+    torch.save({"model": RunsCode(marker), "step": 10, "config": C.to_dict(smoke())}, path)
+    pointer = {"file": path.name, "step": 10, "size": path.stat().st_size, "sha256": checkpoint._sha256(path)}
+    (run / "checkpoints" / "latest.json").write_text(json.dumps(pointer))
+    (run / "config.toml").write_text(C.to_toml(smoke()))
+    return run
+
+
+def test_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    run = _crafted_run(tmp_path, marker)
+    path = run / "checkpoints" / "step_00000010.pt"
+    for load in (lambda: load_checkpoint(path), lambda: load_latest(run / "checkpoints")):
+        with pytest.raises(MemvaeError) as info:
+            load()
+        message = str(info.value)
+        assert f"refusing to load checkpoint {path}" in message and "posix.system" in message
+        assert "\n" not in message and "weights_only` set to `False`" not in message
+        assert not marker.exists()
+    # The payload is real: an unsafe load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_crafted_checkpoint_is_refused_by_the_command_line(tmp_path, command):
+    marker = tmp_path / "pwned"
+    run = _crafted_run(tmp_path, marker)
+    args = ["eval", run, "--device", "cpu"] if command == "eval" else ["train", "--run-dir", run, "--resume", "--no-progress"]
+    result = run_memvae(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: refusing to load checkpoint") and result.stderr.count("\n") == 1, result.stderr
+    assert "posix.system" in result.stderr
+    assert not marker.exists()
+
+
+def test_crafted_cifar_batch_is_refused_by_the_command_line(tmp_path, data_dir):
+    """A data_batch_1 that would run code when unpickled, in an otherwise real CIFAR-10 folder."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for f in (data_dir / "cifar-10-batches-py").iterdir():
+        if f.name != "data_batch_1":
+            os.symlink(f, folder / f.name)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": RunsCode(marker), "labels": []}))
+    result = run_memvae("train", "--config", SMOKE, "--data-dir", tmp_path / "data", "--run-dir", tmp_path / "run",
+                        "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: refusing to load {folder / 'data_batch_1'}") and result.stderr.count("\n") == 1
+    assert "system" in result.stderr and not marker.exists()
+    pickle.loads((folder / "data_batch_1").read_bytes())  # the payload is real: plain pickle runs it
+    assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, small_cifar):
+    run = tmp_path_factory.mktemp("real") / "run"
+    train(smoke("train.steps=6", "train.checkpoint_every=3", "train.eval_every=6"), run, show_progress=False, data=small_cifar)
+    return run
+
+
+@pytest.mark.parametrize("where", [0.05, 0.5, 0.95], ids=["start", "middle", "end"])
+def test_flipped_bytes_are_reported_as_corrupt_naming_the_file(tmp_path, real_run, where):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run)
+    path, pointer = checkpoint.latest_checkpoint(run / "checkpoints")
+    data = bytearray(path.read_bytes())
+    pos = int(len(data) * where)
+    data[pos : pos + 8] = bytes(b ^ 0xFF for b in data[pos : pos + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(MemvaeError, match=rf"checkpoint {re.escape(str(path))} is corrupt"):
+        load_latest(run / "checkpoints")
+
+
+def test_damaged_checkpoint_without_a_pointer_never_raises_anything_but_memvae_error(tmp_path, real_run):
+    """load_checkpoint on its own (no size/hash to check) must still turn whatever
+    torch.load trips over into MemvaeError naming the file."""
+    path, _ = checkpoint.latest_checkpoint(real_run / "checkpoints")
+    original = path.read_bytes()
+    rng = random.Random(0)
+    damaged = tmp_path / "damaged.pt"
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(150):
+        data = bytearray(original)
+        if i % 3 == 0:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(min(len(data), 2000))] = rng.randrange(256)  # the pickle is near the start
+        damaged.write_bytes(bytes(data))
+        try:
+            load_checkpoint(damaged)
+            outcomes["loaded"] += 1
+        except MemvaeError as exc:
+            assert str(damaged) in str(exc) and "\n" not in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50, outcomes
+
+
+def test_corrupt_pointer_is_a_clear_error(tmp_path, real_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run)
+    for text in ('{"file": "step_0000', "[]", '{"step": 3}', '"just a string"'):
+        (run / "checkpoints" / "latest.json").write_text(text)
+        with pytest.raises(MemvaeError, match="checkpoint pointer .*latest.json is corrupt"):
+            load_latest(run / "checkpoints")
