@@ -55,22 +55,29 @@ def code_counts(codes: torch.Tensor, num_slots: int) -> torch.Tensor:
     return torch.bincount(codes.reshape(-1), minlength=num_slots)
 
 
-def weight_statistics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position statistics of w = softmax(logits) for N×K logits, summed over N.
+def weight_statistics(logits: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Statistics of w = softmax(logits) for N×K logits, summed over the N positions,
+    and the argmax slot of each position (N int64).
 
     Returns sums (not means) so that callers can add them up over chunks:
     ``entropy_bits`` (Σ_n H(w_n) in bits), ``max_weight`` (Σ_n max_k w_nk),
-    ``confident`` (number of positions with max weight > 0.99).
+    ``confident`` (number of positions with max weight > 0.99). Pass ``weights`` when
+    the softmax is already computed: then no transcendental runs over N×K, because
+    with l' = l − max_k l (so that w_top = exp(−log Z')),
+        H(w) = log Z' − Σ_k w_k l'_k = −log w_top − Σ_k w_k l'_k.
     """
-    logp = F.log_softmax(logits.float(), dim=1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(1) / math.log(2.0)
-    top = p.max(1).values
-    return {
-        "entropy_bits": entropy.sum(),
-        "max_weight": top.sum(),
-        "confident": (top > 0.99).sum().float(),
-    }
+    with torch.no_grad():
+        logits = logits.float()
+        w = logits.softmax(1) if weights is None else weights.float()
+        top, idx = w.max(1)
+        shifted = logits - logits.gather(1, idx[:, None])
+        entropy = (-top.log() - (w * shifted).sum(1)).clamp_min(0.0) / math.log(2.0)
+        stats = {
+            "entropy_bits": entropy.sum(),
+            "max_weight": top.sum(),
+            "confident": (top > 0.99).sum().float(),
+        }
+    return stats, idx
 
 
 def ema_write(

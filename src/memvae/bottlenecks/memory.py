@@ -171,11 +171,12 @@ class MemoryRead(Bottleneck):
         rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots))
         for part in x.split(rows):
             logits = self.logits(part, memory, beta)
-            codes.append(logits.argmax(1))
-            for key, value in Fn.weight_statistics(logits).items():
+            w = logits.softmax(1)
+            part_stats, part_codes = Fn.weight_statistics(logits, w)
+            codes.append(part_codes)
+            for key, value in part_stats.items():
                 stats[key] = stats.get(key, 0.0) + value
             if want_write:
-                w = logits.softmax(1)
                 counts += w.sum(0)
                 sums += w.t() @ part.float()
         return torch.cat(codes), stats, counts, sums
@@ -203,7 +204,7 @@ class MemoryRead(Bottleneck):
         else:
             logits = self.logits(x, memory, beta)
             w = logits.softmax(1)
-            idx = logits.argmax(1)
+            stats, idx = Fn.weight_statistics(logits, w)
             if mode == "gumbel":
                 gumbel = -torch.empty_like(logits).exponential_().log()
                 read = ((logits + gumbel) / self.tau()).softmax(1) @ memory
@@ -213,8 +214,6 @@ class MemoryRead(Bottleneck):
                 read = w @ memory
                 if mode == "straight_through":
                     read = Fn.straight_through(read, memory[idx])
-            with torch.no_grad():
-                stats = Fn.weight_statistics(logits)
             if self.entropy_weight > 0:
                 entropy_bits = -(w * F.log_softmax(logits, 1)).sum(1).mean() / math.log(2.0)
                 loss = loss + self.entropy_weight * entropy_bits
