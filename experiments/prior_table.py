@@ -6,7 +6,7 @@ a grid of samples, and tabulate test NMSE with the read that generation uses (th
 rows themselves: nearest slot for VQ, the hard read for memory models), the soft read's
 NMSE for reference, slots used, and the prior's test NLL.
 
-    python experiments/prior_table.py runs/compare1k/runs/*-seed0 --out docs/results/prior --prior-steps 2000
+    python experiments/prior_table.py runs/compare1k/runs/*-seed0 --out docs/results/prior --prior-steps 1500 --width 32 --layers 6
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--out", required=True, help="folder for table.md, table.json and the sample grids")
     parser.add_argument("--prior-steps", type=int, default=2000, help="Adam updates of each prior")
+    parser.add_argument("--width", type=int, default=64, help="PixelCNN channels")
+    parser.add_argument("--layers", type=int, default=8, help="PixelCNN gated layers")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--data-dir")
@@ -40,7 +42,7 @@ def main() -> None:
         _, cfg, state = load_run(run_dir)
         evaluation = json.loads((run_dir / "eval.json").read_text())
         if not (prior_dir(run_dir) / "eval.json").exists():
-            train_prior(run_dir, PriorOptions(steps=args.prior_steps, threads=args.threads), data_dir=args.data_dir)
+            train_prior(run_dir, PriorOptions(steps=args.prior_steps, width=args.width, layers=args.layers, threads=args.threads), data_dir=args.data_dir)
         prior = json.loads((prior_dir(run_dir) / "eval.json").read_text())
         images, _ = sample_images(run_dir, args.samples, seed=0)
         grid = save_grid(images, out / f"samples_{cfg.name}.png")
