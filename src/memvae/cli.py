@@ -34,6 +34,8 @@ def cmd_train(args, extra: list[str]) -> None:
     from memvae.train import train
 
     overrides = _overrides(extra)
+    if args.data_dir:  # recorded in config.toml, so that eval/reconstruct find the same data
+        overrides.append(f"data.dir={Path(args.data_dir).resolve()}")
     config_path = args.config
     if config_path is None and args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
         config_path = Path(args.run_dir) / "config.toml"
@@ -41,8 +43,7 @@ def cmd_train(args, extra: list[str]) -> None:
         raise MemvaeError("memvae train needs --config FILE (or --resume with --run-dir of an existing run)")
     cfg = C.load_config(config_path, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
-                 show_progress=not args.no_progress)
+    last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
     if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
         print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f})")
 
