@@ -13,7 +13,13 @@ CONFIGS = REPO / "configs"
 
 def _data_dir() -> Path:
     env = os.environ.get("MEMVAE_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return Path(env).resolve() if env else REPO.parent / "shared" / "data"
+
+
+# Tests run commands in other folders (subprocesses, symlinked copies): a relative
+# MEMVAE_DATA_DIR such as the README's ../shared/data must become absolute first.
+if os.environ.get("MEMVAE_DATA_DIR"):
+    os.environ["MEMVAE_DATA_DIR"] = str(_data_dir())
 
 
 @pytest.fixture(scope="session")
