@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothing", type=int, default=5, help="moving-average window in log records")
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("compare", parents=[common], help="the study's experiment: train models alike, then figures and tables")
-    p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine",
+    p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine,memory_l2_write",
                    help="comma-separated config names in --config-dir (or paths to .toml files)")
     p.add_argument("--steps", type=int, default=25000, help="updates per run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1)")

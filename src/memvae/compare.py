@@ -28,7 +28,7 @@ from memvae.runs import load_run
 from memvae.train import train
 
 NMSE_LEVELS = (0.20, 0.10, 0.08, 0.06)
-DEFAULT_MODELS = ("vq", "vq_ema", "memory_l2", "memory_cosine")
+DEFAULT_MODELS = ("vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write")
 
 
 def updates_to_reach(records: list[dict], levels=NMSE_LEVELS) -> dict[str, int | None]:
