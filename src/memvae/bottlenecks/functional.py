@@ -17,17 +17,6 @@ def unflatten_positions(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.reshape(b, h, w, d).permute(0, 3, 1, 2)
 
 
-def squared_distances(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """‖x_n − m_k‖² for N×D queries and K×D slots -> N×K.
-
-    Expanded as ‖x‖² − 2x·m + ‖m‖² so that the work is one matrix product; clamped
-    at 0 because the expansion can dip slightly below in float32.
-    """
-    x2 = x.pow(2).sum(1, keepdim=True)
-    m2 = memory.pow(2).sum(1)
-    return torch.addmm(x2 + m2, x, memory.t(), alpha=-2.0).clamp_min_(0.0)
-
-
 def nearest_slots(x: torch.Tensor, memory: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """argmin_k ‖x_n − m_k‖² -> N int64, in chunks of queries so N×K never sits in memory."""
     with torch.no_grad():
