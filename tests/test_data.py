@@ -108,7 +108,25 @@ def test_offline_download_fails_with_one_line_saying_where_to_put_the_data(tmp_p
         load_cifar10(tmp_path / "empty")
     message = str(info.value)
     assert "\n" not in message and "cifar-10-batches-py" in message and str(tmp_path / "empty") in message
-    assert not list((tmp_path / "empty").glob("*.part"))
+    assert not (tmp_path / "empty").exists()  # no .part file, and no empty folder from a mistyped path
+
+
+def test_download_extracts_the_archive_and_loads_it(tmp_path, monkeypatch, cifar):
+    """The whole download path, with the archive served from a local file:// URL."""
+    import hashlib
+    import tarfile
+
+    from memvae import data as data_module
+
+    source = Path(os.environ["MEMVAE_DATA_DIR"]) / "cifar-10-batches-py"
+    served = tmp_path / "served.tar"  # uncompressed: tarfile opens either, and it is quick
+    with tarfile.open(served, "w") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    monkeypatch.setattr(data_module, "CIFAR10_URL", served.as_uri())
+    monkeypatch.setattr(data_module, "CIFAR10_MD5", hashlib.md5(served.read_bytes()).hexdigest())
+    loaded = load_cifar10(tmp_path / "cache")
+    assert torch.equal(loaded.test, cifar.test) and torch.equal(loaded.train_labels, cifar.train_labels)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
 def test_downloaded_archive_with_wrong_checksum_is_refused(tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import tarfile
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,12 @@ def _md5(path: Path) -> str:
 
 
 def download_cifar10(root: Path) -> Path:
-    """Fetch the official archive into ``root``, check its MD5 and extract it."""
+    """Fetch the official archive into ``root``, check its MD5 and extract it.
+
+    Nothing half-done is left behind: the download goes to a ``.part`` file and the
+    extraction to a temporary folder that is renamed when complete, so an interrupted
+    run is retried from scratch, and a failed download removes a ``root`` it created."""
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "cifar-10-python.tar.gz"
     if not archive.exists():
@@ -146,6 +152,8 @@ def download_cifar10(root: Path) -> Path:
             urllib.request.urlretrieve(CIFAR10_URL, partial)
         except OSError as exc:
             partial.unlink(missing_ok=True)
+            if created:
+                root.rmdir()  # a mistyped --data-dir should not leave an empty folder behind
             raise MemvaeError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({exc}); put the folder "
                 f"{CIFAR10_FOLDER} (or cifar-10-python.tar.gz) there, or pass --data-dir / set {DATA_DIR_ENV}"
@@ -153,9 +161,11 @@ def download_cifar10(root: Path) -> Path:
         partial.rename(archive)
     if _md5(archive) != CIFAR10_MD5:
         raise MemvaeError(f"{archive} has the wrong MD5 checksum (corrupt or incomplete download); delete it and retry")
-    with tarfile.open(archive) as tar:
+    with tarfile.open(archive) as tar, tempfile.TemporaryDirectory(dir=root, prefix=".extracting-") as scratch:
         members = [m for m in tar.getmembers() if m.name.startswith(CIFAR10_FOLDER + "/") and m.isfile()]
-        tar.extractall(root, members=members, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(root, members=members)
+        options = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(scratch, members=members, **options)
+        Path(scratch, CIFAR10_FOLDER).rename(root / CIFAR10_FOLDER)
     return root / CIFAR10_FOLDER
 
 
