@@ -210,6 +210,19 @@ def _encoded(fmt: str, w: int, h: int, mode: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def _damaged(draw, data: bytes, kind: str, max_changes: int) -> bytes:
+    """``data`` with 1..max_changes bytes overwritten ("mutated"), cut short ("truncated"),
+    or unchanged (any other kind)."""
+    if kind == "mutated":
+        data = bytearray(data)
+        for _ in range(draw(st.integers(1, max_changes))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        return bytes(data)
+    if kind == "truncated":
+        return data[: draw(st.integers(0, len(data) - 1))]
+    return data
+
+
 @st.composite
 def image_files(draw):
     """(suffix, bytes): random bytes, or a real PNG/JPEG, possibly mutated or cut short."""
@@ -220,14 +233,7 @@ def image_files(draw):
     fmt = draw(st.sampled_from(["PNG", "JPEG"]))
     data = _encoded(fmt, draw(st.integers(1, 70)), draw(st.integers(1, 70)), draw(st.sampled_from(["RGB", "RGBA", "L"])),
                     draw(st.integers(0, 1000)))
-    if kind == "mutated":
-        data = bytearray(data)
-        for _ in range(draw(st.integers(1, 8))):
-            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-        data = bytes(data)
-    elif kind == "truncated":
-        data = data[: draw(st.integers(0, len(data) - 1))]
-    return suffix, data
+    return suffix, _damaged(draw, data, kind, max_changes=8)
 
 
 @settings(SETTINGS, max_examples=200)
@@ -265,14 +271,7 @@ def cifar_batches(draw):
                       st.just(np.zeros((1, 3072), dtype=np.float32)))
         )
     data = pickle.dumps(batch, protocol=draw(st.sampled_from([2, 4, 5])))
-    if kind == "mutated":
-        data = bytearray(data)
-        for _ in range(draw(st.integers(1, 6))):
-            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-        data = bytes(data)
-    elif kind == "truncated":
-        data = data[: draw(st.integers(0, len(data) - 1))]
-    return data
+    return _damaged(draw, data, kind, max_changes=6)
 
 
 @settings(SETTINGS, max_examples=200)
