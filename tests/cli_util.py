@@ -52,18 +52,6 @@ def start_memvae(*args, cwd: Path = REPO) -> subprocess.Popen:
     )
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete JSON lines of a file (a line being written at the moment is skipped)."""
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
-
-
 def strip_times(records: list[dict]) -> list[dict]:
     """Records without the wall-clock field, the one thing a resumed run may change."""
     return [{k: v for k, v in r.items() if k != "train_seconds"} for r in records]

@@ -74,17 +74,26 @@ def _edge_text(key: str):
 keyed_text = st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), _edge_text(k)))
 
 
+def _result_or_one_line_error(make, outcome: str):
+    """``make()``'s result, or None when it raised MemvaeError, whose message must be one
+    non-empty line; labels the example "MemvaeError" or ``outcome`` for Hypothesis' statistics."""
+    try:
+        result = make()
+    except MemvaeError as exc:
+        event("MemvaeError")
+        assert str(exc) and "\n" not in str(exc)
+        return None
+    event(outcome)
+    return result
+
+
 @SETTINGS
 @given(st.lists(st.one_of(st.tuples(keys, text_values), keyed_text, keyed_text), max_size=4))
 def test_any_overrides_give_a_valid_config_or_memvae_error(pairs):
     overrides = [f"{k}={v}" for k, v in pairs]
-    try:
-        cfg = C.load_config(SMOKE_PATH, overrides)
-    except MemvaeError as exc:
-        event("MemvaeError")
-        assert str(exc) and "\n" not in str(exc)
+    cfg = _result_or_one_line_error(lambda: C.load_config(SMOKE_PATH, overrides), "accepted")
+    if cfg is None:
         return
-    event("accepted")
     # Whatever was accepted is a valid config and survives config.toml unchanged.
     assert C.validate(cfg) is cfg
     assert _round_trip(cfg) == cfg
@@ -135,13 +144,9 @@ def parsed_files(draw):
 @given(parsed_files())
 def test_any_parsed_file_gives_a_valid_config_or_memvae_error(raw):
     """What tomllib can hand from_dict: tables, ints of any size, floats (nan, inf), text, arrays."""
-    try:
-        cfg = C.validate(C.from_dict(raw))
-    except MemvaeError as exc:
-        event("MemvaeError")
-        assert str(exc) and "\n" not in str(exc)
+    cfg = _result_or_one_line_error(lambda: C.validate(C.from_dict(raw)), "accepted")
+    if cfg is None:
         return
-    event("accepted")
     assert _round_trip(cfg) == cfg
 
 
@@ -242,13 +247,9 @@ def test_image_folder_of_arbitrary_files_loads_or_raises_memvae_error(files, siz
     with tempfile.TemporaryDirectory() as tmp:
         for i, (suffix, data) in enumerate(files):
             (Path(tmp) / f"f{i}{suffix}").write_bytes(data)
-        try:
-            data = load_image_folder(tmp, size)
-        except MemvaeError as exc:
-            event("MemvaeError")
-            assert str(exc) and "\n" not in str(exc)
-            return
-    event("loaded")
+        data = _result_or_one_line_error(lambda: load_image_folder(tmp, size), "loaded")
+    if data is None:
+        return
     n = len(files)
     assert data.train.dtype == torch.uint8 and data.test.dtype == torch.uint8
     assert data.train.shape[1:] == (3, size, size) and data.test.shape[1:] == (3, size, size)
@@ -280,13 +281,10 @@ def test_damaged_cifar_batch_loads_or_raises_memvae_error(data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data_batch_1"
         path.write_bytes(data)
-        try:
-            images, labels = _read_cifar_batch(path)
-        except MemvaeError as exc:
-            event("MemvaeError")
-            assert str(exc) and "\n" not in str(exc)
-            return
-    event("loaded")
+        loaded = _result_or_one_line_error(lambda: _read_cifar_batch(path), "loaded")
+    if loaded is None:
+        return
+    images, labels = loaded
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
     assert labels.shape == (images.shape[0],)
 

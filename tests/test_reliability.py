@@ -26,11 +26,11 @@ from memvae import config as C
 from memvae.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from memvae.data import ImageData, to_input
 from memvae.errors import MemvaeError
-from memvae.metrics import read_metrics
+from memvae.metrics import MetricsLog, read_metrics
 from memvae.model import Autoencoder
 from memvae.nets import Encoder
 from memvae.train import train
-from tests.cli_util import SMOKE, checkpoint_step, read_jsonl, run_memvae, start_memvae, strip_times
+from tests.cli_util import SMOKE, checkpoint_step, run_memvae, start_memvae, strip_times
 
 LINUX = sys.platform.startswith("linux")  # fork and /proc/self/fd below
 STEPS = 100
@@ -289,8 +289,8 @@ def test_training_goes_on_when_saves_fail_and_keeps_the_last_good_checkpoint(tmp
     assert strip_times(read_metrics(tmp_path / "faulty")) == strip_times(read_metrics(tmp_path / "clean"))
 
     train(cfg, tmp_path / "faulty", resume=True, show_progress=False, data=small_cifar)
-    clean = read_jsonl(tmp_path / "clean" / "metrics.jsonl")
-    resumed = read_jsonl(tmp_path / "faulty" / "metrics.jsonl")
+    clean = MetricsLog(tmp_path / "clean" / "metrics.jsonl").read()
+    resumed = MetricsLog(tmp_path / "faulty" / "metrics.jsonl").read()
     assert strip_times(resumed) == strip_times(clean)
     a, b = load_latest(tmp_path / "clean" / "checkpoints"), load_latest(tmp_path / "faulty" / "checkpoints")
     assert_same_state(a, b)
@@ -305,7 +305,7 @@ def uninterrupted(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     state = load_latest(run / "checkpoints")
     assert state["step"] == STEPS
-    return strip_times(read_jsonl(run / "metrics.jsonl")), state
+    return strip_times(MetricsLog(run / "metrics.jsonl").read()), state
 
 
 def _wait_for_checkpoint(proc, run: Path, at_least: int, timeout: float = 120) -> int:
@@ -324,7 +324,7 @@ def _wait_for_checkpoint(proc, run: Path, at_least: int, timeout: float = 120) -
 
 def _assert_identical(run: Path, reference) -> None:
     metrics, state = reference
-    assert strip_times(read_jsonl(run / "metrics.jsonl")) == metrics
+    assert strip_times(MetricsLog(run / "metrics.jsonl").read()) == metrics
     final = load_latest(run / "checkpoints")
     assert final["step"] == STEPS
     assert_same_state(final, state)
@@ -350,7 +350,7 @@ def test_sigkill_at_random_updates_then_resume_ends_identical(tmp_path, uninterr
         assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before it was killed"
         killed_after.append(checkpoint_step(run))
         assert killed_after[-1] < STEPS, f"seed {seed}"
-        assert read_jsonl(run / "metrics.jsonl"), f"seed {seed}: killed before it logged anything"
+        assert MetricsLog(run / "metrics.jsonl").read(), f"seed {seed}: killed before it logged anything"
         args = ["train", "--run-dir", run, "--resume", "--no-progress"]
     result = run_memvae(*args)
     assert result.returncode == 0, result.stderr
@@ -365,7 +365,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume_ends_identical(tmp_path
     run = tmp_path / "run"
     proc = start_memvae("train", *TRAIN_ARGS, "--train.checkpoint_every", "50", "--run-dir", run)
     deadline = time.monotonic() + 120
-    while not [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] >= 8]:
+    while not [r for r in MetricsLog(run / "metrics.jsonl").read() if r["step"] >= 8]:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before update 8"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
