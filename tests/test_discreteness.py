@@ -97,7 +97,7 @@ def test_beta_schedule_is_off_by_default():
 def growth_run(tmp_path_factory, data_dir) -> Path:
     """A smoke memory model trained 20 updates with β growing 100×."""
     path = tmp_path_factory.mktemp("growth") / "run"
-    cfg = load_config(ROOT / "configs" / "smoke.toml", [
+    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", [
         "train.steps=20", "train.threads=1", "train.log_every=20", "train.eval_every=20",
         "bottleneck.kind=memory", "bottleneck.beta_growth=100", "data.eval_images=50",
     ])
@@ -180,7 +180,7 @@ def test_gumbel_argmax_follows_the_softmax():
 
 # ---------------------------------------------------------------- entropy penalty, real runs
 def final_eval(tmp_path: Path, data_dir: Path, name: str, entropy_weight: float) -> dict:
-    cfg = load_config(ROOT / "configs" / "smoke.toml", [
+    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", [
         "train.steps=150", "train.threads=1", "train.log_every=50", "train.eval_every=150",
         "bottleneck.kind=memory", f"bottleneck.entropy_weight={entropy_weight}",
     ])

@@ -42,7 +42,7 @@ RESUMED = "vq_ema"  # the case also run as stop at update 3 + resume
 
 
 def config(name: str) -> C.Config:
-    return C.load_config(ROOT / "configs" / "smoke.toml", [*COMMON, *RUNS[name], f"name={name}"])
+    return C.load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", [*COMMON, *RUNS[name], f"name={name}"])
 
 
 def worker(out: Path) -> None:

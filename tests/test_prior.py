@@ -94,7 +94,7 @@ def test_pixelcnn_shapes_and_nll():
 def run_dir(tmp_path_factory, data_dir) -> Path:
     """A smoke VQ model trained for 60 updates on CIFAR-10."""
     path = tmp_path_factory.mktemp("prior") / "run"
-    cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.steps=60", "train.threads=1"])
+    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", ["train.steps=60", "train.threads=1"])
     train(cfg, path, data_dir=data_dir, show_progress=False)
     return path
 
@@ -244,7 +244,7 @@ def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path
     """Training the run further changes what its codes mean: the old prior is refused."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tensorboard"))
-    cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.steps=62", "train.threads=1"])
+    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", ["train.steps=62", "train.threads=1"])
     train(cfg, copy, resume=True, data_dir=data_dir, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 60"):
         sample_images(copy, 2, seed=0)

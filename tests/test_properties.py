@@ -289,5 +289,5 @@ def test_damaged_cifar_batch_loads_or_raises_memvae_error(data):
     assert labels.shape == (images.shape[0],)
 
 
-SMOKE_PATH = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+SMOKE_PATH = Path(__file__).resolve().parents[1] / "src" / "memvae" / "configs" / "smoke.toml"
 

@@ -133,7 +133,8 @@ def cmd_compare(args, extra: list[str]) -> None:
     from memvae.compare import compare
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
+    where = {"config_dir": args.config_dir} if args.config_dir else {}
+    compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, **where,
             lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
             test_images=args.test_images)
     print((Path(args.out) / "results.md").read_text())
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25000, help="updates per run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1)")
     p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
-    p.add_argument("--config-dir", default="configs", help="where the model configs are")
+    p.add_argument("--config-dir", default=None, help="where the model configs are (default: the packaged ones)")
     p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
     p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

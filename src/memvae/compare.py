@@ -97,7 +97,7 @@ def compare(
     steps: int = 25000,
     seeds: int = 1,
     data_dir: str | None = None,
-    config_dir: str | os.PathLike = "configs",
+    config_dir: str | os.PathLike = Path(__file__).parent / "configs",
     lossless: str | None = None,
     overrides: list[str] = (),
     images_shown: int = 10,
