@@ -130,7 +130,7 @@ def gumbel_weights(read: MemoryRead, z: torch.Tensor) -> torch.Tensor:
 
 
 def identity_read(k: int, **options) -> MemoryRead:
-    read = MemoryRead(k, k, beta_init=1.5, train_read="gumbel", gumbel_tau=(1.0, 0.1), **options).train()
+    read = MemoryRead(k, k, beta_init=1.5, train_read="gumbel", tau=(1.0, 0.1), **options).train()
     read.memory.data.copy_(torch.eye(k))
     return read
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from memvae.bottlenecks import REGISTRY
 from memvae.bottlenecks.base import INITS
-from memvae.bottlenecks.memory import IMPLS, READ_MODES, SIMILARITIES, TRAIN_READS, WRITES
+from memvae.bottlenecks.memory import ENCODER_GRADIENTS, IMPLS, READ_MODES, SIMILARITIES, TEMPERATURES, TRAIN_READS, WRITES
 from memvae.errors import MemvaeError
 
 if sys.version_info >= (3, 11):
@@ -54,12 +54,16 @@ class BottleneckConfig:
     similarity: str = "l2"  # memory: "l2" or "cosine"
     beta_init: float = 1.0  # memory: initial β
     read_mode: str = "soft"  # memory: read in evaluation, "soft" or "hard"
-    train_read: str = "soft"  # memory: "soft", "straight_through" or "gumbel"
+    train_read: str = "soft"  # memory: "soft", "hard", "straight_through" or "gumbel"
     beta_growth: float = 1.0  # memory: β multiplied by a schedule rising to this factor
     entropy_weight: float = 0.0  # memory: weight of the read-entropy penalty (bits)
-    gumbel_tau_start: float = 1.0
-    gumbel_tau_end: float = 0.1
-    write: str = "gradient"  # memory: "gradient" or "soft_ema"
+    tau_start: float = 1.0  # memory: annealed temperature (relative temperature, Gumbel read), at the start
+    tau_end: float = 0.1  # ... and at the end of training (geometric in between)
+    temperature: str = "learned"  # memory: "learned" β, or "relative" β = 1/(τ·q̄)
+    encoder_gradient: str = "read"  # memory: "read" (through the read) or "straight_through" (z + sg(read − z))
+    write: str = "gradient"  # memory: "gradient", "soft_ema" or "hard_ema"
+    reseed_threshold: float = 0.0  # vq_ema, memory with an EMA write: re-seed slots whose EMA count is below this
+    levels: str = "8,8,8"  # fsq: levels per channel; their product must equal slots
     impl: str = "auto"  # memory: "auto", "dense" or "fused"
 
 
@@ -98,16 +102,18 @@ CHOICES = {
     "bottleneck.read_mode": READ_MODES,
     "bottleneck.train_read": TRAIN_READS,
     "bottleneck.write": WRITES,
+    "bottleneck.temperature": TEMPERATURES,
+    "bottleneck.encoder_gradient": ENCODER_GRADIENTS,
     "bottleneck.impl": IMPLS,
     "train.on_nonfinite": ("stop", "skip"),
 }
 POSITIVE = {
     "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
-    "bottleneck.slots", "bottleneck.beta_init", "bottleneck.beta_growth", "bottleneck.gumbel_tau_start",
-    "bottleneck.gumbel_tau_end", "train.steps", "train.batch_size", "train.lr", "train.log_every",
+    "bottleneck.slots", "bottleneck.beta_init", "bottleneck.beta_growth", "bottleneck.tau_start",
+    "bottleneck.tau_end", "train.steps", "train.batch_size", "train.lr", "train.log_every",
     "train.eval_every", "train.checkpoint_every",
 }
-NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.entropy_weight", "train.seed", "train.threads"}
+NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.entropy_weight", "bottleneck.reseed_threshold", "train.seed", "train.threads"}
 
 
 def all_keys() -> list[str]:
@@ -201,6 +207,19 @@ def validate(cfg: Config) -> Config:
             raise MemvaeError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
     if not 0.0 < cfg.bottleneck.decay < 1.0:
         raise MemvaeError(f"config key 'bottleneck.decay' must be in (0, 1), got {cfg.bottleneck.decay!r}")
+    b = cfg.bottleneck
+    if b.kind == "fsq":
+        try:
+            levels = [int(v) for v in b.levels.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 2:
+            raise MemvaeError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {b.levels!r}")
+        if math.prod(levels) != b.slots:
+            raise MemvaeError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels ({math.prod(levels)}) for fsq, got {b.slots}")
+    if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient == "straight_through" or b.reseed_threshold > 0):
+        raise MemvaeError("bottleneck.encoder_gradient='straight_through' and bottleneck.reseed_threshold need "
+                          "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise MemvaeError(f"config key 'name' must be a non-empty name without slashes, got {cfg.name!r}")
     return cfg

@@ -34,12 +34,15 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
     if cfg.kind == "vq":
         return cls(cfg.slots, dim, commitment=cfg.commitment, **init)
     if cfg.kind == "vq_ema":
-        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, **init)
+        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_threshold=cfg.reseed_threshold, **init)
+    if cfg.kind == "fsq":
+        return cls(dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
     return cls(
         cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
         train_read=cfg.train_read, beta_growth=cfg.beta_growth, entropy_weight=cfg.entropy_weight,
-        gumbel_tau=(cfg.gumbel_tau_start, cfg.gumbel_tau_end), write=cfg.write, decay=cfg.decay,
-        commitment=cfg.commitment, impl=cfg.impl, **init,
+        tau=(cfg.tau_start, cfg.tau_end), write=cfg.write, decay=cfg.decay,
+        commitment=cfg.commitment, impl=cfg.impl, temperature=cfg.temperature,
+        encoder_gradient=cfg.encoder_gradient, reseed_threshold=cfg.reseed_threshold, **init,
     )
 
 

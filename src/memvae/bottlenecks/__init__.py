@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from memvae.bottlenecks.fsq import FSQ
 from memvae.bottlenecks.memory import MemoryRead
 from memvae.bottlenecks.vq import VectorQuantizer
 from memvae.bottlenecks.vq_ema import VectorQuantizerEMA
@@ -10,6 +11,7 @@ REGISTRY: dict[str, type[Bottleneck]] = {
     "vq": VectorQuantizer,
     "vq_ema": VectorQuantizerEMA,
     "memory": MemoryRead,
+    "fsq": FSQ,
 }
 
 
@@ -21,4 +23,4 @@ def bottleneck_class(kind: str) -> type[Bottleneck]:
         raise ValueError(f"unknown bottleneck {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Bottleneck", "BottleneckOutput", "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]
+__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]

@@ -1,7 +1,8 @@
 """The contract every bottleneck follows.
 
-A bottleneck maps the encoder output ``z`` (B×D×H×W) to what the decoder reads,
-position by position: N = B·H·W queries against a memory of K slots of width D.
+A bottleneck maps the encoder output ``z`` (B×D×H×W maps, or B×N×D sequences) to what
+the decoder reads, position by position: B·H·W (or B·N) queries against a memory of K
+slots of width D.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ class BottleneckOutput:
     """What every bottleneck returns.
 
     Attributes:
-        quantized: B×D×H×W, what the decoder receives.
+        quantized: what the decoder receives, in the input's layout (B×D×H×W or B×N×D).
         loss: scalar, the bottleneck's own loss term (0 when it has none).
-        codes: B×H×W int64, the slot each position reads most (argmin distance for
+        codes: B×H×W (or B×N) int64, the slot each position reads most (argmin distance for
             VQ, argmax weight for the memory read); usage is measured from these.
-        weights: B×H×W×K read weights of a soft read, or None (hard reads, and soft
+        weights: B×H×W×K (or B×N×K) read weights of a soft read, or None (hard reads, and soft
             reads computed without materialising the N×K matrix).
         metrics: scalar tensors for logging (e.g. ``perplexity``, ``beta``,
             ``entropy_bits``), detached.
@@ -92,8 +93,10 @@ class Bottleneck(nn.Module):
         return self.memory
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """B×H×W slot indices -> B×D×H×W slot vectors (the hard read of those codes)."""
-        return self.slots()[codes].permute(0, 3, 1, 2).contiguous()
+        """Slot indices -> slot vectors (the hard read of those codes): B×H×W -> B×D×H×W,
+        or B×N -> B×N×D."""
+        vectors = self.slots()[codes]
+        return vectors if codes.dim() == 2 else vectors.permute(0, 3, 1, 2).contiguous()
 
     def set_progress(self, fraction: float) -> None:
         """Called by the training loop with the fraction of training done (0..1).

@@ -7,22 +7,62 @@ import torch
 
 
 def flatten_positions(z: torch.Tensor) -> torch.Tensor:
-    """B×D×H×W -> (B·H·W)×D, one row per read position."""
+    """B×D×H×W maps or B×N×D sequences -> (B·H·W or B·N)×D, one row per read position."""
+    if z.dim() == 3:
+        return z.reshape(-1, z.shape[2])
+    if z.dim() != 4:
+        raise ValueError(f"a bottleneck reads B×D×H×W maps or B×N×D sequences, got shape {tuple(z.shape)}")
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
 def unflatten_positions(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B·H·W)×D -> B×D×H×W, the inverse of :func:`flatten_positions` for ``like``'s shape."""
-    b, d, h, w = like.shape
-    return flat.reshape(b, h, w, d).permute(0, 3, 1, 2)
+    """(positions)×D -> ``like``'s layout (B×D×H×W or B×N×D): the inverse of :func:`flatten_positions`."""
+    if like.dim() == 3:
+        return flat.reshape(like.shape[0], like.shape[1], flat.shape[1])
+    b, _, h, w = like.shape
+    return flat.reshape(b, h, w, flat.shape[1]).permute(0, 3, 1, 2)
 
 
-def nearest_slots(x: torch.Tensor, memory: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """argmin_k ‖x_n − m_k‖² -> N int64, in chunks of queries so N×K never sits in memory."""
+def position_shape(z: torch.Tensor) -> tuple[int, ...]:
+    """The shape of one code per position: B×H×W for maps, B×N for sequences."""
+    return (z.shape[0], z.shape[1]) if z.dim() == 3 else (z.shape[0], z.shape[2], z.shape[3])
+
+
+def positions_per_item(z: torch.Tensor) -> int:
+    """Rows of :func:`flatten_positions` per batch item: H·W, or N for sequences."""
+    return z.shape[1] if z.dim() == 3 else z.shape[2] * z.shape[3]
+
+
+def nearest_slots(x: torch.Tensor, memory: torch.Tensor, max_elements: int = 1 << 22) -> torch.Tensor:
+    """argmin_k ‖x_n − m_k‖² -> N int64 (see :func:`nearest_distances`)."""
+    return nearest_distances(x, memory, max_elements)[0]
+
+
+def nearest_distances(x: torch.Tensor, memory: torch.Tensor, max_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """For N×D queries and K×D slots: (argmin_k ‖x_n − m_k‖² as N int64, that squared distance
+    as N float32). Queries go in chunks of at most ``max_elements`` distances, so the N×K
+    matrix never sits in memory however large N and K are."""
     with torch.no_grad():
+        x, memory = x.float(), memory.float()
         m2 = memory.pow(2).sum(1)
-        # ‖x‖² is the same for every slot and does not change the argmin.
-        return torch.cat([(m2 - 2.0 * part @ memory.t()).argmin(1) for part in x.split(chunk)])
+        rows = max(1, max_elements // memory.shape[0])
+        idx, dist = [], []
+        for part in x.split(rows):
+            # ‖x‖² is the same for every slot: added after the argmin, not to the N×K matrix.
+            best, arg = torch.addmm(m2, part, memory.t(), alpha=-2.0).min(1)
+            idx.append(arg)
+            dist.append((best + part.pow(2).sum(1)).clamp_min(0.0))
+        return torch.cat(idx), torch.cat(dist)
+
+
+def assignment_sums(codes: torch.Tensor, x: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-assignment statistics without an N×K one-hot: counts (K, float32), how many of
+    the N rows chose each slot, and sums (K×D, float32), the sum of the rows x (N×D) that
+    chose it; equal to (A.sum(0), AᵀX) for the one-hot assignment matrix A."""
+    x = x.detach().float()
+    counts = torch.bincount(codes, minlength=num_slots).float()
+    sums = torch.zeros(num_slots, x.shape[1], device=x.device).index_add_(0, codes, x)
+    return counts, sums
 
 
 def straight_through(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,3 +142,34 @@ def ema_write(
         total = cluster_size.sum()
         smoothed = (cluster_size + eps) / (total + memory.shape[0] * eps) * total
         memory.copy_(embed_sum / smoothed.unsqueeze(1))
+
+
+@torch.no_grad()
+def reseed_dead_slots(
+    memory: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    x: torch.Tensor,
+    distances: torch.Tensor,
+    threshold: float,
+) -> None:
+    """Give every slot whose moving-average count is below ``threshold`` a recent encoder
+    vector, in place (dead-code re-seeding, as vector-quantize-pytorch's
+    ``threshold_ema_dead_code``, with k-means++'s choice of vectors).
+
+    x: N×D recent encoder outputs; distances: N, each one's squared distance to its
+    nearest slot. Replacements are drawn with probability ∝ distance, so vectors that no
+    slot covers are the likeliest. A re-seeded slot counts ``threshold`` vectors (its
+    moving average starts at the vector itself). Candidates are drawn for all K slots and
+    kept only where a slot is dead: no host synchronisation, and the random stream does
+    not depend on how many slots died. Under torch.distributed rank 0's draw is used by
+    every rank, so all keep the same memory.
+    """
+    weights = distances.float().clamp_min(0.0) + 1e-12
+    rows = x.detach().float()[torch.multinomial(weights, memory.shape[0], replacement=True)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(rows, 0)
+    dead = (cluster_size < threshold).unsqueeze(1)
+    memory.copy_(torch.where(dead, rows, memory))
+    embed_sum.copy_(torch.where(dead, rows * threshold, embed_sum))
+    cluster_size.copy_(torch.where(dead[:, 0], torch.full_like(cluster_size, threshold), cluster_size))

@@ -11,20 +11,36 @@ from memvae.bottlenecks import functional as Fn
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 
 SIMILARITIES = ("l2", "cosine")
-TRAIN_READS = ("soft", "straight_through", "gumbel")
+TRAIN_READS = ("soft", "hard", "straight_through", "gumbel")
 READ_MODES = ("soft", "hard")
-WRITES = ("gradient", "soft_ema")
+WRITES = ("gradient", "soft_ema", "hard_ema")
+TEMPERATURES = ("learned", "relative")
+ENCODER_GRADIENTS = ("read", "straight_through")
 IMPLS = ("auto", "dense", "fused")
 
 
 class MemoryRead(Bottleneck):
     """Content-addressed soft read of a memory M (K×D), as in the Neural Turing Machine.
 
+    z (B×D×H×W maps or B×N×D sequences) -> BottleneckOutput: quantized in z's layout,
+    codes B×H×W (or B×N), weights B×H×W×K (or B×N×K) when held.
+
     For each position's query z (D):
         w = softmax(β·s(z, M_k))          s = −‖z − M_k‖² ("l2") or cos(z, M_k) ("cosine")
         r = Σ_k w_k M_k                   (the "soft" read, what the decoder receives)
-    β = exp(log β) > 0 is learned; ``beta_growth`` multiplies it by a schedule that
-    rises geometrically from 1 to ``beta_growth`` over training (1 = off).
+    Temperature:
+        learned:  β = exp(log β) > 0 is learned; ``beta_growth`` multiplies it by a
+                  schedule that rises geometrically from 1 to ``beta_growth`` over
+                  training (1 = off).
+        relative: β = 1 / (τ·q̄) (l2), so that the logits are −‖z − M_k‖² / (τ·q̄): q̄ is a
+                  moving average (decay ``decay``, training mode only, a buffer saved in
+                  checkpoints and all-reduced under torch.distributed) of the mean squared
+                  distance from each z to its nearest slot, the codebook's own resolution.
+                  Scaling z and M alike leaves the weights unchanged, so the sharpness does
+                  not drift with the encoder's scale. τ follows ``tau`` (below). For cosine,
+                  distances are ‖ẑ − m̂‖² = 2 − 2 cos and β = 2 / (τ·q̄).
+    ``tau`` = (start, end): a temperature annealed geometrically over training, used by
+    the relative temperature and by the Gumbel read.
 
     The l2 logits use −β‖z − m‖² = 2β z·m − β‖m‖² − β‖z‖², dropping the last term,
     which is the same for every slot. The read is then attention with query [z, 1] and
@@ -33,10 +49,15 @@ class MemoryRead(Bottleneck):
 
     Reads (``train_read`` in training mode, ``read_mode`` in eval mode):
         soft:             r as above.
-        hard:             M_argmax(w): a discrete read, log2 K bits per position.
+        hard:             M_argmax(w): a discrete read, log2 K bits per position (as
+                          τ → 0 the soft read tends to it).
         straight_through: forward M_argmax(w), backward the gradient of the soft read.
-        gumbel:           soft read with weights softmax((β·s + g)/τ), g ~ Gumbel(0, 1),
-                          τ annealed geometrically from ``gumbel_tau[0]`` to ``gumbel_tau[1]``.
+        gumbel:           soft read with weights softmax((β·s + g)/τ), g ~ Gumbel(0, 1).
+
+    ``encoder_gradient``: "read" (the gradient of the read itself reaches z, M and β) or
+    "straight_through" (output z + sg(read − z), VQ-VAE's estimator: the decoder sees the
+    read, z gets the decoder's gradient unchanged; needs a moving-average write, as M then
+    gets no gradient).
 
     Writes:
         gradient: M is a parameter trained through the read (the study's model).
@@ -44,6 +65,10 @@ class MemoryRead(Bottleneck):
                   encoder vectors weighted by their read weights (see
                   :func:`~memvae.bottlenecks.functional.ema_write`, with A = w), and the
                   loss gains commitment·‖z − sg(r)‖². With one-hot w this is vq_ema's update.
+        hard_ema: the same with one-hot w (argmax slot): vq_ema's write, whatever the read.
+    ``reseed_threshold`` > 0 (moving-average writes): slots whose moving-average count
+    falls below it take recent encoder vectors far from every slot
+    (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
 
     ``entropy_weight`` > 0 adds that weight times the mean entropy of w (bits) to the
     loss, pushing the read toward one slot.
@@ -56,15 +81,19 @@ class MemoryRead(Bottleneck):
         train_read: read in training mode (see above).
         beta_growth: factor by which β's schedule multiplies it at the end of training.
         entropy_weight: weight of the entropy penalty.
-        gumbel_tau: (start, end) temperature of the Gumbel read.
-        write: "gradient" or "soft_ema".  decay: γ of the soft write.
-        commitment: weight of the commitment term of the soft write.
+        tau: (start, end) of the annealed temperature (relative temperature, Gumbel read).
+        write: "gradient", "soft_ema" or "hard_ema".  decay: γ of the moving averages
+            (slots and q̄).
+        commitment: weight of the commitment term of the moving-average writes.
+        temperature: "learned" or "relative".
+        encoder_gradient: "read" or "straight_through".
+        reseed_threshold: dead-slot count threshold (0 = off).
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
         chunk: queries per chunk when statistics are computed without the full matrix
             (fewer when chunk·K would exceed ``fused_threshold``).
         init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
-            the gradient write, "data" for the soft write, whose N(0, 1) slots collapse
+            the gradient write, "data" for the moving-average writes, whose N(0, 1) slots collapse
             onto the few of smallest norm (measured: 3 slots in use after 300 updates).
     """
 
@@ -78,7 +107,7 @@ class MemoryRead(Bottleneck):
         train_read: str = "soft",
         beta_growth: float = 1.0,
         entropy_weight: float = 0.0,
-        gumbel_tau: tuple[float, float] = (1.0, 0.1),
+        tau: tuple[float, float] = (1.0, 0.1),
         write: str = "gradient",
         decay: float = 0.99,
         commitment: float = 0.25,
@@ -86,6 +115,9 @@ class MemoryRead(Bottleneck):
         fused_threshold: int = 1 << 22,
         chunk: int = 4096,
         init: str | None = None,
+        temperature: str = "learned",
+        encoder_gradient: str = "read",
+        reseed_threshold: float = 0.0,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -94,14 +126,22 @@ class MemoryRead(Bottleneck):
             ("train_read", train_read, TRAIN_READS),
             ("write", write, WRITES),
             ("impl", impl, IMPLS),
+            ("temperature", temperature, TEMPERATURES),
+            ("encoder_gradient", encoder_gradient, ENCODER_GRADIENTS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if beta_init <= 0:
             raise ValueError(f"beta_init must be > 0, got {beta_init}")
+        if min(tau) <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if write == "gradient" and (encoder_gradient == "straight_through" or reseed_threshold > 0):
+            raise ValueError("encoder_gradient='straight_through' and reseed_threshold need a moving-average write "
+                             "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
         self.num_slots, self.dim = num_slots, dim
         self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
-        self.beta_growth, self.entropy_weight, self.gumbel_tau = beta_growth, entropy_weight, tuple(gumbel_tau)
+        self.beta_growth, self.entropy_weight, self.tau_range = beta_growth, entropy_weight, tuple(tau)
+        self.temperature, self.encoder_gradient, self.reseed_threshold = temperature, encoder_gradient, reseed_threshold
         self.write, self.decay, self.commitment = write, decay, commitment
         self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
         self.progress = 0.0
@@ -113,19 +153,44 @@ class MemoryRead(Bottleneck):
             self.register_buffer("cluster_size", torch.zeros(num_slots))
             self.register_buffer("embed_sum", memory.clone())
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
-        self._setup_init(init or ("data" if write == "soft_ema" else "random"))
+        if temperature == "relative":
+            # q̄; 0 until the first training batch sets it.
+            self.register_buffer("distortion", torch.zeros(()))
+        self._setup_init(init or ("random" if write == "gradient" else "data"))
 
     def set_progress(self, fraction: float) -> None:
         self.progress = float(min(max(fraction, 0.0), 1.0))
 
     def beta(self) -> torch.Tensor:
-        """The effective β (scalar tensor): the learned value times its schedule."""
+        """The effective β (scalar tensor): the learned value times its schedule, or with the
+        relative temperature 1/(τ·q̄) (2/(τ·q̄) for cosine; not learned)."""
+        if self.temperature == "relative":
+            scale = 2.0 if self.similarity == "cosine" else 1.0
+            return scale / (self.tau() * self.distortion.clamp_min(1e-12))
         return self.log_beta.exp() * self.beta_growth**self.progress
 
     def tau(self) -> float:
-        """The Gumbel temperature at the current point of training."""
-        start, end = self.gumbel_tau
+        """The annealed temperature τ at the current point of training."""
+        start, end = self.tau_range
         return start * (end / start) ** self.progress
+
+    @torch.no_grad()
+    def _distances(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """N: each query's squared distance to its nearest slot, in the similarity's own
+        terms (‖ẑ − m̂‖² for cosine)."""
+        if self.similarity == "cosine":
+            x, memory = F.normalize(x.float(), dim=1), F.normalize(memory.float(), dim=1)
+        return Fn.nearest_distances(x, memory)[1]
+
+    @torch.no_grad()
+    def _track_distortion(self, distances: torch.Tensor) -> None:
+        """q̄ ← γ q̄ + (1 − γ) mean(distances); the first batch sets it (no host sync)."""
+        batch = distances.mean()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch)
+            batch = batch / torch.distributed.get_world_size()
+        moved = self.decay * self.distortion + (1 - self.decay) * batch
+        self.distortion.copy_(torch.where(self.distortion > 0, moved, batch))
 
     def logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """β·s(x, M) up to a per-row constant, N×D queries -> N×K (float32).
@@ -182,25 +247,28 @@ class MemoryRead(Bottleneck):
         return torch.cat(codes), stats, counts, sums
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
-        """z: B×D×H×W -> BottleneckOutput (quantized B×D×H×W, codes B×H×W, weights B×H×W×K or None)."""
         x = Fn.flatten_positions(z)
-        self._init_from_data(x, z.shape[2] * z.shape[3])
+        self._init_from_data(x, Fn.positions_per_item(z))
         n = x.shape[0]
-        beta = self.beta()
         mode = self.train_read if self.training else self.read_mode
-        soft_write = self.training and self.write == "soft_ema"
-        # The soft write changes the memory in place after the read; the read keeps its own copy.
-        memory = self.memory.clone() if soft_write else self.memory
+        ema = self.training and self.write != "gradient"
+        # A moving-average write changes the memory in place after the read; the read keeps its own copy.
+        memory = self.memory.clone() if ema else self.memory
+        distances = None
+        if self.training and (self.temperature == "relative" or self.reseed_threshold > 0):
+            distances = self._distances(x, memory)
+            if self.temperature == "relative":
+                self._track_distortion(distances)
+        beta = self.beta()
         loss = x.new_zeros(())
         weights = None
         fused_ok = mode in ("soft", "hard") and self.entropy_weight == 0.0
         use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.num_slots > self.fused_threshold))
+        soft_sums = ema and self.write == "soft_ema"
 
         if use_fused:
-            idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_write)
+            idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
             read = memory[idx] if mode == "hard" else self._fused_read(x, memory, beta)
-            if soft_write:
-                Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
         else:
             logits = self.logits(x, memory, beta)
             w = logits.softmax(1)
@@ -217,21 +285,30 @@ class MemoryRead(Bottleneck):
             if self.entropy_weight > 0:
                 entropy_bits = -(w * F.log_softmax(logits, 1)).sum(1).mean() / math.log(2.0)
                 loss = loss + self.entropy_weight * entropy_bits
-            if soft_write:
+            if soft_sums:
                 wd = w.detach()
-                Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, wd.sum(0), wd.t() @ x.detach().float(), self.decay)
-            weights = w.view(z.shape[0], z.shape[2], z.shape[3], self.num_slots)
+                counts, sums = wd.sum(0), wd.t() @ x.detach().float()
+            weights = w.view(*Fn.position_shape(z), self.num_slots)
+
+        if ema:
+            if not soft_sums:
+                counts, sums = Fn.assignment_sums(idx, x, self.num_slots)
+            Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
+            if self.reseed_threshold > 0:
+                Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances, self.reseed_threshold)
 
         read = read.to(x.dtype)
-        if self.write == "soft_ema" and self.training:
+        if self.write != "gradient" and self.training:
             loss = loss + self.commitment * F.mse_loss(x, read.detach())
+        if self.encoder_gradient == "straight_through":
+            read = Fn.straight_through(x, read)
         metrics = {key: (value / n).detach() for key, value in stats.items()}
         metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()
         metrics["beta"] = beta.detach()
         return BottleneckOutput(
             quantized=Fn.unflatten_positions(read, z),
             loss=loss,
-            codes=idx.view(z.shape[0], z.shape[2], z.shape[3]),
+            codes=idx.view(Fn.position_shape(z)),
             weights=weights,
             metrics=metrics,
         )

@@ -12,6 +12,9 @@ from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 class VectorQuantizer(Bottleneck):
     """Nearest-slot read (van den Oord et al. 2017, eq. 3).
 
+    z (B×D×H×W or B×N×D) -> BottleneckOutput: quantized in z's layout, codes B×H×W (or
+    B×N), loss as below.
+
     i*_n = argmin_k ‖z_n − M_k‖²; output M_i* with the straight-through gradient
     z + sg(M_i* − z); loss ‖sg(z) − M_i*‖² + commitment·‖z − sg(M_i*)‖².
 
@@ -29,15 +32,14 @@ class VectorQuantizer(Bottleneck):
         self._setup_init(init)
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
-        """z: B×D×H×W -> BottleneckOutput with quantized B×D×H×W, codes B×H×W."""
         x = Fn.flatten_positions(z)
-        self._init_from_data(x, z.shape[2] * z.shape[3])
+        self._init_from_data(x, Fn.positions_per_item(z))
         idx = Fn.nearest_slots(x, self.memory)
         chosen = self.memory[idx]
         codebook_loss = F.mse_loss(chosen, x.detach())
         commitment_loss = F.mse_loss(x, chosen.detach())
         quantized = Fn.unflatten_positions(Fn.straight_through(x, chosen), z)
-        codes = idx.view(z.shape[0], z.shape[2], z.shape[3])
+        codes = idx.view(Fn.position_shape(z))
         perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots))
         return BottleneckOutput(
             quantized=quantized,
