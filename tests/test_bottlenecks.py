@@ -232,4 +232,4 @@ def test_perplexity_counts():
 def test_registry_rejects_unknown_names_with_the_known_ones():
     with pytest.raises(ValueError, match="vq, vq_ema"):
         bottleneck_class("nearest")
-    assert set(REGISTRY) == {"vq", "vq_ema", "memory"}
+    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq"}

@@ -36,7 +36,7 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
     if cfg.kind == "vq_ema":
         return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_threshold=cfg.reseed_threshold, **init)
     if cfg.kind == "fsq":
-        return cls(dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
+        return cls(cfg.slots, dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
     return cls(
         cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
         train_read=cfg.train_read, beta_growth=cfg.beta_growth, entropy_weight=cfg.entropy_weight,
@@ -47,7 +47,12 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
 
 
 class Autoencoder(nn.Module):
-    """Images B×3×H×W (pixels scaled to [-0.5, 0.5]) -> AutoencoderOutput."""
+    """Images B×3×H×W (pixels scaled to [-0.5, 0.5]) -> AutoencoderOutput.
+
+    The encoder halves the side twice, so the bottleneck reads a B×D×(H/4)×(W/4) map
+    (8×8 for CIFAR-10); the output's reconstruction is B×3×H×W and its
+    ``bottleneck.codes`` B×(H/4)×(W/4). Build one with ``Autoencoder.from_config(cfg)``.
+    """
 
     def __init__(self, model: ModelConfig, bottleneck: BottleneckConfig):
         super().__init__()

@@ -26,16 +26,19 @@ class FSQ(Bottleneck):
     default (8, 8, 8) gives K = 512, 9 bits per position, as vq and the memory at K = 512.
 
     Args:
+        num_slots: K, the number of codes: the product of ``levels``.
         dim: D.
-        levels: levels per channel.
+        levels: levels per channel; default three channels of round(K^(1/3)) levels.
         eps: widens the bound slightly, so that the outermost levels are reached.
     """
 
-    def __init__(self, dim: int, levels: tuple[int, ...] = (8, 8, 8), eps: float = 1e-3):
+    def __init__(self, num_slots: int, dim: int, levels: tuple[int, ...] | None = None, eps: float = 1e-3):
         super().__init__()
-        levels = tuple(int(v) for v in levels)
+        levels = tuple(int(v) for v in levels) if levels is not None else (round(num_slots ** (1 / 3)),) * 3
         if not levels or min(levels) < 2:
             raise ValueError(f"levels must be integers >= 2, got {levels}")
+        if math.prod(levels) != num_slots:
+            raise ValueError(f"FSQ with {num_slots} codes needs levels whose product is {num_slots}, got {levels}")
         self.dim, self.levels, self.num_slots = dim, levels, math.prod(levels)
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
