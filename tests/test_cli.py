@@ -52,3 +52,35 @@ def test_resume_from_the_run_directory_alone(tmp_path, data_dir):
     # Extend the finished run: the config comes from the run directory.
     out = memvae("train", "--run-dir", str(run), "--resume", "--steps", "30", *common)
     assert "update 30" in out.stdout
+
+
+def test_configs_lists_each_packaged_config_on_one_line_and_prints_one_by_name():
+    files = sorted(CONFIGS.glob("*.toml"))
+    lines = memvae("configs").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [f.stem for f in files]
+    for line, path in zip(lines, files):
+        description = line.split(maxsplit=1)[1]
+        opening = " ".join(l.lstrip("#").strip() for l in path.read_text().splitlines() if l.startswith("#"))
+        assert len(description) > 10 and opening.startswith(description), path.name
+    assert memvae("configs", "vq_ema").stdout == (CONFIGS / "vq_ema.toml").read_text()
+
+
+def test_train_by_config_name_from_another_folder(tmp_path, data_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "memvae", "train", "--config", "smoke", "--run-dir", "run", "--steps", "3",
+         "--threads", "1", "--no-progress", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = (tmp_path / "run" / "config.toml").read_text()
+    assert 'name = "smoke"' in saved and "embedding_dim = 16" in saved
+
+
+def test_unknown_config_name_fails_with_one_line_listing_the_known_ones(tmp_path):
+    known = [f.stem for f in sorted(CONFIGS.glob("*.toml"))]
+    for args in (["train", "--config", "vq_emma"], ["configs", "vq_emma"],
+                 ["compare", "--models", "vq_emma", "--out", str(tmp_path / "cmp")]):
+        result = memvae(*args, check=False)
+        assert result.returncode == 2 and result.stdout == "", args
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("error: unknown config 'vq_emma'") and all(name in line for name in known), line

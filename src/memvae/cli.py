@@ -30,7 +30,7 @@ def _overrides(tokens: list[str]) -> list[str]:
 
 
 def cmd_train(args, extra: list[str]) -> None:
-    from memvae import config as C
+    from memvae import presets
     from memvae.train import train
 
     overrides = _overrides(extra)
@@ -40,12 +40,25 @@ def cmd_train(args, extra: list[str]) -> None:
     if config_path is None and args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
         config_path = Path(args.run_dir) / "config.toml"
     if config_path is None:
-        raise MemvaeError("memvae train needs --config FILE (or --resume with --run-dir of an existing run)")
-    cfg = C.load_config(config_path, overrides)
+        raise MemvaeError("memvae train needs --config NAME or FILE (`memvae configs` lists the names), "
+                          "or --resume with --run-dir of an existing run")
+    cfg = presets.load(config_path, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
     if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
         print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f})")
+
+
+def cmd_configs(args, extra: list[str]) -> None:
+    from memvae import presets
+
+    if args.name:  # the file itself, to read or to copy and edit: memvae configs vq > mine.toml
+        print(presets.text(args.name), end="")
+        return
+    found = presets.descriptions()
+    width = max(map(len, found))
+    for name, description in found.items():
+        print(f"{name:<{width}}  {description}")
 
 
 def _format_table(header: list[str], rows: list[list]) -> str:
@@ -133,8 +146,7 @@ def cmd_compare(args, extra: list[str]) -> None:
     from memvae.compare import compare
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    where = {"config_dir": args.config_dir} if args.config_dir else {}
-    compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, **where,
+    compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
             lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
             test_images=args.test_images)
     print((Path(args.out) / "results.md").read_text())
@@ -152,13 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: $MEMVAE_DATA_DIR, else ~/.cache/memvae (CIFAR-10 is downloaded there)")
 
     p = sub.add_parser("train", parents=[common], help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000")
-    p.add_argument("--config", help="TOML config file (see configs/)")
+    p.add_argument("--config", help="a packaged config's name (`memvae configs` lists them) or a TOML file")
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     data_dir_arg(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("configs", parents=[common], help="list the packaged model configs, one line each (or print one)")
+    p.add_argument("name", nargs="?", help="print this config's TOML text (to read, or to copy and edit)")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("eval", parents=[common], help="evaluate runs on the whole test set; writes RUN_DIR/eval.json")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -184,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("compare", parents=[common], help="the study's experiment: train models alike, then figures and tables")
     p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine,memory_l2_write",
-                   help="comma-separated config names in --config-dir (or paths to .toml files)")
+                   help="comma-separated config names (packaged, or in --config-dir) or paths to .toml files")
     p.add_argument("--steps", type=int, default=25000, help="updates per run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1)")
     p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
-    p.add_argument("--config-dir", default=None, help="where the model configs are (default: the packaged ones)")
+    p.add_argument("--config-dir", default=None, help="look model names up in this folder of NAME.toml files instead of the packaged configs")
     p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
     p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

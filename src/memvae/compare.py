@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from memvae import config as C
+from memvae import config as C, presets
 from memvae.checkpoint import latest_checkpoint
 from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError
@@ -41,12 +41,21 @@ def updates_to_reach(records: list[dict], levels=NMSE_LEVELS) -> dict[str, int |
     return result
 
 
-def _model_config(model: str, config_dir: Path, steps: int, seed: int, overrides: list[str]) -> C.Config:
-    path = Path(model) if model.endswith(".toml") else config_dir / f"{model}.toml"
+def _model_config(model: str, config_dir: Path | None, steps: int, seed: int, overrides: list[str]) -> C.Config:
+    """The config of ``model`` for one seed: a TOML path, or a name looked up in
+    ``config_dir`` when one is given, else among the packaged configs (memvae.presets)."""
+    overrides = [*overrides, f"train.steps={steps}", f"train.seed={seed}"]
+    if config_dir is None:
+        return presets.load(model, overrides)
+    if model.endswith(".toml"):
+        return C.load_config(model, overrides)  # a missing file fails with its own message
+    if not config_dir.is_dir():
+        raise MemvaeError(f"config folder {config_dir} does not exist")
+    path = config_dir / f"{model}.toml"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in config_dir.glob("*.toml")))
+        known = ", ".join(sorted(p.stem for p in config_dir.glob("*.toml"))) or f"none ({config_dir} holds no .toml files)"
         raise MemvaeError(f"no config for model {model!r} ({path}); known: {known}")
-    return C.load_config(path, [*overrides, f"train.steps={steps}", f"train.seed={seed}"])
+    return C.load_config(path, overrides)
 
 
 def _run_state(run_dir: Path, cfg: C.Config) -> str:
@@ -97,7 +106,7 @@ def compare(
     steps: int = 25000,
     seeds: int = 1,
     data_dir: str | None = None,
-    config_dir: str | os.PathLike = Path(__file__).parent / "configs",
+    config_dir: str | os.PathLike | None = None,
     lossless: str | None = None,
     overrides: list[str] = (),
     images_shown: int = 10,
@@ -107,7 +116,8 @@ def compare(
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
     the figures and tables; returns results.json's dict."""
-    out, config_dir = Path(out), Path(config_dir)
+    out = Path(out)
+    config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
     plan = []
     for model in models:
         for seed in range(seeds):

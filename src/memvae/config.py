@@ -86,6 +86,10 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """Everything a run needs: its ``name`` and the sections ``data``, ``model``,
+    ``bottleneck`` and ``train`` (the dataclasses above; a field is a key ``section.field``).
+    Read one with :func:`load_config`; ``memvae configs`` lists the packaged files."""
+
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
