@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -36,6 +36,66 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MemvaeError(f"device {name!r} asked for, but no CUDA device is available")
     return device
+
+
+@contextmanager
+def repeatable(device: torch.device, deterministic: bool = False):
+    """While training: the settings under which a run gives the same numbers every time
+    at a fixed thread count; PyTorch's previous settings come back on exit.
+
+    CPU, always: ``torch.use_deterministic_algorithms(True)``. With more than one thread,
+    the backward of ``memory[idx]`` (VQ's codebook gradient: ``index_put_`` with
+    ``accumulate=True``) adds rows from several threads with atomic float additions, in
+    an order that changes from run to run; in deterministic mode PyTorch adds them one
+    after another in index order, the order one thread uses, so 1-thread numbers do not
+    change. Every other operation here was found repeatable at a fixed thread count (the
+    thread count itself changes how convolutions and reductions split their sums, so
+    1 and 2 threads give different, each repeatable, numbers). Uninitialised memory is not
+    filled (``fill_uninitialized_memory``): nothing here reads it, and filling costs time.
+
+    CUDA, with ``deterministic``: also cuDNN's deterministic algorithms without
+    benchmarking, and cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which
+    must be set before the process first uses cuBLAS). Ops with no deterministic kernel
+    warn (``warn_only``) rather than stop the run.
+    """
+    import torch.utils.deterministic as det
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                det.fill_uninitialized_memory, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    on = device.type == "cpu" or deterministic
+    try:
+        if on:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            det.fill_uninitialized_memory = device.type != "cpu"
+        if device.type == "cuda" and deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        det.fill_uninitialized_memory = previous[2]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[3], previous[4]
+
+
+def choose_threads(requested: int, saved: int | None, step: int, resuming: bool) -> tuple[int, str | None]:
+    """The CPU thread count to train with, and a one-line note when it breaks exactness.
+
+    The thread count changes the numbers (how convolutions and sums split their work), so
+    a resumed run keeps the count recorded in its checkpoint unless ``train.threads``
+    asks for another; then the note says from which update the numbers differ.
+    ``requested`` 0 means torch's default (or, resuming, the recorded count).
+    """
+    if not resuming:
+        return requested or torch.get_num_threads(), None
+    if saved is None:
+        threads = requested or torch.get_num_threads()
+        return threads, (f"note: the checkpoint of update {step} does not record its thread count; if it was not "
+                         f"{threads}, the numbers differ from update {step} on from an unbroken run")
+    threads = requested or saved
+    if threads != saved:
+        return threads, (f"note: trained with {saved} threads up to update {step}, continuing with {threads}: the "
+                         f"numbers differ from update {step} on from an unbroken run (set train.threads={saved} to keep them exact)")
+    return threads, None
 
 
 class _StopRequest:
@@ -138,12 +198,19 @@ def train(
     found = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if resume and found is None and is_main:
         print(f"no checkpoint in {run_dir}: starting from update 0")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    state = load_checkpoint(*found, map_location=device) if found is not None else None
+    saved_threads = None if state is None or "threads" not in state else int(state["threads"])
+    threads, note = choose_threads(tc.threads, saved_threads, 0 if state is None else int(state["step"]), state is not None)
+    torch.set_num_threads(threads)
+    if note and is_main and device.type == "cpu":
+        print(note)
+    thread_history = [list(map(int, pair)) for pair in state.get("thread_history", [])] if state is not None else []
+    if not thread_history or thread_history[-1][1] != threads:
+        thread_history.append([0 if state is None else int(state["step"]), threads])
     torch.manual_seed(tc.seed)
 
     if data is None:
@@ -160,8 +227,7 @@ def train(
     step, train_seconds, interval = 0, 0.0, _Interval()
     log = MetricsLog(run_dir / "metrics.jsonl")
 
-    if found is not None:
-        state = load_checkpoint(*found, map_location=device)
+    if state is not None:
         problem = config_mismatch(state["config"], cfg)
         if problem:
             raise MemvaeError(f"checkpoint {found[0]} is from a different model configuration ({problem})")
@@ -182,7 +248,8 @@ def train(
         log.truncate_after(step)
     if is_main:
         (run_dir / "config.toml").write_text(C.to_toml(cfg))
-        meta = {"config_name": cfg.name, "device": str(device), "world_size": world, **environment()}
+        meta = {"config_name": cfg.name, "device": str(device), "world_size": world, **environment(),
+                "thread_history": thread_history}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
     def checkpoint_state() -> dict:
@@ -195,6 +262,8 @@ def train(
             "rng_cpu": torch.get_rng_state(),
             "interval": interval.state_dict(),
             "config": C.to_dict(cfg),
+            "threads": threads,
+            "thread_history": thread_history,
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -229,7 +298,7 @@ def train(
 
     bar = tqdm(total=tc.steps, initial=step, disable=not (show_progress and is_main), desc=cfg.name, dynamic_ncols=True)
     last_record: dict = {}
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, repeatable(device, tc.deterministic):
         while step < tc.steps:
             model.bottleneck.set_progress(step / tc.steps)
             indices = batcher.next()[rank::world]
