@@ -63,8 +63,10 @@ def _run_state(run_dir: Path, cfg: C.Config) -> str:
     found = latest_checkpoint(run_dir / "checkpoints") if run_dir.exists() else None
     if found is None:
         return "new"
-    # The thread count does not change the numbers, and a shorter run may be extended
-    # (resuming is exact); everything else must match.
+    # The thread count may differ (train() keeps the count a run was trained with unless
+    # train.threads asks for another, and then says in one line from which update the
+    # numbers differ), and a shorter run may be extended (resuming is exact); everything
+    # else must match.
     saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml")), C.to_dict(cfg)
     for d in (saved, wanted):
         d["train"].pop("threads")
