@@ -58,7 +58,7 @@ def cmd_configs(args, extra: list[str]) -> None:
     found = presets.descriptions()
     width = max(map(len, found))
     for name, description in found.items():
-        print(f"{name:<{width}}  {description}")
+        print(f"{name:<{width}}  {description}".rstrip())  # a config without a description: just its name
 
 
 def _format_table(header: list[str], rows: list[list]) -> str:
