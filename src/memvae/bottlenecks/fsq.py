@@ -66,6 +66,7 @@ class FSQ(Bottleneck):
         return self.project_out(self.grid(torch.arange(self.num_slots, device=self.basis.device)))
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
         x = Fn.flatten_positions(z)
         bounded = self.bound(self.project_in(x.float()))
         rounded = Fn.straight_through(bounded, torch.round(bounded))

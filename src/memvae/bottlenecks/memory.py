@@ -247,6 +247,8 @@ class MemoryRead(Bottleneck):
         return torch.cat(codes), stats, counts, sums
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
+        B×N, weights B×H×W×K or B×N×K, None when computed fused)."""
         x = Fn.flatten_positions(z)
         self._init_from_data(x, Fn.positions_per_item(z))
         n = x.shape[0]

@@ -51,6 +51,8 @@ class VectorQuantizerEMA(Bottleneck):
         self._setup_init(init)
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
+        B×N, weights None); writes the slots in training mode."""
         x = Fn.flatten_positions(z)
         self._init_from_data(x, Fn.positions_per_item(z))
         idx, distances = Fn.nearest_distances(x, self.memory)
