@@ -54,7 +54,7 @@ class BottleneckConfig:
     similarity: str = "l2"  # memory: "l2" or "cosine"
     beta_init: float = 1.0  # memory: initial β
     read_mode: str = "soft"  # memory: read in evaluation, "soft" or "hard"
-    train_read: str = "soft"  # memory: "soft", "hard", "straight_through" or "gumbel"
+    train_read: str = "soft"  # memory: "soft", "straight_through" or "gumbel"
     beta_growth: float = 1.0  # memory: β multiplied by a schedule rising to this factor
     entropy_weight: float = 0.0  # memory: weight of the read-entropy penalty (bits)
     tau_start: float = 1.0  # memory: annealed temperature (relative temperature, Gumbel read), at the start

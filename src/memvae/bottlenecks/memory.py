@@ -11,7 +11,7 @@ from memvae.bottlenecks import functional as Fn
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 
 SIMILARITIES = ("l2", "cosine")
-TRAIN_READS = ("soft", "hard", "straight_through", "gumbel")
+TRAIN_READS = ("soft", "straight_through", "gumbel")
 READ_MODES = ("soft", "hard")
 WRITES = ("gradient", "soft_ema", "hard_ema")
 TEMPERATURES = ("learned", "relative")
