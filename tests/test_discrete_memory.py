@@ -93,6 +93,10 @@ def test_tau_schedule_is_geometric():
     for progress, expected in ((0.0, 1.0), (0.5, 0.1), (1.0, 0.01)):
         read.set_progress(progress)
         assert read.tau() == pytest.approx(expected)
+    early = discrete(tau=(1.0, 0.01), tau_anneal=0.1)  # annealed over the first tenth, then held
+    for progress, expected in ((0.05, 0.1), (0.1, 0.01), (0.7, 0.01)):
+        early.set_progress(progress)
+        assert early.tau() == pytest.approx(expected)
 
 
 def test_as_tau_goes_to_zero_the_soft_read_is_the_hard_read():

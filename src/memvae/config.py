@@ -58,7 +58,8 @@ class BottleneckConfig:
     beta_growth: float = 1.0  # memory: β multiplied by a schedule rising to this factor
     entropy_weight: float = 0.0  # memory: weight of the read-entropy penalty (bits)
     tau_start: float = 1.0  # memory: annealed temperature (relative temperature, Gumbel read), at the start
-    tau_end: float = 0.1  # ... and at the end of training (geometric in between)
+    tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
+    tau_anneal: float = 1.0  # memory: fraction of training over which τ anneals, then held at tau_end
     temperature: str = "learned"  # memory: "learned" β, or "relative" β = 1/(τ·q̄)
     encoder_gradient: str = "read"  # memory: "read" (through the read) or "straight_through" (z + sg(read − z))
     write: str = "gradient"  # memory: "gradient", "soft_ema" or "hard_ema"
@@ -210,6 +211,8 @@ def validate(cfg: Config) -> Config:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise MemvaeError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
+    if not 0.0 < cfg.bottleneck.tau_anneal <= 1.0:
+        raise MemvaeError(f"config key 'bottleneck.tau_anneal' must be in (0, 1], got {cfg.bottleneck.tau_anneal!r}")
     if not 0.0 < cfg.bottleneck.decay < 1.0:
         raise MemvaeError(f"config key 'bottleneck.decay' must be in (0, 1), got {cfg.bottleneck.decay!r}")
     b = cfg.bottleneck

@@ -39,8 +39,9 @@ class MemoryRead(Bottleneck):
                   Scaling z and M alike leaves the weights unchanged, so the sharpness does
                   not drift with the encoder's scale. τ follows ``tau`` (below). For cosine,
                   distances are ‖ẑ − m̂‖² = 2 − 2 cos and β = 2 / (τ·q̄).
-    ``tau`` = (start, end): a temperature annealed geometrically over training, used by
-    the relative temperature and by the Gumbel read.
+    ``tau`` = (start, end): a temperature annealed geometrically over the first
+    ``tau_anneal`` fraction of training (then held at its end value), used by the relative
+    temperature and by the Gumbel read.
 
     The l2 logits use −β‖z − m‖² = 2β z·m − β‖m‖² − β‖z‖², dropping the last term,
     which is the same for every slot. The read is then attention with query [z, 1] and
@@ -82,6 +83,7 @@ class MemoryRead(Bottleneck):
         beta_growth: factor by which β's schedule multiplies it at the end of training.
         entropy_weight: weight of the entropy penalty.
         tau: (start, end) of the annealed temperature (relative temperature, Gumbel read).
+        tau_anneal: fraction of training over which τ goes from start to end (0 < · ≤ 1).
         write: "gradient", "soft_ema" or "hard_ema".  decay: γ of the moving averages
             (slots and q̄).
         commitment: weight of the commitment term of the moving-average writes.
@@ -118,6 +120,7 @@ class MemoryRead(Bottleneck):
         temperature: str = "learned",
         encoder_gradient: str = "read",
         reseed_threshold: float = 0.0,
+        tau_anneal: float = 1.0,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -135,12 +138,15 @@ class MemoryRead(Bottleneck):
             raise ValueError(f"beta_init must be > 0, got {beta_init}")
         if min(tau) <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if not 0 < tau_anneal <= 1:
+            raise ValueError(f"tau_anneal must be in (0, 1], got {tau_anneal}")
         if write == "gradient" and (encoder_gradient == "straight_through" or reseed_threshold > 0):
             raise ValueError("encoder_gradient='straight_through' and reseed_threshold need a moving-average write "
                              "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
         self.num_slots, self.dim = num_slots, dim
         self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
         self.beta_growth, self.entropy_weight, self.tau_range = beta_growth, entropy_weight, tuple(tau)
+        self.tau_anneal = tau_anneal
         self.temperature, self.encoder_gradient, self.reseed_threshold = temperature, encoder_gradient, reseed_threshold
         self.write, self.decay, self.commitment = write, decay, commitment
         self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
@@ -172,7 +178,7 @@ class MemoryRead(Bottleneck):
     def tau(self) -> float:
         """The annealed temperature τ at the current point of training."""
         start, end = self.tau_range
-        return start * (end / start) ** self.progress
+        return start * (end / start) ** min(self.progress / self.tau_anneal, 1.0)
 
     @torch.no_grad()
     def _distances(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
