@@ -1,0 +1,514 @@
+"""The parts of training that sit around the loop in :mod:`memvae.train`, one concern each.
+
+    Distributed      rank, world size and the few collectives the loop needs (torchrun)
+    repeatable       the settings under which a run gives the same numbers every time
+    choose_threads   the CPU thread count, kept from the checkpoint on resume
+    Trainer          model, Adam, batch order and update count; one update; evaluation;
+                     checkpoint state; the mark a non-finite update is undone back to
+    IntervalMeter    the training measures summed on the device between log records
+    StopRequest      SIGINT/SIGTERM turned into a flag the loop reads
+    RunLog           what rank 0 writes as it goes: metrics.jsonl, TensorBoard, the bar
+
+No update reads a value back from the device. The non-finite check, the interval's sums
+and the update's own measures stay on the device; the loop reads them only when it logs,
+evaluates, saves a checkpoint or stops (see :meth:`Trainer.settle`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from memvae import config as C
+from memvae.checkpoint import save_checkpoint
+from memvae.data import EpochBatcher, ImageData, to_input
+from memvae.errors import MemvaeError
+from memvae.evaluate import evaluate_read
+from memvae.metrics import MetricsLog, nmse
+from memvae.model import Autoencoder, AutoencoderOutput
+from memvae.runs import config_mismatch, environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MemvaeError(f"device {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+# ------------------------------------------------------------------ distributed setup
+class Distributed:
+    """One process, or one of several launched by ``torchrun`` (DistributedDataParallel).
+
+    Every rank walks the same permutation and takes its share ``batch[rank::world]`` of
+    each global batch; only rank 0 writes the run directory. ``device`` is this rank's.
+    """
+
+    def __init__(self, device_name: str = "auto"):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        device = resolve_device(device_name)
+        if world > 1 and not dist.is_initialized():
+            # The backend follows the device training runs on: NCCL for CUDA, gloo for
+            # CPU, also on a machine that has a GPU.
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(device)
+        self.device = device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def min_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s minimum over ranks, in place, without reading it."""
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, in place, without reading it (a no-op on one process)."""
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any, so that all ranks take the same
+        branch (a rank that stops or skips alone leaves the others waiting in a collective)."""
+        if not dist.is_initialized():
+            return flag
+        return bool(self.sum_(torch.tensor([float(flag)], device=self.device)).item() > 0)
+
+
+# ------------------------------------------------------------------ repeatable numbers
+@contextmanager
+def repeatable(device: torch.device, deterministic: bool = False):
+    """While training: the settings under which a run gives the same numbers every time
+    at a fixed thread count; PyTorch's previous settings come back on exit.
+
+    CPU, always: ``torch.use_deterministic_algorithms(True)``. With more than one thread,
+    the backward of ``memory[idx]`` (VQ's codebook gradient: ``index_put_`` with
+    ``accumulate=True``) adds rows from several threads with atomic float additions, in
+    an order that changes from run to run; in deterministic mode PyTorch adds them one
+    after another in index order, the order one thread uses, so 1-thread numbers do not
+    change. Every other operation here was found repeatable at a fixed thread count (the
+    thread count itself changes how convolutions and reductions split their sums, so
+    1 and 2 threads give different, each repeatable, numbers). Uninitialised memory is not
+    filled (``fill_uninitialized_memory``): nothing here reads it, and filling costs time.
+
+    CUDA, with ``deterministic``: also cuDNN's deterministic algorithms without
+    benchmarking, and cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which
+    must be set before the process first uses cuBLAS). Ops with no deterministic kernel
+    warn (``warn_only``) rather than stop the run.
+    """
+    import torch.utils.deterministic as det
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                det.fill_uninitialized_memory, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if device.type == "cpu" or deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            det.fill_uninitialized_memory = device.type != "cpu"
+        if device.type == "cuda" and deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        det.fill_uninitialized_memory = previous[2]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[3], previous[4]
+
+
+def choose_threads(requested: int, saved: int | None, step: int, resuming: bool) -> tuple[int, str | None]:
+    """The CPU thread count to train with, and a one-line note when it breaks exactness.
+
+    The thread count changes the numbers (how convolutions and sums split their work), so
+    a resumed run keeps the count recorded in its checkpoint unless ``train.threads``
+    asks for another; then the note says from which update the numbers differ.
+    ``requested`` 0 means torch's default (or, resuming, the recorded count).
+    """
+    if not resuming:
+        return requested or torch.get_num_threads(), None
+    if saved is None:
+        threads = requested or torch.get_num_threads()
+        return threads, (f"note: the checkpoint of update {step} does not record its thread count; if it was not "
+                         f"{threads}, the numbers differ from update {step} on from an unbroken run")
+    threads = requested or saved
+    if threads != saved:
+        return threads, (f"note: trained with {saved} threads up to update {step}, continuing with {threads}: the "
+                         f"numbers differ from update {step} on from an unbroken run (set train.threads={saved} to keep them exact)")
+    return threads, None
+
+
+# ------------------------------------------------------------------ interval logging
+class IntervalMeter:
+    """Sums of the training measures since the last log record, held on the device.
+
+    ``sums`` is float64 [recon_mse, perplexity, updates, skipped]: each update adds its
+    float32 measures, converted exactly, in update order, so the sums are those a Python
+    float accumulator would hold, without reading anything back per update.
+    """
+
+    KEYS = ("recon_mse", "perplexity", "updates", "skipped")
+
+    def __init__(self, device: torch.device, state: dict | None = None):
+        values = [0.0] * 4 if state is None else [float(state[k]) for k in self.KEYS]
+        self.sums = torch.tensor(values, dtype=torch.float64, device=device)
+        self._counts = torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
+        self._skipped = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
+
+    def add(self, out: AutoencoderOutput, applied: torch.Tensor) -> None:
+        """One update: its reconstruction MSE and perplexity when ``applied`` (a device
+        bool), else one more skipped update."""
+        perplexity = torch.as_tensor(out.bottleneck.metrics["perplexity"], device=self.sums.device)
+        measures = torch.cat([torch.stack([out.recon_mse.detach().double(), perplexity.detach().double()]), self._counts])
+        self.sums += torch.where(applied, measures, self._skipped)
+
+    def totals(self, ranks: Distributed) -> dict[str, float]:
+        """The sums over all ranks, read (a host sync: only at log and checkpoint updates)."""
+        return dict(zip(self.KEYS, ranks.sum_(self.sums.clone()).tolist()))
+
+    def record(self, step: int, variance: float, ranks: Distributed, last: AutoencoderOutput, train_seconds: float) -> dict:
+        """The log record of the interval ending at ``step``; the sums start again."""
+        s = self.totals(ranks)
+        # An interval whose updates were all skipped has no training error: NaN, not 0.
+        updates = s["updates"] if s["updates"] else float("nan")
+        record = {
+            "kind": "train",
+            "step": step,
+            "train_nmse": nmse(s["recon_mse"] / updates, variance),
+            "train_perplexity": s["perplexity"] / updates,
+            "skipped": int(s["skipped"] / ranks.world),
+            "train_seconds": train_seconds,
+        }
+        for key in ("beta", "entropy_bits", "max_weight"):
+            if key in last.bottleneck.metrics:
+                record[key] = float(last.bottleneck.metrics[key])
+        self.sums.zero_()
+        return record
+
+
+# ------------------------------------------------------------------ the non-finite guard
+class NonfiniteGuard:
+    """Keeps a non-finite loss from reaching the weights without reading it per update,
+    the way ``torch.amp.GradScaler`` skips a step: on the device.
+
+    Each update takes its backward pass and Adam step whatever the loss; then, in place,
+    ``torch.where(ok, new, old)`` puts back the weights, Adam's state and the buffers the
+    forward pass wrote (moving-average slots, data initialisation) wherever ``ok`` (the
+    loss finite on every rank) is false. A finite update is untouched, to the bit. In stop
+    mode (``train.on_nonfinite = "stop"``) ``ok`` stays false after the first bad update,
+    so the model stays as it was before it until the loop reads the flags
+    (:meth:`first_bad`, at the next log, evaluation, checkpoint or stop) and stops.
+
+    The price is a copy of the weights and Adam's state per update (measured in
+    docs/benchmarks.md). Adam's state is created by its first step; a first update that
+    is undone leaves it all zeros, which is how Adam starts it.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Distributed, stop: bool):
+        self.model, self.optimizer, self.ranks, self.stop = model, optimizer, ranks, stop
+        self.clean = torch.ones((), dtype=torch.bool, device=ranks.device)  # no bad update yet (stop mode)
+        self.pending: list[tuple] = []  # (update, ok, loss, recon_mse, bottleneck loss, batch indices) since the last read
+
+    def ok(self, out: AutoencoderOutput) -> torch.Tensor:
+        """Device bool: apply this update (finite loss on every rank; in stop mode, and no bad one before)."""
+        ok = torch.isfinite(out.loss.detach())
+        if self.ranks.world > 1:
+            ok = self.ranks.min_(ok.to(torch.int32)).bool()
+        if self.stop:
+            ok = ok & self.clean
+            self.clean = ok
+        return ok
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Copies of the buffers, before the forward pass writes them."""
+        return [b.clone() for b in self.model.buffers()]
+
+    @torch.no_grad()
+    def step(self, ok: torch.Tensor, buffers: list[torch.Tensor]) -> None:
+        """The optimizer step, undone in place (with the forward pass's buffer writes) unless ``ok``."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        saved = [(p.clone(), {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)})
+                 for p in params]
+        self.optimizer.step()
+        for p, (old_p, old_state) in zip(params, saved):
+            torch.where(ok, p, old_p, out=p)
+            for key, value in self.optimizer.state[p].items():
+                if torch.is_tensor(value):
+                    # A state this step created (none before it) goes back to zeros, as Adam starts it.
+                    old = old_state[key] if key in old_state else torch.zeros_like(value)
+                    torch.where(ok.to(value.device), value, old, out=value)
+        for b, old in zip(self.model.buffers(), buffers):
+            torch.where(ok, b, old, out=b)
+
+    def remember(self, update: int, ok: torch.Tensor, out: AutoencoderOutput, indices: torch.Tensor) -> None:
+        self.pending.append((update, ok, out.loss.detach(), out.recon_mse.detach(), out.bottleneck.loss.detach(), indices))
+
+    def first_bad(self) -> dict | None:
+        """Read the flags of the updates since the last read (one host sync) -> the first
+        update not applied (its number, loss, reconstruction MSE, bottleneck loss, batch
+        indices), or None."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return None
+        oks = torch.stack([p[1] for p in pending]).tolist()
+        if all(oks):
+            return None
+        update, _, loss, recon, bottleneck, indices = pending[oks.index(False)]
+        return {"step": update, "loss": float(loss), "recon_mse": float(recon), "bottleneck_loss": float(bottleneck),
+                "batch_indices": indices}
+
+
+# ------------------------------------------------------------------ one update, and its state
+class Trainer:
+    """What changes as training goes (model, Adam, batch order, update count, interval
+    sums) and how it changes: one update at a time, with no read from the device (see
+    :class:`NonfiniteGuard`); :meth:`settle` reads what the updates left, before anything
+    reads the weights."""
+
+    def __init__(self, cfg: C.Config, data: ImageData, ranks: Distributed, run_dir: Path):
+        tc = cfg.train
+        self.cfg, self.ranks, self.device, self.run_dir = cfg, ranks, ranks.device, run_dir
+        self.variance = data.train_variance()
+        self.train_images = data.train.to(self.device)  # the whole set stays resident (uint8)
+        self.eval_images = data.test[: cfg.data.eval_images]
+        self.batcher = EpochBatcher(len(self.train_images), tc.batch_size, tc.seed)
+        self.model = Autoencoder.from_config(cfg).to(self.device)
+        if tc.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        self.networks: torch.nn.Module = self.model  # DDP wraps it once the state is restored
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and tc.amp else nullcontext())
+        self.step, self.train_seconds = 0, 0.0
+        self.thread_history = [[0, torch.get_num_threads()]]  # [update from which, CPU threads] pairs
+        self.meter = IntervalMeter(self.device)
+        self.guard = NonfiniteGuard(self.model, self.optimizer, ranks, stop=tc.on_nonfinite == "stop")
+        self.last: AutoencoderOutput | None = None
+        self._since = time.perf_counter()
+
+    def wrap(self) -> None:
+        """DDP and torch.compile, after any restore (DDP broadcasts rank 0's weights)."""
+        if self.ranks.world > 1:
+            self.networks = torch.nn.parallel.DistributedDataParallel(self.model)
+        if self.cfg.train.compile:
+            self.model.encoder.compile()
+            self.model.decoder.compile()
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.train.steps
+
+    def update(self) -> AutoencoderOutput:
+        """One update: draw a batch, forward, backward, Adam step (undone on the device
+        when the loss is not finite). Reads nothing back from the device."""
+        tc = self.cfg.train
+        self.model.bottleneck.set_progress(self.step / tc.steps)
+        indices = self.batcher.next()[self.ranks.rank :: self.ranks.world]
+        x = to_input(self.train_images[indices])
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        buffers = self.guard.buffers()
+        with self.autocast:
+            out = self.networks(x)
+        ok = self.guard.ok(out)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.guard.step(ok, buffers)
+        self.meter.add(out, ok)
+        self.step += 1
+        self.guard.remember(self.step, ok, out, indices)
+        self.last = out
+        return out
+
+    def settle(self) -> None:
+        """Read what the updates since the last call left on the device (one host sync,
+        at log, evaluation, checkpoint and stop updates only); in stop mode, a non-finite
+        update ends the run here (:meth:`report_nonfinite`), before anything is written."""
+        bad = self.guard.first_bad()
+        self.train_seconds += time.perf_counter() - self._since
+        if bad is not None and self.cfg.train.on_nonfinite != "skip":
+            self.report_nonfinite(**bad)
+
+    def resume_clock(self) -> None:
+        """Start timing updates again (evaluation and checkpoints are not training time)."""
+        self._since = time.perf_counter()
+
+    def evaluate(self) -> dict:
+        """The eval record: the model's read on the fixed held-out subset of the test set."""
+        result = evaluate_read(self.model, self.eval_images, self.variance, device=self.device)
+        self.model.train()
+        return {"kind": "eval", "step": self.step, **{f"eval_{k}": v for k, v in result.items()}}
+
+    def state_dict(self) -> dict:
+        """The checkpoint: plain tensors and numbers (the interval's sums over all ranks, so
+        that a resumed run logs what the unbroken one would). Every rank must call it."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "batcher": self.batcher.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "interval": self.meter.totals(self.ranks),
+            "config": C.to_dict(self.cfg),
+            "threads": self.thread_history[-1][1],
+            "thread_history": self.thread_history,
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        """Continue from checkpoint ``state`` (read from ``path``), refusing another model's."""
+        problem = config_mismatch(state["config"], self.cfg)
+        if problem:
+            raise MemvaeError(f"checkpoint {path} is from a different model configuration ({problem})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's rate, not the saved one: a resumed
+            group["lr"] = self.cfg.train.lr  # run may change train.lr, and config.toml says it did
+        self.batcher.load_state_dict(state["batcher"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
+        # The checkpoint holds the interval's sums over all ranks: rank 0 takes them.
+        self.meter = IntervalMeter(self.device, state["interval"] if self.ranks.is_main else None)
+
+    def report_nonfinite(self, step: int, loss: float, recon_mse: float, bottleneck_loss: float,
+                         batch_indices: torch.Tensor) -> None:
+        """Save what is needed to look into a NaN/Inf loss, then stop with a clear message."""
+        where = ""
+        if self.ranks.is_main:
+            path = self.run_dir / f"nonfinite_step_{step:08d}.pt"
+            report = {
+                "step": step,
+                "loss": loss,
+                "recon_mse": recon_mse,
+                "bottleneck_loss": bottleneck_loss,
+                "batch_indices": batch_indices.cpu(),
+                "model": self.model.state_dict(),  # as before update ``step``: the guard kept it so
+            }
+            try:
+                torch.save(report, path)
+                where = f"; the model before this update and the batch are in {path}"
+            except (OSError, RuntimeError):  # a full disk must not hide the message below
+                path.unlink(missing_ok=True)
+        raise MemvaeError(
+            f"loss is {loss} at update {step}; stopped (the last good checkpoint is kept{where}); "
+            "lower train.lr, or set train.on_nonfinite=skip to skip such updates"
+        )
+
+
+# ------------------------------------------------------------------ checkpoints
+def save(trainer: Trainer) -> None:
+    """Checkpoint the trainer's state (every rank calls this at the same update; rank 0 writes).
+
+    A disk that refuses is a warning, not the end of the run: the previous checkpoint stays.
+    """
+    state = trainer.state_dict()
+    if not trainer.ranks.is_main:
+        return
+    try:
+        save_checkpoint(trainer.run_dir / "checkpoints", state, trainer.step)
+    except OSError as exc:
+        tqdm.write(f"warning: could not save checkpoint at update {trainer.step} ({exc}); the previous one is kept")
+
+
+# ------------------------------------------------------------------ signals and stop_after
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each update."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, ranks: Distributed, due: bool) -> bool:
+        """Whether to stop now. One process: as soon as a signal came. Several: only at
+        updates where the loop reads anyway (``due``), all ranks together, so that every
+        rank stops at the same update without a collective per update."""
+        if ranks.world == 1:
+            return self.signal is not None
+        return due and ranks.any(self.signal is not None)
+
+    def interrupt(self, step: int, run_dir: Path) -> KeyboardInterrupt:
+        name = signal.Signals(self.signal).name if self.signal is not None else "a signal to another process"
+        return KeyboardInterrupt(f"{name}: stopped at update {step}, checkpoint saved; resume with "
+                                 f"memvae train --run-dir {run_dir} --resume")
+
+
+# ------------------------------------------------------------------ what rank 0 writes
+class RunLog:
+    """metrics.jsonl, TensorBoard and the progress bar; on ranks other than 0, only a
+    silent bar. Opening it writes config.toml and meta.json."""
+
+    def __init__(self, run_dir: Path, cfg: C.Config, ranks: Distributed, step: int, resume: bool,
+                 thread_history: list[list[int]], show_progress: bool):
+        self.is_main = ranks.is_main
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.writer = None
+        if self.is_main:
+            if resume:
+                # Records after the checkpoint (all of them, when a run died before its first
+                # checkpoint) come again from this run: drop them so that none appears twice.
+                self.metrics.truncate_after(step)
+            (run_dir / "config.toml").write_text(C.to_toml(cfg))
+            meta = {"config_name": cfg.name, "device": str(ranks.device), "world_size": ranks.world, **environment(),
+                    "thread_history": thread_history}
+            (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
+        self.bar = tqdm(total=cfg.train.steps, initial=step, disable=not (show_progress and self.is_main),
+                        desc=cfg.name, dynamic_ncols=True)
+
+    def train(self, record: dict) -> dict:
+        if self.is_main:
+            self.metrics.append(record)
+            for key, value in record.items():
+                if key not in ("kind", "step"):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self.bar.set_postfix(nmse=f"{record['train_nmse']:.4f}", ppl=f"{record['train_perplexity']:.1f}")
+        return record
+
+    def eval(self, record: dict) -> None:
+        if self.is_main:
+            self.metrics.append(record)
+            for key in ("eval_nmse", "eval_perplexity", "eval_slots_used"):
+                self.writer.add_scalar(key.replace("eval_", "eval/"), record[key], record["step"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer:
+            self.writer.close()

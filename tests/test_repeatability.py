@@ -1,0 +1,177 @@
+"""Same command, same numbers, at two CPU threads (the machine's default here), not only at one.
+
+Each bottleneck config trains on the smoke networks with two torch threads on CIFAR-10.
+Before the fix, VQ's codebook gradient (the backward of ``memory[idx]``, ``index_put_``
+with accumulate) added rows from two threads in a varying order: two runs of the same
+command differed from the first updates on (issue 12; docs/reliability.md).
+
+The reference of each bottleneck is trained twice in this process (``train.threads=2``);
+the killed and resumed runs are real ``python -m memvae train`` subprocesses whose default
+thread count is 2 (``OMP_NUM_THREADS=2``, no ``--train.threads``: what a user gets on a
+2-core machine), so the comparison also spans processes. "Identical" means every number of
+metrics.jsonl except ``train_seconds`` (wall time), and every tensor of the final
+checkpoint (weights, buffers, Adam's state).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memvae import config as C
+from memvae.checkpoint import load_latest
+from memvae.metrics import MetricsLog
+from memvae.train import train
+from tests.cli_util import checkpoint_step, cli_env, memvae_command, run_memvae, strip_times
+from tests.conftest import CONFIGS, REPO
+
+STEPS = 30
+# The smoke config's networks and a short schedule, whatever the bottleneck config says.
+SMOKE = {"model.hidden": 32, "model.res_hidden": 8, "model.res_blocks": 1, "model.embedding_dim": 16,
+         "data.eval_images": 100, "train.steps": STEPS, "train.lr": 1e-3, "train.log_every": 5,
+         "train.eval_every": STEPS // 2, "train.checkpoint_every": 10,
+         "bottleneck.slots": 64}
+VARIANTS = {
+    "vq": {},
+    "vq_ema": {},
+    "memory_l2_dense": {"config": "memory_l2", "bottleneck.impl": "dense"},
+    "memory_l2_fused": {"config": "memory_l2", "bottleneck.impl": "fused"},
+    "memory_l2_write": {},
+    "memory_discrete": {},
+    "vq_ema_reseed": {},
+    "fsq": {"bottleneck.levels": "4,4,4"},
+}
+
+
+def settings(name: str) -> tuple[str, dict]:
+    """(packaged config name, overrides) of a variant."""
+    extra = dict(VARIANTS[name])
+    return extra.pop("config", name), {**SMOKE, **extra}
+
+
+def command(name: str, run: Path) -> list:
+    """``memvae train`` arguments of a variant (no --train.threads: the default count)."""
+    config, overrides = settings(name)
+    return ["train", "--config", config, *[a for k, v in overrides.items() for a in (f"--{k}", v)], "--no-progress",
+            "--run-dir", run]
+
+
+def two_threads(**extra: str) -> dict:
+    """A subprocess environment whose default torch thread count is 2."""
+    return cli_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", **extra)
+
+
+def finished(run: Path) -> tuple[list[dict], dict]:
+    """(metrics records without wall time, final checkpoint) of a run that reached STEPS."""
+    state = load_latest(run / "checkpoints")
+    assert state["step"] == STEPS
+    return strip_times(MetricsLog(run / "metrics.jsonl").read()), state
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Model weights and buffers, and Adam's state, equal to the bit."""
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, cifar) -> dict:
+    """Each variant trained twice in this process with 2 threads: name -> (first, second),
+    each (records, final checkpoint)."""
+    out = tmp_path_factory.mktemp("unbroken")
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for name in VARIANTS:
+            config, overrides = settings(name)
+            cfg = C.load_config(CONFIGS / f"{config}.toml", [f"{k}={v}" for k, v in overrides.items()] + ["train.threads=2"])
+            for attempt in ("first", "second"):
+                train(cfg, out / name / attempt, show_progress=False, data=cifar)
+            runs[name] = (finished(out / name / "first"), finished(out / name / "second"))
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_same_run_twice_gives_the_same_numbers(unbroken, name):
+    (records, state), (again_records, again_state) = unbroken[name]
+    assert state["threads"] == 2
+    assert again_records == records
+    assert_same_tensors(again_state, state)
+
+
+def _kill_after_first_checkpoint(args: list, run: Path, timeout: float = 120) -> int:
+    """Start ``memvae ARGS`` with 2 threads, SIGKILL it as soon as its first checkpoint
+    exists; returns the update of the checkpoint it left."""
+    proc = subprocess.Popen(memvae_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=two_threads())
+    deadline = time.monotonic() + timeout
+    while checkpoint_step(run) is None:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before its first checkpoint: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    step = checkpoint_step(run)
+    assert proc.returncode == -signal.SIGKILL and step < STEPS, "the run finished before it could be killed"
+    return step
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_sigkill_after_the_first_checkpoint_then_resume_gives_the_same_numbers(tmp_path, unbroken, name):
+    (records, state), _ = unbroken[name]
+    run = tmp_path / "run"
+    _kill_after_first_checkpoint(command(name, run), run)
+    result = run_memvae("train", "--run-dir", run, "--resume", "--no-progress", env=two_threads())
+    assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stdout  # same thread count: nothing to warn about
+    resumed_records, resumed_state = finished(run)
+    assert json.loads((run / "meta.json").read_text())["torch_threads"] == 2
+    assert resumed_records == records
+    assert_same_tensors(resumed_state, state)
+
+
+def test_resume_keeps_the_recorded_thread_count_unless_told_otherwise(tmp_path, unbroken):
+    """A run trained with 2 threads and extended in a 1-thread environment keeps 2 threads
+    (exact, silent); extended with --train.threads 1, it says in one line from which update
+    the numbers differ, and they do differ from there on; the history is recorded."""
+    (records, state), _ = unbroken["vq"]
+    half = STEPS // 2
+
+    kept = tmp_path / "kept"
+    assert run_memvae(*command("vq", kept), "--train.steps", half, env=two_threads()).returncode == 0
+    result = run_memvae("train", "--run-dir", kept, "--resume", "--steps", STEPS, "--no-progress")  # OMP_NUM_THREADS=1
+    assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stdout, result.stdout
+    kept_records, kept_state = finished(kept)
+    assert kept_records == records
+    assert_same_tensors(kept_state, state)
+    assert json.loads((kept / "meta.json").read_text())["thread_history"] == [[0, 2]]
+
+    changed = tmp_path / "changed"
+    assert run_memvae(*command("vq", changed), "--train.steps", half, env=two_threads()).returncode == 0
+    result = run_memvae("train", "--run-dir", changed, "--resume", "--steps", STEPS, "--train.threads", "1",
+                        "--no-progress", env=two_threads())
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: trained with 2 threads up to update {half}, continuing with 1: the numbers differ "
+                     f"from update {half} on from an unbroken run (set train.threads=2 to keep them exact)"], result.stdout
+    changed_records, changed_state = finished(changed)
+    upto = [r for r in records if r["step"] <= half]
+    assert [r for r in changed_records if r["step"] <= half] == upto
+    after, unbroken_after = changed_records[len(upto):], records[len(upto):]
+    assert [(r["kind"], r["step"]) for r in after] == [(r["kind"], r["step"]) for r in unbroken_after]
+    assert after != unbroken_after, "1 and 2 threads gave the same numbers: the note would be wrong"
+    assert changed_state["threads"] == 1 and changed_state["thread_history"] == [[0, 2], [half, 1]]
+    assert json.loads((changed / "meta.json").read_text())["thread_history"] == [[0, 2], [half, 1]]
