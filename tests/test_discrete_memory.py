@@ -138,6 +138,23 @@ def test_straight_through_gives_z_the_decoder_gradient_unchanged():
     assert torch.equal(z.grad, upstream)
 
 
+def test_rotation_trick_forwards_the_target_and_rotates_the_gradient():
+    torch.manual_seed(8)
+    z = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(5, D, dtype=torch.float64)
+    out = Fn.rotation_trick(z, target)
+    assert torch.equal(out, target)
+    upstream = torch.randn(5, D, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    for i in range(5):  # λ Rᵀ g with R built as a matrix, row by row
+        zi, ti = z[i].detach(), target[i]
+        e, q = zi / zi.norm(), ti / ti.norm()
+        r = (e + q) / (e + q).norm()
+        rotation = torch.eye(D, dtype=torch.float64) - 2 * torch.outer(r, r) + 2 * torch.outer(q, e)
+        assert torch.allclose(rotation @ e, q)
+        assert torch.allclose(z.grad[i], ti.norm() / zi.norm() * rotation.t() @ upstream[i])
+
+
 def test_straight_through_without_a_moving_average_write_is_refused():
     with pytest.raises(ValueError, match="moving-average write"):
         MemoryRead(K, D, encoder_gradient="straight_through")

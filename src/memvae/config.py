@@ -61,7 +61,7 @@ class BottleneckConfig:
     tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
     tau_anneal: float = 1.0  # memory: fraction of training over which τ anneals, then held at tau_end
     temperature: str = "learned"  # memory: "learned" β, or "relative" β = 1/(τ·q̄)
-    encoder_gradient: str = "read"  # memory: "read" (through the read) or "straight_through" (z + sg(read − z))
+    encoder_gradient: str = "read"  # memory: "read" (through the read), "straight_through" (z + sg(read − z)) or "rotation"
     write: str = "gradient"  # memory: "gradient", "soft_ema" or "hard_ema"
     reseed_threshold: float = 0.0  # vq_ema, memory with an EMA write: re-seed slots whose EMA count is below this
     levels: str = "8,8,8"  # fsq: levels per channel; their product must equal slots
@@ -225,8 +225,8 @@ def validate(cfg: Config) -> Config:
             raise MemvaeError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {b.levels!r}")
         if math.prod(levels) != b.slots:
             raise MemvaeError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels ({math.prod(levels)}) for fsq, got {b.slots}")
-    if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient == "straight_through" or b.reseed_threshold > 0):
-        raise MemvaeError("bottleneck.encoder_gradient='straight_through' and bottleneck.reseed_threshold need "
+    if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_threshold > 0):
+        raise MemvaeError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_threshold need "
                           "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise MemvaeError(f"config key 'name' must be a non-empty name without slashes, got {cfg.name!r}")

@@ -72,6 +72,28 @@ def straight_through(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return target.detach() + (z - z.detach())
 
 
+def rotation_trick(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Forward value ``target`` exactly; gradient to ``z`` through the rotation and rescaling
+    that carries each row of z onto its target (Fifty et al. 2024, "the rotation trick").
+
+    Rows N×D. With e = z/‖z‖, q̂ = target/‖target‖, r = (e + q̂)/‖e + q̂‖ and
+    λ = ‖target‖/‖z‖, all treated as constants, the output is λ(z − 2r(rᵀz) + 2q̂(eᵀz)):
+    the Householder-style rotation R = I − 2rrᵀ + 2q̂eᵀ takes e to q̂, so its value is the
+    target, and the gradient reaching z is λRᵀ applied to the decoder's gradient, instead
+    of the decoder's gradient unchanged (straight-through).
+    """
+    eps = 1e-12
+    with torch.no_grad():
+        z_norm = z.norm(dim=1, keepdim=True).clamp_min(eps)
+        t_norm = target.norm(dim=1, keepdim=True).clamp_min(eps)
+        e, q = z / z_norm, target / t_norm
+        r = e + q
+        r = r / r.norm(dim=1, keepdim=True).clamp_min(eps)
+        scale = t_norm / z_norm
+    rotated = scale * (z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q * (e * z).sum(1, keepdim=True))
+    return target.detach() + (rotated - rotated.detach())
+
+
 def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the slot-usage distribution given by K counts."""
     p = counts.float() / counts.sum().clamp_min(1)

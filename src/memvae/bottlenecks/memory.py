@@ -15,7 +15,7 @@ TRAIN_READS = ("soft", "straight_through", "gumbel")
 READ_MODES = ("soft", "hard")
 WRITES = ("gradient", "soft_ema", "hard_ema")
 TEMPERATURES = ("learned", "relative")
-ENCODER_GRADIENTS = ("read", "straight_through")
+ENCODER_GRADIENTS = ("read", "straight_through", "rotation")
 IMPLS = ("auto", "dense", "fused")
 
 
@@ -55,10 +55,12 @@ class MemoryRead(Bottleneck):
         straight_through: forward M_argmax(w), backward the gradient of the soft read.
         gumbel:           soft read with weights softmax((β·s + g)/τ), g ~ Gumbel(0, 1).
 
-    ``encoder_gradient``: "read" (the gradient of the read itself reaches z, M and β) or
+    ``encoder_gradient``: "read" (the gradient of the read itself reaches z, M and β),
     "straight_through" (output z + sg(read − z), VQ-VAE's estimator: the decoder sees the
-    read, z gets the decoder's gradient unchanged; needs a moving-average write, as M then
-    gets no gradient).
+    read, z gets the decoder's gradient unchanged) or "rotation" (the decoder's gradient
+    rotated and rescaled as z would be to reach the read,
+    :func:`~memvae.bottlenecks.functional.rotation_trick`). The last two need a
+    moving-average write, as M then gets no gradient.
 
     Writes:
         gradient: M is a parameter trained through the read (the study's model).
@@ -88,7 +90,7 @@ class MemoryRead(Bottleneck):
             (slots and q̄).
         commitment: weight of the commitment term of the moving-average writes.
         temperature: "learned" or "relative".
-        encoder_gradient: "read" or "straight_through".
+        encoder_gradient: "read", "straight_through" or "rotation".
         reseed_threshold: dead-slot count threshold (0 = off).
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
@@ -140,8 +142,8 @@ class MemoryRead(Bottleneck):
             raise ValueError(f"tau must be > 0, got {tau}")
         if not 0 < tau_anneal <= 1:
             raise ValueError(f"tau_anneal must be in (0, 1], got {tau_anneal}")
-        if write == "gradient" and (encoder_gradient == "straight_through" or reseed_threshold > 0):
-            raise ValueError("encoder_gradient='straight_through' and reseed_threshold need a moving-average write "
+        if write == "gradient" and (encoder_gradient != "read" or reseed_threshold > 0):
+            raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_threshold need a moving-average write "
                              "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
         self.num_slots, self.dim = num_slots, dim
         self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
@@ -310,6 +312,8 @@ class MemoryRead(Bottleneck):
             loss = loss + self.commitment * F.mse_loss(x, read.detach())
         if self.encoder_gradient == "straight_through":
             read = Fn.straight_through(x, read)
+        elif self.encoder_gradient == "rotation":
+            read = Fn.rotation_trick(x, read)
         metrics = {key: (value / n).detach() for key, value in stats.items()}
         metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()
         metrics["beta"] = beta.detach()
