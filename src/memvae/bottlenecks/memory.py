@@ -190,6 +190,22 @@ class MemoryRead(Bottleneck):
             x, memory = F.normalize(x.float(), dim=1), F.normalize(memory.float(), dim=1)
         return Fn.nearest_distances(x, memory)[1]
 
+    def scores(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """s(x, M) up to a per-row constant, without β: N×D -> N×K (float32), 2x·m − ‖m‖² for
+        l2 (−‖x − m‖² + ‖x‖²), x̂·m̂ for cosine."""
+        x, memory = x.float(), memory.float()
+        if self.similarity == "l2":
+            return torch.addmm(-memory.pow(2).sum(1), x, 2.0 * memory.t())
+        return F.normalize(x, dim=1) @ F.normalize(memory, dim=1).t()
+
+    @torch.no_grad()
+    def _distances_from_scores(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """:meth:`_distances` from :meth:`scores` already computed: N."""
+        best = scores.max(1).values
+        if self.similarity == "l2":
+            return (x.float().pow(2).sum(1) - best).clamp_min(0.0)
+        return (2.0 - 2.0 * best).clamp_min(0.0)
+
     @torch.no_grad()
     def _track_distortion(self, distances: torch.Tensor) -> None:
         """q̄ ← γ q̄ + (1 − γ) mean(distances); the first batch sets it (no host sync)."""
@@ -264,41 +280,49 @@ class MemoryRead(Bottleneck):
         ema = self.training and self.write != "gradient"
         # A moving-average write changes the memory in place after the read; the read keeps its own copy.
         memory = self.memory.clone() if ema else self.memory
-        distances = None
-        if self.training and (self.temperature == "relative" or self.reseed_threshold > 0):
-            distances = self._distances(x, memory)
-            if self.temperature == "relative":
-                self._track_distortion(distances)
-        beta = self.beta()
         loss = x.new_zeros(())
         weights = None
         fused_ok = mode in ("soft", "hard") and self.entropy_weight == 0.0
         use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.num_slots > self.fused_threshold))
         soft_sums = ema and self.write == "soft_ema"
+        # With a straight-through or rotated gradient the read's own graph is never used.
+        track = torch.is_grad_enabled() and self.encoder_gradient == "read"
+        # The relative temperature needs each query's nearest distance before β is known: in
+        # the dense path it comes from the β-free scores, which then become the logits (one
+        # N×K×D product, not two).
+        with torch.set_grad_enabled(track):
+            scores = self.scores(x, memory) if self.temperature == "relative" and not use_fused else None
+        distances = None
+        if self.training and (self.temperature == "relative" or self.reseed_threshold > 0):
+            distances = self._distances(x, memory) if scores is None else self._distances_from_scores(x, scores)
+            if self.temperature == "relative":
+                self._track_distortion(distances)
+        beta = self.beta()
 
-        if use_fused:
-            idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
-            read = memory[idx] if mode == "hard" else self._fused_read(x, memory, beta)
-        else:
-            logits = self.logits(x, memory, beta)
-            w = logits.softmax(1)
-            stats, idx = Fn.weight_statistics(logits, w)
-            if mode == "gumbel":
-                gumbel = -torch.empty_like(logits).exponential_().log()
-                read = ((logits + gumbel) / self.tau()).softmax(1) @ memory
-            elif mode == "hard":
-                read = memory[idx]
+        with torch.set_grad_enabled(track):
+            if use_fused:
+                idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
+                read = memory[idx] if mode == "hard" else self._fused_read(x, memory, beta)
             else:
-                read = w @ memory
-                if mode == "straight_through":
-                    read = Fn.straight_through(read, memory[idx])
-            if self.entropy_weight > 0:
-                entropy_bits = -(w * F.log_softmax(logits, 1)).sum(1).mean() / math.log(2.0)
-                loss = loss + self.entropy_weight * entropy_bits
-            if soft_sums:
-                wd = w.detach()
-                counts, sums = wd.sum(0), wd.t() @ x.detach().float()
-            weights = w.view(*Fn.position_shape(z), self.num_slots)
+                logits = self.logits(x, memory, beta) if scores is None else beta * scores
+                w = logits.softmax(1)
+                stats, idx = Fn.weight_statistics(logits, w)
+                if mode == "gumbel":
+                    gumbel = -torch.empty_like(logits).exponential_().log()
+                    read = ((logits + gumbel) / self.tau()).softmax(1) @ memory
+                elif mode == "hard":
+                    read = memory[idx]
+                else:
+                    read = w @ memory
+                    if mode == "straight_through":
+                        read = Fn.straight_through(read, memory[idx])
+                if self.entropy_weight > 0:
+                    entropy_bits = -(w * F.log_softmax(logits, 1)).sum(1).mean() / math.log(2.0)
+                    loss = loss + self.entropy_weight * entropy_bits
+                if soft_sums:
+                    wd = w.detach()
+                    counts, sums = wd.sum(0), wd.t() @ x.detach().float()
+                weights = w.view(*Fn.position_shape(z), self.num_slots)
 
         if ema:
             if not soft_sums:
