@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from memvae.compare import compare, updates_to_reach
+from memvae import config as C
+from memvae.compare import compare, cpu_cores, resolve_jobs, updates_to_reach
+from memvae.errors import MemvaeError
 from tests.conftest import REPO
 
 # Small networks so that a compare with every study model runs in seconds; the configs'
@@ -54,7 +56,7 @@ def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_
     args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "vq,memory_l2",
             "--steps", "300", "--data-dir", str(data_dir), "--no-progress", "--test-images", "500"]
     args += [f"--{o}" for o in SMALL]
-    args += ["--checkpoint_every", "20"]
+    args += ["--checkpoint_every", "20", "--jobs", "1"]  # one run after the other: the first is finished when the second starts
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     second = tmp_path / "runs" / "memory_l2-seed0" / "checkpoints" / "latest.json"
     deadline = time.time() + 300
@@ -84,3 +86,77 @@ def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
     compare(tmp_path, ["vq"], overrides=SMALL, **common)
     with pytest.raises(MemvaeError, match="different config"):
         compare(tmp_path, ["vq"], overrides=[*SMALL, "train.lr=0.01"], **common)
+
+
+def test_resolve_jobs_caps_at_the_runs_and_refuses_nonsense():
+    assert resolve_jobs("auto", 100) == cpu_cores()
+    assert resolve_jobs("auto", 1) == 1 and resolve_jobs(4, 2) == 2 and resolve_jobs("3", 5) == 3
+    assert resolve_jobs(2, 0) == 1  # nothing left to train
+    for bad in (0, -1, "x", "1.5", True, None):
+        with pytest.raises(MemvaeError, match="jobs must be"):
+            resolve_jobs(bad, 3)
+
+
+def _numbers(run_dir) -> list[dict]:
+    """metrics.jsonl without the wall-clock times, which differ between any two runs."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in records]
+
+
+def test_side_by_side_runs_give_the_numbers_each_gives_alone(tmp_path, data_dir):
+    """compare --jobs 2: each run trains in its own process with cores // 2 threads, and
+    logs exactly what the same config trained alone with that thread count logs."""
+    results = compare(tmp_path / "cmp", ["smoke"], steps=40, seeds=2, data_dir=str(data_dir), show_progress=False,
+                      test_images=200, jobs=2, overrides=["train.log_every=10", "train.eval_every=20"])
+    assert results["training"] == {"jobs": 2, "runs_trained": 2, "wall_seconds": results["training"]["wall_seconds"]}
+    for seed in (0, 1):
+        run = tmp_path / "cmp" / "runs" / f"smoke-seed{seed}"
+        cfg = C.load_config(run / "config.toml")
+        assert cfg.train.threads == max(1, cpu_cores() // 2) and cfg.train.seed == seed
+        assert (tmp_path / "cmp" / "logs" / f"smoke-seed{seed}.log").exists()
+        alone = tmp_path / f"alone{seed}"
+        done = subprocess.run([sys.executable, "-m", "memvae", "train", "--config", str(run / "config.toml"),
+                               "--run-dir", str(alone), "--data-dir", str(data_dir), "--no-progress"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        side_by_side = _numbers(run)
+        assert len(side_by_side) == 4 + 2 and side_by_side == _numbers(alone)
+    seeds = {tuple(r["train_nmse"] for r in _numbers(tmp_path / "cmp" / "runs" / f"smoke-seed{s}") if r["kind"] == "train")
+             for s in (0, 1)}
+    assert len(seeds) == 2, "the two seeds trained the same run"
+
+
+def test_a_failing_side_by_side_run_ends_the_compare_with_its_one_line_error(tmp_path, data_dir):
+    # Seed 1's run directory already exists without a checkpoint: train() refuses it.
+    (tmp_path / "runs" / "smoke-seed1").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke-seed1" / "stray").write_text("x")
+    with pytest.raises(MemvaeError, match="^smoke-seed1: .*exists"):
+        compare(tmp_path, ["smoke"], steps=20, seeds=2, data_dir=str(data_dir), show_progress=False, jobs=2)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the runs learn of their compare's death by PR_SET_PDEATHSIG")
+def test_side_by_side_runs_stop_with_a_checkpoint_when_their_compare_is_killed(tmp_path, data_dir):
+    args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "smoke", "--seeds", "2",
+            "--steps", "100000", "--data-dir", str(data_dir), "--no-progress", "--jobs", "2", "--checkpoint_every", "100000"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    logs = [tmp_path / "runs" / f"smoke-seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    deadline = time.time() + 120
+    while not all(p.exists() for p in logs) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert all(p.exists() for p in logs), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
+    runs = _children(proc.pid)
+    assert len(runs) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while any(os.path.exists(f"/proc/{pid}") for pid in runs) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in runs), "a run went on training after its compare died"
+    for s in (0, 1):  # each stopped as on SIGTERM: with a checkpoint to resume from
+        assert (tmp_path / "runs" / f"smoke-seed{s}" / "checkpoints" / "latest.json").exists()

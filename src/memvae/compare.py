@@ -7,12 +7,18 @@ Layout of the output directory::
     reconstructions.png     the same test images, original and every model's reads
     results.json            every measured number, per model, per read, per seed
     results.md              the same as a table (mean ± std over seeds)
+    logs/<model>-seed<s>.log  what each run printed, when runs train side by side (jobs > 1)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,6 +34,9 @@ from memvae.runs import load_run
 from memvae.train import train
 
 NMSE_LEVELS = (0.20, 0.10, 0.08, 0.06)
+# Trainings at once. Measured on the 2-core development machine (docs/benchmarks.md): two
+# 1-thread runs side by side finish a comparison faster than one 2-thread run at a time.
+DEFAULT_JOBS = "auto"
 DEFAULT_MODELS = ("vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write")
 
 
@@ -114,10 +123,19 @@ def compare(
     images_shown: int = 10,
     show_progress: bool = True,
     test_images: int | None = None,
+    jobs: int | str | None = None,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
-    the figures and tables; returns results.json's dict."""
+    the figures and tables; returns results.json's dict.
+
+    ``jobs``: how many runs train at once. 1 trains them one after another in this
+    process; more start each run in its own process, ``jobs`` at a time, and split the
+    CPU cores between them: each run's ``train.threads`` = cores // jobs, recorded in its
+    config.toml. A run's numbers depend on its thread count, not on what trains beside
+    it: trained alone with that count it logs the same numbers. "auto": one run per
+    core, up to the number of runs to train. None: ``DEFAULT_JOBS``.
+    """
     out = Path(out)
     config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
     plan = []
@@ -129,21 +147,158 @@ def compare(
     if len(set(names)) * seeds != len(names):
         raise MemvaeError(f"two models share a config name: {names}")
 
+    todo = [(cfg, run_dir, state) for cfg, run_dir in plan if (state := _run_state(run_dir, cfg)) != "done"]
+    workers = resolve_jobs(DEFAULT_JOBS if jobs is None else jobs, len(todo))
     first = plan[0][0].data
     data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
-    overall = tqdm(total=len(plan) * steps, desc="compare", disable=not show_progress, position=0, dynamic_ncols=True)
-    for cfg, run_dir in plan:
-        state = _run_state(run_dir, cfg)
-        if state != "done":
+    started = time.perf_counter()
+    if workers > 1:
+        threads = max(1, cpu_cores() // workers)
+        todo = [(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads)), run_dir, state)
+                for cfg, run_dir, state in todo]
+        _train_side_by_side(todo, workers, data_dir, out / "logs", show_progress)
+    else:
+        overall = tqdm(total=len(todo) * steps, desc="compare", disable=not show_progress, position=0, dynamic_ncols=True)
+        for cfg, run_dir, state in todo:
             train(cfg, run_dir, resume=state == "partial", data=data, show_progress=show_progress)
-        overall.update(steps)
-    overall.close()
-    return report(out, plan, data, lossless, images_shown, test_images)
+            overall.update(steps)
+        overall.close()
+    training = {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
+    return report(out, plan, data, lossless, images_shown, test_images, training=training)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(jobs: int | str, runs: int) -> int:
+    """``jobs`` (a positive number or "auto": one per core) -> runs at once, at most ``runs``."""
+    if jobs == "auto":
+        wanted = cpu_cores()
+    elif isinstance(jobs, int) and not isinstance(jobs, bool):
+        wanted = jobs
+    elif isinstance(jobs, str) and jobs.strip().isdigit():
+        wanted = int(jobs)
+    else:
+        wanted = 0
+    if wanted < 1:
+        raise MemvaeError(f"jobs must be a whole number >= 1 or 'auto', got {jobs!r}")
+    return max(1, min(wanted, runs))
+
+
+def _logged_step(run_dir: Path) -> int:
+    """The last update a run has logged (0 before its first record): progress read from its log."""
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    return max((r["step"] for r in records), default=0)
+
+
+class _StopOnTerm:
+    """While side-by-side runs train, SIGTERM to this process stops them as Ctrl-C does
+    (each run saves a checkpoint), instead of leaving them training on their own."""
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, data_dir: str | None, log_dir: Path,
+                        show_progress: bool, poll_seconds: float = 1.0) -> None:
+    """Train ``todo`` (config, run directory, state), ``workers`` runs at a time, each in a
+    fresh interpreter (:func:`_train_child`) whose output goes to ``log_dir/<run>.log``.
+    Progress: one bar per run, read from the runs' metrics.jsonl. The first run that fails
+    stops the others (each saves a checkpoint) and raises its one-line error."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    bars = {run_dir: tqdm(total=cfg.train.steps, initial=_logged_step(run_dir), desc=run_dir.name, position=i,
+                          disable=not show_progress, dynamic_ncols=True)
+            for i, (cfg, run_dir, _) in enumerate(todo)}
+    pending, running, failure = list(todo), {}, None
+
+    def stop_all() -> None:
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)  # train() saves a checkpoint and stops
+        for proc in running:
+            proc.wait()
+
+    try:
+        with _StopOnTerm():
+            while (pending and failure is None) or running:
+                while pending and failure is None and len(running) < workers:
+                    cfg, run_dir, state = pending.pop(0)
+                    log = open(log_dir / f"{run_dir.name}.log", "a")
+                    job = {"config": C.to_dict(cfg), "run_dir": str(run_dir), "resume": state == "partial",
+                           "data_dir": data_dir, "parent": os.getpid()}
+                    proc = subprocess.Popen([sys.executable, "-c", "from memvae.compare import _train_child; _train_child()"],
+                                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True)
+                    proc.stdin.write(json.dumps(job))
+                    proc.stdin.close()
+                    running[proc] = (run_dir, log)
+                time.sleep(poll_seconds)
+                for proc, (run_dir, log) in list(running.items()):
+                    finished = proc.poll() is not None  # before reading the log, so that its last records are shown
+                    bar = bars[run_dir]
+                    bar.update(_logged_step(run_dir) - bar.n)
+                    if not finished:
+                        continue
+                    log.close()
+                    del running[proc]
+                    if proc.returncode and failure is None:
+                        lines = [ln for ln in (log_dir / f"{run_dir.name}.log").read_text().splitlines() if ln.strip()]
+                        said = lines[-1].removeprefix("error: ") if lines and lines[-1].startswith("error: ") else None
+                        failure = f"{run_dir.name}: {said}" if said else (
+                            f"{run_dir.name} failed (exit status {proc.returncode}); see {log_dir / run_dir.name}.log")
+                        stop_all()
+    except KeyboardInterrupt:
+        stop_all()
+        raise KeyboardInterrupt("stopped; every unfinished run saved a checkpoint: run the same compare again to resume")
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if failure is not None:
+        raise MemvaeError(failure)
+
+
+def _train_child() -> None:
+    """One run of a side-by-side compare, in a fresh interpreter: the job (config, run
+    directory, resume, data directory, parent's pid) comes as JSON on standard input."""
+    job = json.loads(sys.stdin.read())
+    if sys.platform.startswith("linux"):
+        # Stop (SIGTERM: a checkpoint, then exit) when the compare that started us dies,
+        # even by SIGKILL, instead of training on unseen; PR_SET_PDEATHSIG = 1.
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        if os.getppid() != job["parent"]:  # it died before prctl took effect
+            sys.exit(130)
+    try:
+        cfg = C.validate(C.from_dict(job["config"]))
+        train(cfg, job["run_dir"], resume=job["resume"], data_dir=job["data_dir"], show_progress=False)
+    except MemvaeError as exc:
+        print(f"error: {exc}", flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"stopped: {exc}", flush=True)
+        sys.exit(130)
 
 
 def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossless, images_shown: int,
-           test_images: int | None = None) -> dict:
-    """Evaluate the finished runs of ``plan`` and write figures and tables into ``out``."""
+           test_images: int | None = None, training: dict | None = None) -> dict:
+    """Evaluate the finished runs of ``plan`` and write figures and tables into ``out``;
+    ``training`` (jobs, runs trained, wall seconds of this call's training) is recorded too."""
     variance = data.train_variance()
     test = data.test[:test_images] if test_images else data.test
     lossless_images = load_array_images(lossless) if lossless else None
@@ -190,6 +345,8 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         "test_images": len(test),
         "models": {name: {"seeds": runs, "summary": _summarise(runs)} for name, runs in by_model.items()},
     }
+    if training is not None:
+        results["training"] = training
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(results_table(results))
     return results
