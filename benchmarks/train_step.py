@@ -21,7 +21,18 @@ Everything runs in float32 (memvae.train's bf16 autocast on CUDA is not used her
 the default K = 512, D = 64 of the study. Prints markdown tables and writes JSON (``--out``). Timings are only comparable within
 one run; the device, CPU, thread count and versions are recorded with them.
 
+``--repeatability`` times, instead, what repeatable training costs (issues 12 and 14), for
+each bottleneck, round-robin in the same rounds:
+
+    before       the update as memvae.train did it before: PyTorch's default
+                 (non-deterministic) algorithms, the loss read back after every update
+    deterministic the same update under ``torch.use_deterministic_algorithms(True)``, as
+                 memvae.train sets it on CPU (the fix of issue 12)
+    engine       memvae.engine.Trainer.update itself: deterministic, no read back, the
+                 non-finite guard on the device (a copy of weights and Adam's state per update)
+
     python benchmarks/train_step.py --data-dir ../shared/data --threads 2
+    python benchmarks/train_step.py --repeatability --batch-sizes 32 --threads 2
 """
 from __future__ import annotations
 
@@ -41,7 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from memvae.config import Config
-from memvae.data import EpochBatcher, load_cifar10, to_input
+from memvae.data import EpochBatcher, ImageData, load_cifar10, to_input
+from memvae.engine import Distributed, Trainer
 from memvae.model import Autoencoder
 from memvae.nets import Decoder, Encoder
 from memvae.runs import environment
@@ -100,20 +112,44 @@ class StudyCifar(Dataset):
 class Variant:
     """One way of doing a training update; ``step()`` does one and returns the loss."""
 
-    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fetch, loss_of):
+    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fetch, loss_of,
+                 deterministic: bool = True):
         self.name, self.model, self.optimizer = name, model, optimizer
         self.fetch, self.loss_of = fetch, loss_of
+        self.deterministic = deterministic  # torch.use_deterministic_algorithms, as memvae.train sets it on CPU
         self.times: list[float] = []
         self.flops = 0
 
     def step(self) -> float:
+        deterministic_algorithms(self.deterministic)
         x = self.fetch()
         loss = self.loss_of(self.model, x)
-        value = float(loss.detach())  # memvae.train reads it each update (finite check)
+        value = float(loss.detach())  # the loop before issue 14 read it each update (finite check)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return value
+
+
+class EngineVariant:
+    """memvae.engine.Trainer.update, the update memvae.train runs (deterministic algorithms on)."""
+
+    def __init__(self, name: str, trainer: Trainer):
+        self.name, self.trainer, self.model = name, trainer, trainer.model
+        self.times: list[float] = []
+        self.flops = 0
+
+    def step(self) -> None:
+        deterministic_algorithms(True)
+        self.trainer.update()
+
+
+def deterministic_algorithms(on: bool) -> None:
+    """PyTorch's deterministic mode as memvae.engine.repeatable sets it on CPU (or off)."""
+    import torch.utils.deterministic
+
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def build_variants(batch_size: int, images: torch.Tensor, study_set: StudyCifar, device, args) -> list[Variant]:
@@ -157,6 +193,56 @@ def build_variants(batch_size: int, images: torch.Tensor, study_set: StudyCifar,
     optimizer = torch.optim.Adam(study.parameters(), lr=args.lr, amsgrad=True)
     variants.append(Variant(STUDY, study, optimizer, study_fetch, autoencoder_loss))
     return variants
+
+
+def build_repeatability_variants(batch_size: int, data: ImageData, device, args) -> list:
+    """Per bottleneck: "before", "deterministic" and "engine" (see the module docstring),
+    each with its own model, optimizer and batch order, all from the same seed."""
+    images = data.train.to(device)
+    variants = []
+    for name, bottleneck in BOTTLENECKS.items():
+        cfg = Config()
+        cfg.bottleneck.slots, cfg.model.embedding_dim = args.slots, args.dim
+        cfg.train.batch_size, cfg.train.lr, cfg.train.device = batch_size, args.lr, str(device)
+        for key, value in bottleneck.items():
+            setattr(cfg.bottleneck, key, value)
+        for mode in ("before", "deterministic"):
+            torch.manual_seed(0)
+            model = Autoencoder.from_config(cfg).to(device)
+            batcher = EpochBatcher(len(images), batch_size, 0)
+            variants.append(Variant(f"{name} {mode}", model, torch.optim.Adam(model.parameters(), lr=args.lr),
+                                    lambda b=batcher: to_input(images[b.next()]), lambda m, x: m(x).loss,
+                                    deterministic=mode == "deterministic"))
+        torch.manual_seed(0)
+        variants.append(EngineVariant(f"{name} engine", Trainer(cfg, data, Distributed(str(device)), run_dir=Path("."))))
+    return variants
+
+
+def repeatability_main(args, data: ImageData, device, env: dict, batch_sizes: list[int]) -> int:
+    """Time before / deterministic / engine per bottleneck (``--repeatability``)."""
+    results = []
+    for batch_size in batch_sizes:
+        variants = build_repeatability_variants(batch_size, data, device, args)
+        time_round_robin(variants, args.repeats, args.warmup, device)
+        medians = {v.name: statistics.median(v.times) for v in variants}
+        for v in variants:
+            bottleneck, mode = v.name.split(" ")
+            p25, p75 = quartiles(v.times)
+            results.append({"batch_size": batch_size, "bottleneck": bottleneck, "mode": mode,
+                            "seconds_median": medians[v.name], "seconds_p25": p25, "seconds_p75": p75,
+                            "ratio_to_before": medians[v.name] / medians[f"{bottleneck} before"], "seconds_all": v.times})
+        print(f"batch {batch_size} done", flush=True)
+    deterministic_algorithms(False)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "train_step --repeatability", "environment": env,
+                               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}, indent=1))
+    print()
+    rows = [[r["batch_size"], r["bottleneck"], r["mode"], 1e3 * r["seconds_median"],
+             f"{1e3 * r['seconds_p25']:.3g}–{1e3 * r['seconds_p75']:.3g}", r["ratio_to_before"]] for r in results]
+    print(markdown(["batch", "bottleneck", "update", "ms / update (median)", "IQR ms", "× before"], rows))
+    print(f"\nwrote {out}")
+    return 0
 
 
 def count_flops(variant: Variant) -> int:
@@ -241,8 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers of the study loop (its default: 0)")
     parser.add_argument("--matmul-size", type=int, default=0, help="n of the reference n×n matmul (0: 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--data-dir", default=None, help="holds cifar-10-batches-py (default $MEMVAE_DATA_DIR)")
-    parser.add_argument("--out", default="benchmarks/results/train_step.json", help="JSON output path")
+    parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/train_step.json, "
+                        "or train_step_repeatability.json with --repeatability)")
+    parser.add_argument("--repeatability", action="store_true",
+                        help="time the update before/with deterministic algorithms/as memvae.engine runs it, per bottleneck")
     args = parser.parse_args(argv)
+    args.out = args.out or f"benchmarks/results/train_step{'_repeatability' if args.repeatability else ''}.json"
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device} ({env.get('cuda_device') or env['cpu_model']}), torch {torch.__version__}, "
           f"{env['torch_threads']} threads, {os.cpu_count()} CPUs", flush=True)
 
+    if args.repeatability:
+        return repeatability_main(args, data, device, env, batch_sizes)
     results, references = [], []
     for batch_size in batch_sizes:
         variants = build_variants(batch_size, images, study_set, device, args)

@@ -204,6 +204,15 @@ class IntervalMeter:
 
 
 # ------------------------------------------------------------------ the non-finite guard
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """destinations[i] ← sources[i], in one call where torch has it (fewer dispatches)."""
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(destinations, sources)
+    else:  # pragma: no cover - torch < 2.1
+        for d, s in zip(destinations, sources):
+            d.copy_(s)
+
+
 class NonfiniteGuard:
     """Keeps a non-finite loss from reaching the weights without reading it per update,
     the way ``torch.amp.GradScaler`` skips a step: on the device.
@@ -216,15 +225,18 @@ class NonfiniteGuard:
     so the model stays as it was before it until the loop reads the flags
     (:meth:`first_bad`, at the next log, evaluation, checkpoint or stop) and stops.
 
-    The price is a copy of the weights and Adam's state per update (measured in
-    docs/benchmarks.md). Adam's state is created by its first step; a first update that
-    is undone leaves it all zeros, which is how Adam starts it.
+    The price is a copy of the weights and Adam's state per update and the ``where``
+    over them (measured in docs/benchmarks.md). Adam's state is created by its first step;
+    a first update that is undone leaves it all zeros, which is how Adam starts it. On
+    CUDA, Adam's step counts live on the GPU (``capturable``), so that ``ok`` never
+    has to come to the host.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Distributed, stop: bool):
         self.model, self.optimizer, self.ranks, self.stop = model, optimizer, ranks, stop
         self.clean = torch.ones((), dtype=torch.bool, device=ranks.device)  # no bad update yet (stop mode)
         self.pending: list[tuple] = []  # (update, ok, loss, recon_mse, bottleneck loss, batch indices) since the last read
+        self._saved: list[torch.Tensor] = []  # weights and Adam's state before the current step
 
     def ok(self, out: AutoencoderOutput) -> torch.Tensor:
         """Device bool: apply this update (finite loss on every rank; in stop mode, and no bad one before)."""
@@ -244,16 +256,18 @@ class NonfiniteGuard:
     def step(self, ok: torch.Tensor, buffers: list[torch.Tensor]) -> None:
         """The optimizer step, undone in place (with the forward pass's buffer writes) unless ``ok``."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        saved = [(p.clone(), {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)})
-                 for p in params]
-        self.optimizer.step()
-        for p, (old_p, old_state) in zip(params, saved):
-            torch.where(ok, p, old_p, out=p)
-            for key, value in self.optimizer.state[p].items():
+        live = params + [v for p in params for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+        if [(t.shape, t.dtype, t.device) for t in self._saved] != [(t.shape, t.dtype, t.device) for t in live]:
+            self._saved = [torch.empty_like(t) for t in live]  # kept from update to update: no allocation per update
+        _copy_all(self._saved, live)
+        fresh = [p for p in params if not self.optimizer.state.get(p)]
+        self.optimizer.step()  # in place: ``live`` now holds the new values
+        for new, old in zip(live, self._saved):
+            torch.where(ok, new, old, out=new)
+        for p in fresh:  # Adam's state created by this step goes back to zeros, as Adam starts it
+            for value in self.optimizer.state[p].values():
                 if torch.is_tensor(value):
-                    # A state this step created (none before it) goes back to zeros, as Adam starts it.
-                    old = old_state[key] if key in old_state else torch.zeros_like(value)
-                    torch.where(ok.to(value.device), value, old, out=value)
+                    torch.where(ok, value, torch.zeros_like(value), out=value)
         for b, old in zip(self.model.buffers(), buffers):
             torch.where(ok, b, old, out=b)
 
@@ -292,7 +306,9 @@ class Trainer:
         self.model = Autoencoder.from_config(cfg).to(self.device)
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        # On CUDA, Adam keeps its step counts on the GPU (capturable), so that the guard can
+        # undo a step there; on the CPU they stay where Adam puts them (its default).
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, capturable=self.device.type == "cuda")
         self.networks: torch.nn.Module = self.model  # DDP wraps it once the state is restored
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and tc.amp else nullcontext())
