@@ -84,3 +84,16 @@ def test_bare_key_shared_by_two_sections_is_ambiguous(monkeypatch):
     monkeypatch.setattr(C, "all_keys", lambda: keys)
     with pytest.raises(MemvaeError, match="ambiguous; use one of train.steps, data.steps"):
         C.resolve_key("steps")
+
+
+@pytest.mark.parametrize("key", ["bottleneck.beta_growth", "bottleneck.gumbel_tau_start", "entropy_weight"])
+def test_a_removed_key_fails_with_one_line_naming_it(key):
+    from memvae.config import apply_overrides, Config, from_dict
+
+    section, _, name = key.rpartition(".")
+    with pytest.raises(MemvaeError, match="was removed") as raised:
+        if section:
+            from_dict({section: {name: 1.0}})
+        else:
+            apply_overrides(Config(), [f"{key}=1.0"])
+    assert "\n" not in str(raised.value)

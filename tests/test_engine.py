@@ -40,7 +40,7 @@ SCHEDULE = ["train.steps=40", "train.log_every=10", "train.eval_every=20", "trai
 VARIANTS = {
     "vq": [],
     "vq_ema": [],
-    "memory_l2": ["bottleneck.train_read=gumbel"],  # random numbers at every update
+    "memory_l2": [],
     "memory_l2_write": [],
     "memory_discrete": [],
     "fsq": [],

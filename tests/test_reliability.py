@@ -37,8 +37,9 @@ STEPS = 100
 TRAIN_ARGS = [
     "--config", SMOKE, "--train.threads", "1", "--train.steps", STEPS, "--train.log_every", "4",
     "--train.eval_every", "25", "--train.checkpoint_every", "6",
-    # The Gumbel read draws random numbers at every update: resuming must restore the RNG.
-    "--bottleneck.kind", "memory", "--bottleneck.train_read", "gumbel", "--no-progress",
+    # Re-seeding draws random numbers at every update: resuming must restore the RNG.
+    "--bottleneck.kind", "memory", "--bottleneck.temperature", "relative", "--bottleneck.write", "hard_ema",
+    "--bottleneck.encoder_gradient", "straight_through", "--bottleneck.reseed_threshold", "1.0", "--no-progress",
 ]
 
 

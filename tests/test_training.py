@@ -64,11 +64,12 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path, data_dir):
 
 @pytest.mark.parametrize(
     "bottleneck",
-    [["bottleneck.kind=vq_ema"], ["bottleneck.kind=memory", "bottleneck.train_read=gumbel"]],
-    ids=["vq_ema", "memory_gumbel"],
+    [["bottleneck.kind=vq_ema"], ["bottleneck.kind=memory", "bottleneck.temperature=relative", "bottleneck.write=hard_ema",
+                                  "bottleneck.encoder_gradient=straight_through", "bottleneck.reseed_threshold=1.0"]],
+    ids=["vq_ema", "memory_discrete"],
 )
 def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, data_dir, bottleneck):
-    """The Gumbel read draws random numbers every update: RNG state must be restored too."""
+    """Re-seeding draws random numbers every update: RNG state must be restored too."""
     cfg = smoke("train.steps=60", "train.log_every=10", "train.eval_every=30", "train.checkpoint_every=1000", *bottleneck)
     train(cfg, tmp_path / "straight", show_progress=False)
     train(cfg, tmp_path / "split", show_progress=False, stop_after=27)  # mid-interval

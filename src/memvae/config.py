@@ -54,10 +54,8 @@ class BottleneckConfig:
     similarity: str = "l2"  # memory: "l2" or "cosine"
     beta_init: float = 1.0  # memory: initial β
     read_mode: str = "soft"  # memory: read in evaluation, "soft" or "hard"
-    train_read: str = "soft"  # memory: "soft", "straight_through" or "gumbel"
-    beta_growth: float = 1.0  # memory: β multiplied by a schedule rising to this factor
-    entropy_weight: float = 0.0  # memory: weight of the read-entropy penalty (bits)
-    tau_start: float = 1.0  # memory: annealed temperature (relative temperature, Gumbel read), at the start
+    train_read: str = "soft"  # memory: "soft" or "straight_through"
+    tau_start: float = 1.0  # memory: the relative temperature's τ at the start
     tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
     tau_anneal: float = 1.0  # memory: fraction of training over which τ anneals, then held at tau_end
     temperature: str = "learned"  # memory: "learned" β, or "relative" β = 1/(τ·q̄)
@@ -115,11 +113,11 @@ CHOICES = {
 }
 POSITIVE = {
     "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
-    "bottleneck.slots", "bottleneck.beta_init", "bottleneck.beta_growth", "bottleneck.tau_start",
+    "bottleneck.slots", "bottleneck.beta_init", "bottleneck.tau_start",
     "bottleneck.tau_end", "train.steps", "train.batch_size", "train.lr", "train.log_every",
     "train.eval_every", "train.checkpoint_every",
 }
-NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.entropy_weight", "bottleneck.reseed_threshold", "train.seed", "train.threads"}
+NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.reseed_threshold", "train.seed", "train.threads"}
 
 
 def all_keys() -> list[str]:
@@ -130,7 +128,19 @@ def all_keys() -> list[str]:
     return keys
 
 
+# Keys that older configs may hold, removed because no measurement in docs/results showed a use.
+REMOVED = {
+    "bottleneck.beta_growth": "the relative temperature's annealed τ (bottleneck.temperature = \"relative\") replaces it",
+    "bottleneck.entropy_weight": "the entropy penalty collapsed the read onto one slot at weight 0.01 and had no measured use",
+    "bottleneck.gumbel_tau_start": "the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_start",
+    "bottleneck.gumbel_tau_end": "the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_end",
+}
+
+
 def _unknown(key: str, candidates: list[str]) -> MemvaeError:
+    removed = next((k for k in REMOVED if key in (k, k.split(".")[-1])), None)
+    if removed:
+        return MemvaeError(f"config key {removed!r} was removed: {REMOVED[removed]}")
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
     return MemvaeError(f"unknown config key {key!r}{hint}")

@@ -39,7 +39,7 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
         return cls(cfg.slots, dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
     return cls(
         cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
-        train_read=cfg.train_read, beta_growth=cfg.beta_growth, entropy_weight=cfg.entropy_weight,
+        train_read=cfg.train_read,
         tau=(cfg.tau_start, cfg.tau_end), tau_anneal=cfg.tau_anneal, write=cfg.write, decay=cfg.decay,
         commitment=cfg.commitment, impl=cfg.impl, temperature=cfg.temperature,
         encoder_gradient=cfg.encoder_gradient, reseed_threshold=cfg.reseed_threshold, **init,

@@ -101,5 +101,5 @@ class Bottleneck(nn.Module):
     def set_progress(self, fraction: float) -> None:
         """Called by the training loop with the fraction of training done (0..1).
 
-        Bottlenecks with schedules (annealed β, Gumbel temperature) override it.
+        Bottlenecks with schedules (the memory read's annealed τ) override it.
         """

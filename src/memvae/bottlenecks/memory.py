@@ -11,7 +11,7 @@ from memvae.bottlenecks import functional as Fn
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 
 SIMILARITIES = ("l2", "cosine")
-TRAIN_READS = ("soft", "straight_through", "gumbel")
+TRAIN_READS = ("soft", "straight_through")
 READ_MODES = ("soft", "hard")
 WRITES = ("gradient", "soft_ema", "hard_ema")
 TEMPERATURES = ("learned", "relative")
@@ -29,9 +29,7 @@ class MemoryRead(Bottleneck):
         w = softmax(β·s(z, M_k))          s = −‖z − M_k‖² ("l2") or cos(z, M_k) ("cosine")
         r = Σ_k w_k M_k                   (the "soft" read, what the decoder receives)
     Temperature:
-        learned:  β = exp(log β) > 0 is learned; ``beta_growth`` multiplies it by a
-                  schedule that rises geometrically from 1 to ``beta_growth`` over
-                  training (1 = off).
+        learned:  β = exp(log β) > 0 is learned (the study's model).
         relative: β = 1 / (τ·q̄) (l2), so that the logits are −‖z − M_k‖² / (τ·q̄): q̄ is a
                   moving average (decay ``decay``, training mode only, a buffer saved in
                   checkpoints and all-reduced under torch.distributed) of the mean squared
@@ -39,9 +37,8 @@ class MemoryRead(Bottleneck):
                   Scaling z and M alike leaves the weights unchanged, so the sharpness does
                   not drift with the encoder's scale. τ follows ``tau`` (below). For cosine,
                   distances are ‖ẑ − m̂‖² = 2 − 2 cos and β = 2 / (τ·q̄).
-    ``tau`` = (start, end): a temperature annealed geometrically over the first
-    ``tau_anneal`` fraction of training (then held at its end value), used by the relative
-    temperature and by the Gumbel read.
+    ``tau`` = (start, end): the relative temperature's τ, annealed geometrically over the
+    first ``tau_anneal`` fraction of training (then held at its end value).
 
     The l2 logits use −β‖z − m‖² = 2β z·m − β‖m‖² − β‖z‖², dropping the last term,
     which is the same for every slot. The read is then attention with query [z, 1] and
@@ -53,7 +50,6 @@ class MemoryRead(Bottleneck):
         hard:             M_argmax(w): a discrete read, log2 K bits per position (as
                           τ → 0 the soft read tends to it).
         straight_through: forward M_argmax(w), backward the gradient of the soft read.
-        gumbel:           soft read with weights softmax((β·s + g)/τ), g ~ Gumbel(0, 1).
 
     ``encoder_gradient``: "read" (the gradient of the read itself reaches z, M and β),
     "straight_through" (output z + sg(read − z), VQ-VAE's estimator: the decoder sees the
@@ -73,18 +69,13 @@ class MemoryRead(Bottleneck):
     falls below it take recent encoder vectors far from every slot
     (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
 
-    ``entropy_weight`` > 0 adds that weight times the mean entropy of w (bits) to the
-    loss, pushing the read toward one slot.
-
     Args:
         num_slots: K.  dim: D.
         similarity: "l2" or "cosine".
         beta_init: initial β.
         read_mode: read in eval mode ("soft" or "hard"); may be changed after training.
         train_read: read in training mode (see above).
-        beta_growth: factor by which β's schedule multiplies it at the end of training.
-        entropy_weight: weight of the entropy penalty.
-        tau: (start, end) of the annealed temperature (relative temperature, Gumbel read).
+        tau: (start, end) of the relative temperature's annealed τ.
         tau_anneal: fraction of training over which τ goes from start to end (0 < · ≤ 1).
         write: "gradient", "soft_ema" or "hard_ema".  decay: γ of the moving averages
             (slots and q̄).
@@ -109,8 +100,6 @@ class MemoryRead(Bottleneck):
         beta_init: float = 1.0,
         read_mode: str = "soft",
         train_read: str = "soft",
-        beta_growth: float = 1.0,
-        entropy_weight: float = 0.0,
         tau: tuple[float, float] = (1.0, 0.1),
         write: str = "gradient",
         decay: float = 0.99,
@@ -147,7 +136,7 @@ class MemoryRead(Bottleneck):
                              "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
         self.num_slots, self.dim = num_slots, dim
         self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
-        self.beta_growth, self.entropy_weight, self.tau_range = beta_growth, entropy_weight, tuple(tau)
+        self.tau_range = tuple(tau)
         self.tau_anneal = tau_anneal
         self.temperature, self.encoder_gradient, self.reseed_threshold = temperature, encoder_gradient, reseed_threshold
         self.write, self.decay, self.commitment = write, decay, commitment
@@ -175,7 +164,7 @@ class MemoryRead(Bottleneck):
         if self.temperature == "relative":
             scale = 2.0 if self.similarity == "cosine" else 1.0
             return scale / (self.tau() * self.distortion.clamp_min(1e-12))
-        return self.log_beta.exp() * self.beta_growth**self.progress
+        return self.log_beta.exp()
 
     def tau(self) -> float:
         """The annealed temperature τ at the current point of training."""
@@ -282,7 +271,7 @@ class MemoryRead(Bottleneck):
         memory = self.memory.clone() if ema else self.memory
         loss = x.new_zeros(())
         weights = None
-        fused_ok = mode in ("soft", "hard") and self.entropy_weight == 0.0
+        fused_ok = mode in ("soft", "hard")
         use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.num_slots > self.fused_threshold))
         soft_sums = ema and self.write == "soft_ema"
         # With a straight-through or rotated gradient the read's own graph is never used.
@@ -307,18 +296,12 @@ class MemoryRead(Bottleneck):
                 logits = self.logits(x, memory, beta) if scores is None else beta * scores
                 w = logits.softmax(1)
                 stats, idx = Fn.weight_statistics(logits, w)
-                if mode == "gumbel":
-                    gumbel = -torch.empty_like(logits).exponential_().log()
-                    read = ((logits + gumbel) / self.tau()).softmax(1) @ memory
-                elif mode == "hard":
+                if mode == "hard":
                     read = memory[idx]
                 else:
                     read = w @ memory
                     if mode == "straight_through":
                         read = Fn.straight_through(read, memory[idx])
-                if self.entropy_weight > 0:
-                    entropy_bits = -(w * F.log_softmax(logits, 1)).sum(1).mean() / math.log(2.0)
-                    loss = loss + self.entropy_weight * entropy_bits
                 if soft_sums:
                     wd = w.detach()
                     counts, sums = wd.sum(0), wd.t() @ x.detach().float()
