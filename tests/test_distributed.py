@@ -94,17 +94,17 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def assert_same_model(name: str, a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, max_fraction: float = 0.01) -> None:
-    """Two checkpoints' models agree: at most ``max_fraction`` of all parameter entries
-    differ by more than atol + rtol·|b|, and every buffer is within that tolerance.
+    """Two checkpoints' models agree: at most ``max_fraction`` of all parameter and buffer
+    entries differ by more than atol + rtol·|b|.
 
     Why a fraction: Adam divides each gradient by its running RMS, so an entry whose
     gradient is as small as float rounding (dead ReLUs, cancelling sums) moves by a
     full step in a direction set by rounding. Measured here: 48 of 38,628 entries of
-    the memory model; a wrong split or reduction changes nearly all of them.
+    the memory model; a wrong split or reduction changes nearly all of them. Buffers too:
+    an encoder output at a near-tie between two slots, computed at batch 16 on each of two
+    processes instead of 32 on one, can go to the other slot and move both moving averages
+    (measured: 21 of the 1,024 slot entries of vq_ema_data, by < 1e-4).
     """
-    from memvae.model import Autoencoder
-
-    buffers = {key for key, _ in Autoencoder.from_config(config(name)).named_buffers()}
     assert a["step"] == b["step"] == STEPS
     assert a["model"].keys() == b["model"].keys()
     differing, total, worst = 0, 0, []
@@ -112,14 +112,12 @@ def assert_same_model(name: str, a: dict, b: dict, atol: float = 1e-5, rtol: flo
         other = b["model"][key]
         if not tensor.is_floating_point():
             assert torch.equal(tensor, other), key
-        elif key in buffers:
-            torch.testing.assert_close(tensor, other, atol=atol, rtol=rtol, msg=lambda m: f"{key}: {m}")
         else:
             off = (tensor - other).abs() > atol + rtol * other.abs()
             differing, total = differing + int(off.sum()), total + off.numel()
             if off.any():
                 worst.append((float((tensor - other).abs().max()), key))
-    assert differing <= max_fraction * total, f"{differing} of {total} parameter entries differ; worst: {sorted(worst)[-3:]}"
+    assert differing <= max_fraction * total, f"{differing} of {total} parameter and buffer entries differ; worst: {sorted(worst)[-3:]}"
 
 
 def assert_same_log(a: list[dict], b: list[dict], rtol: float) -> None:
