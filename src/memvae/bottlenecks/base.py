@@ -54,6 +54,11 @@ class Bottleneck(nn.Module):
         self.init = init
         # A buffer, so a resumed run knows the data initialisation already happened.
         self.register_buffer("initialized", torch.tensor(init != "data"))
+        self._initialized_seen = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._initialized_seen = False  # the loaded flag may say "not yet"
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def _init_from_data(self, x: torch.Tensor, positions: int = 1) -> None:
@@ -64,7 +69,10 @@ class Bottleneck(nn.Module):
         order one process sees it (rank r holds images r, r + world, ...), so any number
         of processes starts from the slots that one process would.
         """
-        if bool(self.initialized) or not self.training:
+        if not self.training or self._initialized_seen:
+            return
+        if bool(self.initialized):  # a host read only until the flag is seen set: it then stays set
+            self._initialized_seen = True
             return
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed:

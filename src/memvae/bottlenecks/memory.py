@@ -291,17 +291,17 @@ class MemoryRead(Bottleneck):
         with torch.set_grad_enabled(track):
             if use_fused:
                 idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
-                read = memory[idx] if mode == "hard" else self._fused_read(x, memory, beta)
+                read = memory.index_select(0, idx) if mode == "hard" else self._fused_read(x, memory, beta)
             else:
                 logits = self.logits(x, memory, beta) if scores is None else beta * scores
                 w = logits.softmax(1)
                 stats, idx = Fn.weight_statistics(logits, w)
                 if mode == "hard":
-                    read = memory[idx]
+                    read = memory.index_select(0, idx)
                 else:
                     read = w @ memory
                     if mode == "straight_through":
-                        read = Fn.straight_through(read, memory[idx])
+                        read = Fn.straight_through(read, memory.index_select(0, idx))
                 if soft_sums:
                     wd = w.detach()
                     counts, sums = wd.sum(0), wd.t() @ x.detach().float()

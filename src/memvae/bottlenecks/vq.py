@@ -36,7 +36,9 @@ class VectorQuantizer(Bottleneck):
         x = Fn.flatten_positions(z)
         self._init_from_data(x, Fn.positions_per_item(z))
         idx = Fn.nearest_slots(x, self.memory)
-        chosen = self.memory[idx]
+        # index_select's backward adds rows in index order on any thread count; memory[idx]'s
+        # adds them with atomics from several threads on CPU, in an order that varies.
+        chosen = self.memory.index_select(0, idx)
         codebook_loss = F.mse_loss(chosen, x.detach())
         commitment_loss = F.mse_loss(x, chosen.detach())
         quantized = Fn.unflatten_positions(Fn.straight_through(x, chosen), z)
