@@ -93,7 +93,7 @@ def records(run_dir: Path) -> list[dict]:
     return MetricsLog(run_dir / "metrics.jsonl").read()
 
 
-def assert_same_model(name: str, a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, max_fraction: float = 0.01) -> None:
+def assert_same_model(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, max_fraction: float = 0.01) -> None:
     """Two checkpoints' models agree: at most ``max_fraction`` of all parameter and buffer
     entries differ by more than atol + rtol·|b|.
 
@@ -141,7 +141,7 @@ def assert_written_once(run_dir: Path) -> None:
 def test_two_processes_match_one(runs, name):
     ddp, single = runs / f"{name}-ddp", runs / f"{name}-single"
     assert_written_once(ddp)
-    assert_same_model(name, final_state(ddp), final_state(single))
+    assert_same_model(final_state(ddp), final_state(single))
     assert_same_log(records(ddp), records(single), rtol=1e-4)
 
 
@@ -161,14 +161,14 @@ def test_resume_on_two_processes(runs):
     """Stopped at update 3 and resumed: the same model and log as the unbroken run."""
     resumed = runs / "resumed-ddp"
     assert_written_once(resumed)
-    assert_same_model(RESUMED, final_state(resumed), final_state(runs / f"{RESUMED}-ddp"), atol=1e-6, rtol=1e-6, max_fraction=0)
-    assert_same_model(RESUMED, final_state(resumed), final_state(runs / f"{RESUMED}-single"))
+    assert_same_model(final_state(resumed), final_state(runs / f"{RESUMED}-ddp"), atol=1e-6, rtol=1e-6, max_fraction=0)
+    assert_same_model(final_state(resumed), final_state(runs / f"{RESUMED}-single"))
     assert_same_log(records(resumed), records(runs / f"{RESUMED}-single"), rtol=1e-4)
 
 
 def test_data_initialisation_matches_one_process(runs):
     ddp, single = runs / "vq_ema_data-ddp", runs / "vq_ema_data-single"
-    assert_same_model("vq_ema_data", final_state(ddp), final_state(single))
+    assert_same_model(final_state(ddp), final_state(single))
 
 
 if __name__ == "__main__":
