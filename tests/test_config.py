@@ -86,14 +86,24 @@ def test_bare_key_shared_by_two_sections_is_ambiguous(monkeypatch):
         C.resolve_key("steps")
 
 
-@pytest.mark.parametrize("key", ["bottleneck.beta_growth", "bottleneck.gumbel_tau_start", "entropy_weight"])
+@pytest.mark.parametrize("key", ["bottleneck.beta_growth", "bottleneck.entropy_weight", "gumbel_tau_start"])
 def test_a_removed_key_fails_with_one_line_naming_it(key):
     from memvae.config import apply_overrides, Config, from_dict
 
     section, _, name = key.rpartition(".")
     with pytest.raises(MemvaeError, match="was removed") as raised:
-        if section:
-            from_dict({section: {name: 1.0}})
-        else:
+        if section:  # a value at which the key acted (growth ×2, penalty 0.5)
+            from_dict({section: {name: 2.0 if name == "beta_growth" else 0.5}})
+        else:  # naming a removed key on purpose fails whatever its value
             apply_overrides(Config(), [f"{key}=1.0"])
     assert "\n" not in str(raised.value)
+
+
+def test_an_old_run_config_with_removed_keys_at_their_inert_values_loads():
+    """Runs saved before the keys were removed hold them at the values where they did nothing."""
+    from memvae.config import Config, from_dict, to_dict
+
+    old = {"bottleneck": {"slots": 256, "beta_growth": 1.0, "entropy_weight": 0.0, "gumbel_tau_start": 0.5}}
+    cfg = from_dict(old)
+    assert cfg.bottleneck.slots == 256
+    assert to_dict(cfg) == to_dict(from_dict({"bottleneck": {"slots": 256}}))

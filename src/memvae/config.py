@@ -128,19 +128,32 @@ def all_keys() -> list[str]:
     return keys
 
 
-# Keys that older configs may hold, removed because no measurement in docs/results showed a use.
+# Keys that older configs may hold, removed because no measurement in docs/results showed a use:
+# key -> (why, the value at which it did nothing, or ANY_VALUE when it never acted on its own).
+# A saved run whose config holds a removed key at that value still loads (it trained the
+# model it would train today); any other value fails with the reason.
+ANY_VALUE = object()
 REMOVED = {
-    "bottleneck.beta_growth": "the relative temperature's annealed τ (bottleneck.temperature = \"relative\") replaces it",
-    "bottleneck.entropy_weight": "the entropy penalty collapsed the read onto one slot at weight 0.01 and had no measured use",
-    "bottleneck.gumbel_tau_start": "the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_start",
-    "bottleneck.gumbel_tau_end": "the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_end",
+    "bottleneck.beta_growth": ("the relative temperature's annealed τ (bottleneck.temperature = \"relative\") replaces it", 1.0),
+    "bottleneck.entropy_weight": ("the entropy penalty collapsed the read onto one slot at weight 0.01 and had no measured use", 0.0),
+    # Read only by train_read = "gumbel", which is refused on its own.
+    "bottleneck.gumbel_tau_start": ("the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_start", ANY_VALUE),
+    "bottleneck.gumbel_tau_end": ("the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_end", ANY_VALUE),
 }
+
+
+def _inert_removed_key(dotted: str, value) -> bool:
+    """True for a removed key set to the value at which it did nothing (an old run's config)."""
+    if dotted not in REMOVED:
+        return False
+    neutral = REMOVED[dotted][1]
+    return neutral is ANY_VALUE or value == neutral
 
 
 def _unknown(key: str, candidates: list[str]) -> MemvaeError:
     removed = next((k for k in REMOVED if key in (k, k.split(".")[-1])), None)
     if removed:
-        return MemvaeError(f"config key {removed!r} was removed: {REMOVED[removed]}")
+        return MemvaeError(f"config key {removed!r} was removed: {REMOVED[removed][0]}")
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
     return MemvaeError(f"unknown config key {key!r}{hint}")
@@ -254,6 +267,8 @@ def from_dict(raw: dict, cfg: Config | None = None) -> Config:
                 raise MemvaeError(f"config section [{top}] must be a table, got {value!r}")
             for key, item in value.items():
                 dotted = f"{top}.{key}"
+                if _inert_removed_key(dotted, item):
+                    continue
                 if dotted not in all_keys():
                     raise _unknown(dotted, all_keys())
                 _set(cfg, dotted, _coerce(dotted, item, False))
