@@ -88,6 +88,19 @@ def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
         compare(tmp_path, ["vq"], overrides=[*SMALL, "train.lr=0.01"], **common)
 
 
+def test_report_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path, data_dir, capsys):
+    common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "configs", show_progress=False,
+                  test_images=200, overrides=SMALL)
+    with pytest.raises(MemvaeError, match="has finished its 10 updates"):
+        compare(tmp_path, ["vq"], report_only=True, **common)
+    compare(tmp_path, ["vq"], **common)
+    results = compare(tmp_path, ["vq", "vq_ema"], seeds=2, report_only=True, **common)
+    assert "not finished, left out: vq-seed1, vq_ema-seed0, vq_ema-seed1" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["vq-seed0"]  # nothing was trained
+    assert list(results["models"]) == ["vq"] and len(results["models"]["vq"]["seeds"]) == 1
+    assert "| vq | 1 | nearest |" in (tmp_path / "results.md").read_text()
+
+
 def test_resolve_jobs_caps_at_the_runs_and_refuses_nonsense():
     assert resolve_jobs("auto", 100) == cpu_cores()
     assert resolve_jobs("auto", 1) == 1 and resolve_jobs(4, 2) == 2 and resolve_jobs("3", 5) == 3

@@ -148,7 +148,7 @@ def cmd_compare(args, extra: list[str]) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
             lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
-            test_images=args.test_images, jobs=args.jobs)
+            test_images=args.test_images, jobs=args.jobs, report_only=args.report_only)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json")
 
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", default=None, help="runs trained at once, each in its own process with the CPU cores "
                    "split between them (train.threads = cores // jobs): a number, or auto = one per core, up to the "
                    "number of runs (default: auto, measured faster on 2 cores; see docs/benchmarks.md)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: evaluate and tabulate the runs "
+                   "that have finished (the others are named), e.g. while the rest still trains")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     data_dir_arg(p)
     p.set_defaults(func=cmd_compare, extra_ok=True)

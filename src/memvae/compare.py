@@ -124,6 +124,7 @@ def compare(
     show_progress: bool = True,
     test_images: int | None = None,
     jobs: int | str | None = None,
+    report_only: bool = False,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
@@ -135,6 +136,9 @@ def compare(
     config.toml. A run's numbers depend on its thread count, not on what trains beside
     it: trained alone with that count it logs the same numbers. "auto": one run per
     core, up to the number of runs to train. None: ``DEFAULT_JOBS``.
+
+    ``report_only``: train nothing; evaluate and tabulate the runs of the plan that have
+    finished (a partial comparison while the rest still trains elsewhere) and name the others.
     """
     out = Path(out)
     config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
@@ -148,9 +152,18 @@ def compare(
         raise MemvaeError(f"two models share a config name: {names}")
 
     todo = [(cfg, run_dir, state) for cfg, run_dir in plan if (state := _run_state(run_dir, cfg)) != "done"]
-    workers = resolve_jobs(DEFAULT_JOBS if jobs is None else jobs, len(todo))
+    if report_only:
+        missing = {run_dir for _, run_dir, _ in todo}
+        if missing:
+            print(f"not finished, left out: {', '.join(sorted(p.name for p in missing))}", file=sys.stderr)
+        plan = [(cfg, run_dir) for cfg, run_dir in plan if run_dir not in missing]
+        if not plan:
+            raise MemvaeError(f"no run of {', '.join(models)} in {out / 'runs'} has finished its {steps} updates")
     first = plan[0][0].data
     data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
+    if report_only:
+        return report(out, plan, data, lossless, images_shown, test_images)
+    workers = resolve_jobs(DEFAULT_JOBS if jobs is None else jobs, len(todo))
     started = time.perf_counter()
     if workers > 1:
         threads = max(1, cpu_cores() // workers)
@@ -334,7 +347,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
                 grid.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
 
     steps = plan[0][0].train.steps
-    seeds = len(plan) // len(by_model)
+    seeds = max(map(len, by_model.values()))  # report_only may find fewer for some models
     title = f"CIFAR-10, {steps} updates, {seeds} seed{'s' if seeds > 1 else ''}"
     convergence_figure(curves, out / "convergence.png", title=title)
     reconstruction_grid(grid, out / "reconstructions.png", title=f"test images 0..{images_shown - 1}, {steps} updates")
@@ -369,29 +382,29 @@ def _fmt(stat: dict | None, digits: int = 4) -> str:
 def results_table(results: dict) -> str:
     """results.json's dict -> a markdown table, one row per model and read."""
     levels = [f"{x:g}" for x in results["nmse_levels"]]
-    header = ["model", "read", "test NMSE", "PSNR dB", "perplexity", "slots used", "entropy bits", "max weight", "β"]
+    header = ["model", "seeds", "read", "test NMSE", "PSNR dB", "perplexity", "slots used", "entropy bits", "max weight", "β"]
     header += [f"updates to {x}" for x in levels] + ["s / update"]
     has_lossless = any("lossless" in m["summary"] for m in results["models"].values())
     if has_lossless:
-        header.insert(3, "lossless NMSE")
+        header.insert(4, "lossless NMSE")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, model in results["models"].items():
         summary = model["summary"]
         for read, metrics in summary["test"].items():
             if read == "hard_gap":
                 continue
-            row = [name, read, _fmt(metrics.get("nmse")), _fmt(metrics.get("psnr")), _fmt(metrics.get("perplexity"), 3),
+            first_read = read == next(iter(summary["test"]))
+            row = [name, str(len(model["seeds"])) if first_read else "", read, _fmt(metrics.get("nmse")), _fmt(metrics.get("psnr")), _fmt(metrics.get("perplexity"), 3),
                    _fmt(metrics.get("slots_used"), 0), _fmt(metrics.get("entropy_bits"), 3),
                    _fmt(metrics.get("max_weight"), 3), _fmt(metrics.get("beta"), 3)]
-            first_read = read == next(iter(summary["test"]))
             # Convergence and speed belong to the run, not to a read: shown once per model.
             row += [_fmt(summary["updates_to_nmse"].get(x), 0) if first_read else "" for x in levels]
             row.append(_fmt(summary["seconds_per_update"], 3) if first_read else "")
             if has_lossless:
-                row.insert(3, _fmt(summary.get("lossless", {}).get(read, {}).get("nmse")))
+                row.insert(4, _fmt(summary.get("lossless", {}).get(read, {}).get("nmse")))
             lines.append("| " + " | ".join(row) + " |")
     caption = (
-        f"\n{results['steps']} updates, {results['seeds']} seed(s), mean ± std over seeds. Test metrics on "
+        f"\n{results['steps']} updates, mean ± std over each model's seeds. Test metrics on "
         f"{results['test_images']} test images; perplexity and slots used from slot counts over the whole set. 'updates to x': first "
         "logged update whose training NMSE (average over the log interval) is ≤ x. s / update: training time only, "
         "on the machine named in the run's meta.json.\n"
