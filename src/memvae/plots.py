@@ -1,4 +1,4 @@
-"""Figures derived from run directories: reconstruction grids and convergence curves."""
+"""Figures derived from run directories: reconstruction grids, convergence curves, sample panels."""
 from __future__ import annotations
 
 import os
@@ -80,5 +80,23 @@ def convergence_figure(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def image_panels(panels: list[tuple[str, str | os.PathLike]], out: str | os.PathLike, title: str | None = None) -> Path:
+    """Saved PNG images (e.g. sample grids) side by side, each under its label."""
+    images = [plt.imread(path) for _, path in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6 + (0.3 if title else 0.0)), squeeze=False)
+    for ax, (label, _), image in zip(axes[0], panels, images):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
