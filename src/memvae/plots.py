@@ -12,6 +12,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, out: str | os.PathLike, tight: bool = False) -> Path:
+    """Lay out, write as PNG (``tight``: cropped to what is drawn) and close ``fig``."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight" if tight else None)
+    plt.close(fig)
+    return out
+
+
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average (window shrinks at the ends), for noisy training curves."""
     half = window // 2
@@ -37,12 +47,7 @@ def reconstruction_grid(rows: list[tuple[str, torch.Tensor]], out: str | os.Path
             spine.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, out, tight=True)
 
 
 def convergence_figure(
@@ -76,12 +81,7 @@ def convergence_figure(
     ax_ppl.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def image_panels(panels: list[tuple[str, str | os.PathLike]], out: str | os.PathLike, title: str | None = None) -> Path:
@@ -94,9 +94,4 @@ def image_panels(panels: list[tuple[str, str | os.PathLike]], out: str | os.Path
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, out, tight=True)
