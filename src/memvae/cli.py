@@ -144,13 +144,18 @@ def cmd_plot(args, extra: list[str]) -> None:
 
 def cmd_compare(args, extra: list[str]) -> None:
     from memvae.compare import compare
+    from memvae.sweep import parse_slots
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
             lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
-            test_images=args.test_images, jobs=args.jobs, report_only=args.report_only)
+            test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
+            slots=parse_slots(args.slots) if args.slots else None)
     print((Path(args.out) / "results.md").read_text())
-    print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json")
+    if args.slots:
+        print((Path(args.out) / "rate_distortion.md").read_text())
+    sweep = ", rate_distortion.md, rate_distortion.png" if args.slots else ""
+    print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json{sweep}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "number of runs (default: auto, measured faster on 2 cores; see docs/benchmarks.md)")
     p.add_argument("--report-only", action="store_true", help="train nothing: evaluate and tabulate the runs "
                    "that have finished (the others are named), e.g. while the rest still trains")
+    p.add_argument("--slots", help="the rate sweep: train every discrete model at each of these codebook sizes K "
+                   "(e.g. 64,512,4096; runs MODEL-kK-seedS) and continuous models once; writes rate_distortion.md and .png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     data_dir_arg(p)
     p.set_defaults(func=cmd_compare, extra_ok=True)

@@ -7,6 +7,7 @@ Layout of the output directory::
     reconstructions.png     the same test images, original and every model's reads
     results.json            every measured number, per model, per read, per seed
     results.md              the same as a table (mean ± std over seeds)
+    rate_distortion.md/.png with --slots (the rate sweep): one table per K, NMSE against rate
     logs/<model>-seed<s>.log  what each run printed, when runs train side by side (jobs > 1)
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_model, reads_of, reconstructions
 from memvae.metrics import read_metrics
-from memvae.plots import convergence_figure, reconstruction_grid
+from memvae.plots import convergence_figure, rate_distortion_figure, reconstruction_grid
 from memvae.runs import load_run
+from memvae.sweep import at_slots, collect, is_discrete, rate_tables
 from memvae.train import train
 
 NMSE_LEVELS = (0.20, 0.10, 0.08, 0.06)
@@ -125,6 +127,7 @@ def compare(
     test_images: int | None = None,
     jobs: int | str | None = None,
     report_only: bool = False,
+    slots: list[int] | None = None,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
@@ -139,17 +142,25 @@ def compare(
 
     ``report_only``: train nothing; evaluate and tabulate the runs of the plan that have
     finished (a partial comparison while the rest still trains elsewhere) and name the others.
+
+    ``slots``: the rate sweep. Every discrete model is trained at each K in ``slots``
+    (:func:`memvae.sweep.at_slots`: runs ``<model>-k<K>-seed<s>``), every continuous one
+    once; rate_distortion.md (one table per K) and rate_distortion.png are written too.
+
+    Runs train seed by seed (every model's seed 0 first), so that a sweep cut short still
+    holds one of everything.
     """
     out = Path(out)
     config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
     plan = []
-    for model in models:
-        for seed in range(seeds):
+    for seed in range(seeds):
+        for model in models:
             cfg = _model_config(model, config_dir, steps, seed, list(overrides))
-            plan.append((cfg, out / "runs" / f"{cfg.name}-seed{seed}"))
+            variants = [at_slots(cfg, k) for k in slots] if slots and is_discrete(cfg) else [cfg]
+            plan += [(v, out / "runs" / f"{v.name}-seed{seed}") for v in variants]
     names = [cfg.name for cfg, _ in plan]
     if len(set(names)) * seeds != len(names):
-        raise MemvaeError(f"two models share a config name: {names}")
+        raise MemvaeError(f"two models share a config name: {sorted(names)}")
 
     todo = [(cfg, run_dir, state) for cfg, run_dir in plan if (state := _run_state(run_dir, cfg)) != "done"]
     if report_only:
@@ -162,7 +173,7 @@ def compare(
     first = plan[0][0].data
     data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
     if report_only:
-        return report(out, plan, data, lossless, images_shown, test_images)
+        return report(out, plan, data, lossless, images_shown, test_images, sweep=bool(slots))
     workers = resolve_jobs(DEFAULT_JOBS if jobs is None else jobs, len(todo))
     started = time.perf_counter()
     if workers > 1:
@@ -177,7 +188,7 @@ def compare(
             overall.update(steps)
         overall.close()
     training = {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
-    return report(out, plan, data, lossless, images_shown, test_images, training=training)
+    return report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
 
 
 def cpu_cores() -> int:
@@ -309,14 +320,17 @@ def _train_child() -> None:
 
 
 def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossless, images_shown: int,
-           test_images: int | None = None, training: dict | None = None) -> dict:
+           test_images: int | None = None, training: dict | None = None, sweep: bool = False) -> dict:
     """Evaluate the finished runs of ``plan`` and write figures and tables into ``out``;
-    ``training`` (jobs, runs trained, wall seconds of this call's training) is recorded too."""
+    ``training`` (jobs, runs trained, wall seconds of this call's training) is recorded too;
+    ``sweep``: also the rate sweep's tables and figure (see :func:`compare`)."""
     variance = data.train_variance()
     test = data.test[:test_images] if test_images else data.test
     lossless_images = load_array_images(lossless) if lossless else None
     shown = data.test[:images_shown]
     by_model: dict[str, list] = {}
+    about: dict[str, dict] = {}  # per model: its own read, whether discrete, K and base name in a sweep
+    run_dirs: dict[str, list[Path]] = {}
     grid = [("original", shown)]
     curves: dict[str, list] = {}
     for cfg, run_dir in plan:
@@ -341,6 +355,12 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         if "lossless" in cached:
             seed_result["lossless"] = cached["lossless"]
         by_model.setdefault(cfg.name, []).append(seed_result)
+        if cfg.name not in about:
+            own = model.bottleneck.reads[0] if not hasattr(model.bottleneck, "read_mode") else model.bottleneck.read_mode
+            about[cfg.name] = {"read": own, "discrete": bool(model.bottleneck.discrete), "k": model.bottleneck.num_slots
+                               if sweep and model.bottleneck.discrete else None, "base": cfg.name.rsplit("-k", 1)[0]
+                               if sweep and model.bottleneck.discrete else cfg.name}
+        run_dirs.setdefault(cfg.name, []).append(run_dir)
         curves.setdefault(cfg.name, []).append(records)
         if cfg.train.seed == 0:
             for read, recon in reconstructions(model, shown).items():
@@ -356,12 +376,16 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         "seeds": seeds,
         "nmse_levels": list(NMSE_LEVELS),
         "test_images": len(test),
-        "models": {name: {"seeds": runs, "summary": _summarise(runs)} for name, runs in by_model.items()},
+        "models": {name: {**about[name], "seeds": runs, "summary": _summarise(runs)} for name, runs in by_model.items()},
     }
     if training is not None:
         results["training"] = training
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(results_table(results))
+    if sweep:
+        rows = collect(results, run_dirs)
+        (out / "rate_distortion.md").write_text(rate_tables(rows, steps))
+        rate_distortion_figure(rows, out / "rate_distortion.png", steps)
     return results
 
 

@@ -175,7 +175,8 @@ class IntervalMeter:
     def add(self, out: AutoencoderOutput, applied: torch.Tensor) -> None:
         """One update: its reconstruction MSE and perplexity when ``applied`` (a device
         bool), else one more skipped update."""
-        perplexity = torch.as_tensor(out.bottleneck.metrics["perplexity"], device=self.sums.device)
+        # A bottleneck without codes (the continuous control) has no perplexity: NaN in the log.
+        perplexity = torch.as_tensor(out.bottleneck.metrics.get("perplexity", float("nan")), device=self.sums.device)
         measures = torch.cat([torch.stack([out.recon_mse.detach().double(), perplexity.detach().double()]), self._counts])
         self.sums += torch.where(applied, measures, self._skipped)
 
@@ -522,7 +523,8 @@ class RunLog:
         if self.is_main:
             self.metrics.append(record)
             for key in ("eval_nmse", "eval_perplexity", "eval_slots_used"):
-                self.writer.add_scalar(key.replace("eval_", "eval/"), record[key], record["step"])
+                if key in record:  # a bottleneck without codes has no perplexity or slots
+                    self.writer.add_scalar(key.replace("eval_", "eval/"), record[key], record["step"])
 
     def close(self) -> None:
         self.bar.close()

@@ -5,7 +5,6 @@ from contextlib import contextmanager
 
 import torch
 
-from memvae.bottlenecks import MemoryRead
 from memvae.bottlenecks.functional import code_counts, perplexity_from_counts
 from memvae.data import to_input, to_uint8
 from memvae.metrics import nmse, psnr
@@ -25,7 +24,7 @@ def evaluate_read(
     """
     model.eval()
     k = model.bottleneck.num_slots
-    counts = torch.zeros(k, dtype=torch.int64, device=device)
+    counts = torch.zeros(max(k, 1), dtype=torch.int64, device=device)
     sq_error, pixels, positions = 0.0, 0, 0
     sums: dict[str, float] = {}
     for batch in images.split(batch_size):
@@ -33,6 +32,8 @@ def evaluate_read(
         out = model(x)
         sq_error += float((out.reconstruction.float() - x).pow(2).sum(dtype=torch.float64))
         pixels += x.numel()
+        if out.bottleneck.codes is None:  # the continuous control: no codes to count
+            continue
         counts += code_counts(out.bottleneck.codes, k)
         n = out.bottleneck.codes.numel()
         positions += n
@@ -45,29 +46,32 @@ def evaluate_read(
         "mse": mse,
         "nmse": nmse(mse, train_variance),
         "psnr": psnr(mse),
-        "perplexity": float(perplexity_from_counts(counts)),
-        "slots_used": int((counts > 0).sum()),
     }
+    if k:
+        result["perplexity"] = float(perplexity_from_counts(counts))
+        result["slots_used"] = int((counts > 0).sum())
     if sums:
         result["entropy_bits"] = sums["entropy_bits"] / positions
         result["max_weight"] = sums["max_weight"] / positions
         result["confident_frac"] = sums["confident"] / positions
-    if isinstance(model.bottleneck, MemoryRead):
+    if hasattr(model.bottleneck, "beta"):  # a read sharpened by β reports it
         result["beta"] = float(model.bottleneck.beta())
     return result
 
 
 def reads_of(model: Autoencoder) -> list[str]:
-    """The reads a model can be evaluated with: "soft" and "hard" for memory, else "nearest"."""
-    return ["soft", "hard"] if isinstance(model.bottleneck, MemoryRead) else ["nearest"]
+    """The reads a model can be evaluated with, as its bottleneck declares them ("soft" and
+    "hard" for the memory, "nearest" for VQ and FSQ, "continuous" for none)."""
+    return list(model.bottleneck.reads)
 
 
 @contextmanager
 def read_mode(model: Autoencoder, read: str):
-    """Evaluate a memory model with ``read`` ("soft"/"hard") inside the block; "nearest" is a no-op."""
+    """Evaluate with ``read`` inside the block: a bottleneck of several reads ("soft"/"hard")
+    switches its read_mode; one of a single read has nothing to switch."""
     bottleneck = model.bottleneck
-    saved = getattr(bottleneck, "read_mode", None)
-    if read != "nearest":
+    saved = getattr(bottleneck, "read_mode", None) if len(bottleneck.reads) > 1 else None
+    if saved is not None:
         bottleneck.read_mode = read
     try:
         yield model

@@ -35,6 +35,8 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
         return cls(cfg.slots, dim, commitment=cfg.commitment, **init)
     if cfg.kind == "vq_ema":
         return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_threshold=cfg.reseed_threshold, **init)
+    if cfg.kind == "none":
+        return cls(dim=dim)
     if cfg.kind == "fsq":
         return cls(cfg.slots, dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
     return cls(

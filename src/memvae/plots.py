@@ -95,3 +95,42 @@ def image_panels(panels: list[tuple[str, str | os.PathLike]], out: str | os.Path
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, out, tight=True)
+
+
+def rate_distortion_figure(rows: dict, out: str | os.PathLike, steps: int) -> Path:
+    """``rows`` as :func:`memvae.sweep.collect` gives them. Two panels: test NMSE (mean ± std over seeds) against log2 K, and against the prior's
+    measured bits per index; one line per discrete model, continuous models as horizontal
+    lines with their seed band."""
+    import math
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    bases = list(dict.fromkeys(r["base"] for r in rows.values() if r["k"] is not None))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, base in enumerate(bases):
+        points = sorted((r for r in rows.values() if r["base"] == base and r["k"] is not None), key=lambda r: r["k"])
+        y = [r["nmse"]["mean"] for r in points]
+        err = [r["nmse"]["std"] for r in points]
+        colour = colours[i % len(colours)]
+        axes[0].errorbar([math.log2(r["k"]) for r in points], y, yerr=err, marker="o", capsize=4, label=base, color=colour)
+        measured = [r for r in points if "prior_bits_per_index" in r]
+        if measured:
+            axes[1].errorbar([r["prior_bits_per_index"]["mean"] for r in measured], [r["nmse"]["mean"] for r in measured],
+                             xerr=[r["prior_bits_per_index"]["std"] for r in measured],
+                             yerr=[r["nmse"]["std"] for r in measured], marker="o", capsize=4, label=base, color=colour)
+    styles = ["--", ":", "-."]
+    for j, r in enumerate(r for r in rows.values() if r["k"] is None):
+        for ax in axes:
+            mean, std = r["nmse"]["mean"], r["nmse"]["std"]
+            ax.axhline(mean, color="0.3", linestyle=styles[j % len(styles)], label=f"{r['base']} (continuous)")
+            ax.axhspan(mean - std, mean + std, color="0.8", alpha=0.5)
+    axes[0].set_xlabel("bits per position (log2 K)")
+    axes[1].set_xlabel("prior's test bits per index (measured rate)")
+    axes[0].set_ylabel("test NMSE (own read, whole test set)")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if not any("prior_bits_per_index" in r for r in rows.values()):
+        axes[1].text(0.5, 0.5, "no prior fitted yet\n(memvae prior RUN_DIR)", ha="center", va="center", transform=axes[1].transAxes)
+    fig.suptitle(f"CIFAR-10 distortion against rate, {steps} updates, mean ± std over seeds", fontsize=10)
+    return _save(fig, out)

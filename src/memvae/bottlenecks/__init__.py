@@ -4,6 +4,7 @@ from __future__ import annotations
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 from memvae.bottlenecks.fsq import FSQ
 from memvae.bottlenecks.memory import MemoryRead
+from memvae.bottlenecks.none import NoBottleneck
 from memvae.bottlenecks.vq import VectorQuantizer
 from memvae.bottlenecks.vq_ema import VectorQuantizerEMA
 
@@ -12,6 +13,7 @@ REGISTRY: dict[str, type[Bottleneck]] = {
     "vq_ema": VectorQuantizerEMA,
     "memory": MemoryRead,
     "fsq": FSQ,
+    "none": NoBottleneck,
 }
 
 
@@ -23,4 +25,4 @@ def bottleneck_class(kind: str) -> type[Bottleneck]:
         raise ValueError(f"unknown bottleneck {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]
+__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "MemoryRead", "NoBottleneck", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]

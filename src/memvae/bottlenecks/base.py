@@ -20,7 +20,8 @@ class BottleneckOutput:
         quantized: what the decoder receives, in the input's layout (B×D×H×W or B×N×D).
         loss: scalar, the bottleneck's own loss term (0 when it has none).
         codes: B×H×W (or B×N) int64, the slot each position reads most (argmin distance for
-            VQ, argmax weight for the memory read); usage is measured from these.
+            VQ, argmax weight for the memory read); usage is measured from these. None for
+            a bottleneck with no codes (the continuous control, kind "none").
         weights: B×H×W×K (or B×N×K) read weights of a soft read, or None (hard reads, and soft
             reads computed without materialising the N×K matrix).
         metrics: scalar tensors for logging (e.g. ``perplexity``, ``beta``,
@@ -29,7 +30,7 @@ class BottleneckOutput:
 
     quantized: torch.Tensor
     loss: torch.Tensor
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     weights: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -47,6 +48,10 @@ class Bottleneck(nn.Module):
 
     num_slots: int
     dim: int
+    # The reads it can be evaluated with (the first is its own), and whether its own read
+    # at test is one of num_slots codes per position (False: a continuous read).
+    reads: tuple[str, ...] = ("nearest",)
+    discrete: bool = True
 
     def _setup_init(self, init: str) -> None:
         if init not in INITS:

@@ -155,6 +155,13 @@ class MemoryRead(Bottleneck):
             self.register_buffer("distortion", torch.zeros(()))
         self._setup_init(init or ("random" if write == "gradient" else "data"))
 
+    reads = ("soft", "hard")
+
+    @property
+    def discrete(self) -> bool:
+        """One slot per position at test: the hard read."""
+        return self.read_mode == "hard"
+
     def set_progress(self, fraction: float) -> None:
         self.progress = float(min(max(fraction, 0.0), 1.0))
 

@@ -1,0 +1,119 @@
+"""The rate sweep: every discrete model at several codebook sizes K, beside the continuous ones.
+
+A discrete model at K codes passes log2 K bits per position; its measured rate is its
+prior's test bits per index (``memvae prior``). :func:`at_slots` derives a model's config
+at one K; :func:`collect` and :func:`rate_tables` turn compare's results (and the priors
+fitted in the run directories) into one table per K, and
+:func:`memvae.plots.rate_distortion_figure` into the distortion-rate figure. Continuous
+models (the control ``none``, the study's soft read) have no rate: they are trained once
+and drawn as horizontal lines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+
+from memvae import config as C
+from memvae.errors import MemvaeError
+
+# FSQ's levels per codebook size (Mentzer et al. 2023 use 8,5,5,5 for 1,000 and 8,8,8,6,5
+# for 15,360; here powers of two, so that FSQ's K equals the others').
+FSQ_LEVELS = {64: "4,4,4", 512: "8,8,8", 4096: "8,8,8,8"}
+
+
+def is_discrete(cfg: C.Config) -> bool:
+    """Whether the model's own read at test is one of K codes per position, as its
+    bottleneck declares it (the continuous control and the soft memory read are not)."""
+    from memvae.model import build_bottleneck  # torch, only when a sweep is planned
+
+    return bool(build_bottleneck(cfg.bottleneck, cfg.model.embedding_dim).discrete)
+
+
+def at_slots(cfg: C.Config, slots: int) -> C.Config:
+    """``cfg`` with K = ``slots`` codes, named ``<name>-k<K>``; FSQ takes its levels from
+    FSQ_LEVELS. A K that the model cannot take fails with one line."""
+    b = dataclasses.replace(cfg.bottleneck, slots=slots)
+    if b.kind == "fsq":
+        if slots not in FSQ_LEVELS:
+            raise MemvaeError(f"fsq has no levels chosen for K = {slots}; the sweep takes K in "
+                              f"{', '.join(map(str, FSQ_LEVELS))} for fsq")
+        b = dataclasses.replace(b, levels=FSQ_LEVELS[slots])
+    return C.validate(dataclasses.replace(cfg, name=f"{cfg.name}-k{slots}", bottleneck=b))
+
+
+def parse_slots(text: str) -> list[int]:
+    """"64,512,4096" -> [64, 512, 4096]; anything else fails with one line."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 2 or len(set(values)) != len(values):
+        raise MemvaeError(f"--slots must be distinct whole numbers >= 2 separated by commas, got {text!r}")
+    return values
+
+
+def _prior(run_dir: Path) -> dict | None:
+    path = run_dir / "prior" / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stat(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def collect(results: dict, run_dirs: dict[str, list[Path]]) -> dict:
+    """compare's results + priors -> {model name: {"k", "base", "read", "nmse", "psnr", ...}}.
+
+    ``run_dirs`` maps a config name (``fsq-k64``) to its runs' directories, in seed order.
+    Each entry holds mean/std over seeds of the model's own test read, and the prior's
+    bits per index and per image over the runs that have a fitted prior.
+    """
+    rows = {}
+    for name, model in results["models"].items():
+        seeds = model["seeds"]
+        read = model["read"]
+        priors = [p for p in map(_prior, run_dirs[name]) if p is not None]
+        row = {"k": model.get("k"), "base": model.get("base", name), "read": read, "seeds": len(seeds),
+               "nmse": _stat([s["test"][read]["nmse"] for s in seeds]),
+               "psnr": _stat([s["test"][read]["psnr"] for s in seeds])}
+        for key in ("slots_used", "perplexity"):
+            if key in seeds[0]["test"][read]:
+                row[key] = _stat([s["test"][read][key] for s in seeds])
+        if priors:
+            row["prior_bits_per_index"] = _stat([p["bits_per_index"] for p in priors])
+            row["prior_bits_per_image"] = _stat([p["bits_per_image"] for p in priors])
+        rows[name] = row
+    return rows
+
+
+def _fmt(stat: dict | None, digits: int) -> str:
+    if not stat:
+        return "—"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
+
+
+def rate_tables(rows: dict, steps: int) -> str:
+    """One markdown table per K (rows: each discrete model at that K, then the continuous
+    models for reference), the models' own test reads, mean ± std over seeds."""
+    header = ["model", "seeds", "read", "bits / position", "test NMSE", "PSNR dB", "slots used", "perplexity",
+              "prior bits / index", "prior bits / image"]
+    continuous = [(n, r) for n, r in rows.items() if r["k"] is None]
+    lines = []
+    for k in sorted({r["k"] for r in rows.values() if r["k"] is not None}):
+        lines += [f"### K = {k} ({math.log2(k):g} bits per position), {steps} updates", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, r in [(n, r) for n, r in rows.items() if r["k"] == k] + continuous:
+            bits = f"{math.log2(k):g}" if r["k"] else "continuous"
+            lines.append("| " + " | ".join([
+                r["base"], str(r["seeds"]), r["read"], bits, _fmt(r["nmse"], 4), _fmt(r["psnr"], 2),
+                _fmt(r.get("slots_used"), 0), _fmt(r.get("perplexity"), 0),
+                _fmt(r.get("prior_bits_per_index"), 3), _fmt(r.get("prior_bits_per_image"), 1)]) + " |")
+        lines.append("")
+    lines.append("Test metrics on the whole test set with each model's own read (the one a prior generates "
+                 "from; the continuous models' is not discrete). Prior bits: test NLL of the PixelCNN fitted "
+                 "in each run directory (`memvae prior`), over the runs that have one.")
+    return "\n".join(lines) + "\n"
