@@ -232,4 +232,18 @@ def test_perplexity_counts():
 def test_registry_rejects_unknown_names_with_the_known_ones():
     with pytest.raises(ValueError, match="vq, vq_ema"):
         bottleneck_class("nearest")
-    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq"}
+    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq", "none"}
+
+
+@pytest.mark.parametrize("shape", [(3, D, 5, 4), (3, 20, D)])
+def test_none_passes_z_through_with_no_loss_and_no_codes(shape):
+    """The continuous control: the decoder receives z itself, on maps and B×N×D sequences."""
+    bottleneck = bottleneck_class("none")(K, D).train()
+    z = torch.randn(*shape, requires_grad=True)
+    out = bottleneck(z)
+    assert torch.equal(out.quantized, z) and out.codes is None and float(out.loss) == 0.0
+    out.quantized.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+    assert not bottleneck.discrete and bottleneck.reads == ("continuous",)
+    with pytest.raises(ValueError, match="expects 8"):
+        bottleneck(torch.randn(2, D + 1, 4, 4))

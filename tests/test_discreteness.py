@@ -75,7 +75,7 @@ def annealed_run(tmp_path_factory, data_dir) -> Path:
     cfg = load_config(ROOT / "src" / "memvae" / "configs" / "memory_discrete.toml", [
         "train.steps=20", "train.threads=1", "train.log_every=20", "train.eval_every=20", "data.eval_images=50",
         "model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "bottleneck.slots=64",
-        "bottleneck.tau_start=1.0", "bottleneck.tau_end=0.01", "bottleneck.tau_anneal=1.0",
+        "bottleneck.tau_start=1.0", "bottleneck.tau_end=0.01", "bottleneck.tau_anneal_updates=20",
     ])
     train(cfg, path, data_dir=data_dir, show_progress=False)
     return path
@@ -93,4 +93,4 @@ def test_training_loop_drives_the_tau_schedule(annealed_run):
 
 def test_loaded_model_reads_with_the_scheduled_tau(annealed_run):
     model, _, _ = load_run(annealed_run)
-    assert model.bottleneck.tau() == pytest.approx(0.01)
+    assert float(model.bottleneck.tau()) == pytest.approx(0.01)

@@ -161,8 +161,6 @@ def _valid_value(key: str):
         return st.text(min_size=1, max_size=30).filter(lambda s: "/" not in s and "\\" not in s)
     if key == "bottleneck.decay":
         return st.floats(min_value=1e-6, max_value=1 - 1e-6)
-    if key == "bottleneck.tau_anneal":
-        return st.floats(min_value=1e-6, max_value=1.0)
     if kind == "int":
         low = 1 if key in C.POSITIVE else 0
         return st.integers(low, 2**62)
@@ -186,7 +184,7 @@ def test_valid_typed_values_round_trip_through_config_toml(values):
     # straight-through/rotated gradient nor re-seeding (tests/test_discrete_memory.py).
     memory_gradient_write = values.get("bottleneck.kind", "vq") == "memory" and values.get("bottleneck.write", "gradient") == "gradient"
     assume(not (memory_gradient_write and (values.get("bottleneck.encoder_gradient", "read") != "read"
-                                           or values.get("bottleneck.reseed_threshold", 0.0) > 0)))
+                                           or values.get("bottleneck.reseed_fraction", 0.0) > 0)))
     raw: dict = {}
     for key, value in values.items():
         if key == "name":

@@ -39,7 +39,7 @@ TRAIN_ARGS = [
     "--train.eval_every", "25", "--train.checkpoint_every", "6",
     # Re-seeding draws random numbers at every update: resuming must restore the RNG.
     "--bottleneck.kind", "memory", "--bottleneck.temperature", "relative", "--bottleneck.write", "hard_ema",
-    "--bottleneck.encoder_gradient", "straight_through", "--bottleneck.reseed_threshold", "1.0", "--no-progress",
+    "--bottleneck.encoder_gradient", "straight_through", "--bottleneck.reseed_fraction", "0.25", "--no-progress",
 ]
 
 

@@ -65,7 +65,7 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path, data_dir):
 @pytest.mark.parametrize(
     "bottleneck",
     [["bottleneck.kind=vq_ema"], ["bottleneck.kind=memory", "bottleneck.temperature=relative", "bottleneck.write=hard_ema",
-                                  "bottleneck.encoder_gradient=straight_through", "bottleneck.reseed_threshold=1.0"]],
+                                  "bottleneck.encoder_gradient=straight_through", "bottleneck.reseed_fraction=0.25"]],
     ids=["vq_ema", "memory_discrete"],
 )
 def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, data_dir, bottleneck):

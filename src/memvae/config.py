@@ -57,11 +57,11 @@ class BottleneckConfig:
     train_read: str = "soft"  # memory: "soft" or "straight_through"
     tau_start: float = 1.0  # memory: the relative temperature's τ at the start
     tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
-    tau_anneal: float = 1.0  # memory: fraction of training over which τ anneals, then held at tau_end
+    tau_anneal_updates: int = 2000  # memory: training updates over which τ anneals, then held at tau_end
     temperature: str = "learned"  # memory: "learned" β, or "relative" β = 1/(τ·q̄)
     encoder_gradient: str = "read"  # memory: "read" (through the read), "straight_through" (z + sg(read − z)) or "rotation"
     write: str = "gradient"  # memory: "gradient", "soft_ema" or "hard_ema"
-    reseed_threshold: float = 0.0  # vq_ema, memory with an EMA write: re-seed slots whose EMA count is below this
+    reseed_fraction: float = 0.0  # vq_ema, memory with an EMA write: re-seed slots whose EMA count is below this fraction of N/K
     levels: str = "8,8,8"  # fsq: levels per channel; their product must equal slots
     impl: str = "auto"  # memory: "auto", "dense" or "fused"
 
@@ -114,10 +114,10 @@ CHOICES = {
 POSITIVE = {
     "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
     "bottleneck.slots", "bottleneck.beta_init", "bottleneck.tau_start",
-    "bottleneck.tau_end", "train.steps", "train.batch_size", "train.lr", "train.log_every",
+    "bottleneck.tau_end", "bottleneck.tau_anneal_updates", "train.steps", "train.batch_size", "train.lr", "train.log_every",
     "train.eval_every", "train.checkpoint_every",
 }
-NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.reseed_threshold", "train.seed", "train.threads"}
+NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.reseed_fraction", "train.seed", "train.threads"}
 
 
 def all_keys() -> list[str]:
@@ -148,6 +148,38 @@ def _inert_removed_key(dotted: str, value) -> bool:
         return False
     neutral = REMOVED[dotted][1]
     return neutral is ANY_VALUE or value == neutral
+
+
+def _upgrade(raw: dict) -> dict:
+    """A saved config in today's keys: keys that were re-expressed are converted to the value
+    that trains the same model (defaults where the saved config leaves a key out).
+
+    - ``bottleneck.tau_anneal`` (a fraction of train.steps) -> ``tau_anneal_updates``
+      (updates); dropped where τ is unused (temperature other than "relative").
+    - ``bottleneck.reseed_threshold`` (a count of vectors per batch) -> ``reseed_fraction``
+      (of the mean count N/K, N = batch_size · (image_size / 4)² positions: the encoder
+      halves the side twice).
+    """
+    old = raw.get("bottleneck", {})
+    if not isinstance(old, dict) or not {"tau_anneal", "reseed_threshold"} & set(old):
+        return raw
+    defaults = Config()
+
+    def value(section: str, key: str):
+        got = raw.get(section, {})
+        return got.get(key, getattr(getattr(defaults, section), key)) if isinstance(got, dict) else getattr(getattr(defaults, section), key)
+
+    new = dict(old)
+    if "tau_anneal" in new:
+        fraction = new.pop("tau_anneal")
+        if value("bottleneck", "temperature") == "relative" and isinstance(fraction, (int, float)):
+            new["tau_anneal_updates"] = max(1, round(fraction * value("train", "steps")))
+    if "reseed_threshold" in new:
+        threshold = new.pop("reseed_threshold")
+        if isinstance(threshold, (int, float)):
+            positions = value("train", "batch_size") * (value("data", "image_size") // 4) ** 2
+            new["reseed_fraction"] = threshold * value("bottleneck", "slots") / positions
+    return {**raw, "bottleneck": new}
 
 
 def _unknown(key: str, candidates: list[str]) -> MemvaeError:
@@ -234,8 +266,6 @@ def validate(cfg: Config) -> Config:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise MemvaeError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
-    if not 0.0 < cfg.bottleneck.tau_anneal <= 1.0:
-        raise MemvaeError(f"config key 'bottleneck.tau_anneal' must be in (0, 1], got {cfg.bottleneck.tau_anneal!r}")
     if not 0.0 < cfg.bottleneck.decay < 1.0:
         raise MemvaeError(f"config key 'bottleneck.decay' must be in (0, 1), got {cfg.bottleneck.decay!r}")
     b = cfg.bottleneck
@@ -248,8 +278,8 @@ def validate(cfg: Config) -> Config:
             raise MemvaeError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {b.levels!r}")
         if math.prod(levels) != b.slots:
             raise MemvaeError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels ({math.prod(levels)}) for fsq, got {b.slots}")
-    if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_threshold > 0):
-        raise MemvaeError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_threshold need "
+    if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
+        raise MemvaeError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need "
                           "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise MemvaeError(f"config key 'name' must be a non-empty name without slashes, got {cfg.name!r}")
@@ -259,7 +289,7 @@ def validate(cfg: Config) -> Config:
 def from_dict(raw: dict, cfg: Config | None = None) -> Config:
     """Nested dict (as in a TOML file) -> Config, checking every key and type."""
     cfg = cfg if cfg is not None else Config()
-    for top, value in raw.items():
+    for top, value in _upgrade(raw).items():
         if top == "name":
             _set(cfg, "name", _coerce("name", value, False))
         elif top in SECTIONS:

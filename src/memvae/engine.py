@@ -33,7 +33,7 @@ from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_read
 from memvae.metrics import MetricsLog, nmse
 from memvae.model import Autoencoder, AutoencoderOutput
-from memvae.runs import config_mismatch, environment
+from memvae.runs import config_mismatch, environment, with_update_count
 
 
 def resolve_device(name: str) -> torch.device:
@@ -335,7 +335,6 @@ class Trainer:
         """One update: draw a batch, forward, backward, Adam step (undone on the device
         when the loss is not finite). Reads nothing back from the device."""
         tc = self.cfg.train
-        self.model.bottleneck.set_progress(self.step / tc.steps)
         indices = self.batcher.next()[self.ranks.rank :: self.ranks.world]
         x = to_input(self.train_images[indices])
         if tc.channels_last:
@@ -396,7 +395,7 @@ class Trainer:
         problem = config_mismatch(state["config"], self.cfg)
         if problem:
             raise MemvaeError(f"checkpoint {path} is from a different model configuration ({problem})")
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(with_update_count(state["model"], self.model, int(state["step"])))
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the config's rate, not the saved one: a resumed
             group["lr"] = self.cfg.train.lr  # run may change train.lr, and config.toml says it did

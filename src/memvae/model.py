@@ -34,7 +34,7 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
     if cfg.kind == "vq":
         return cls(cfg.slots, dim, commitment=cfg.commitment, **init)
     if cfg.kind == "vq_ema":
-        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_threshold=cfg.reseed_threshold, **init)
+        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_fraction=cfg.reseed_fraction, **init)
     if cfg.kind == "none":
         return cls(dim=dim)
     if cfg.kind == "fsq":
@@ -42,9 +42,9 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
     return cls(
         cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
         train_read=cfg.train_read,
-        tau=(cfg.tau_start, cfg.tau_end), tau_anneal=cfg.tau_anneal, write=cfg.write, decay=cfg.decay,
+        tau=(cfg.tau_start, cfg.tau_end), tau_anneal=cfg.tau_anneal_updates, write=cfg.write, decay=cfg.decay,
         commitment=cfg.commitment, impl=cfg.impl, temperature=cfg.temperature,
-        encoder_gradient=cfg.encoder_gradient, reseed_threshold=cfg.reseed_threshold, **init,
+        encoder_gradient=cfg.encoder_gradient, reseed_fraction=cfg.reseed_fraction, **init,
     )
 
 

@@ -59,12 +59,21 @@ def environment() -> dict:
 def config_mismatch(saved: dict, cfg: C.Config) -> str | None:
     """First model/bottleneck key where a checkpoint's config differs from ``cfg``, as text."""
     now = C.to_dict(cfg)
+    saved = C.to_dict(C.from_dict(saved))  # in today's keys (an older run's config is converted)
     for section in ("model", "bottleneck"):
         for key, value in now[section].items():
             old = saved.get(section, {}).get(key)
             if old != value:
                 return f"{section}.{key}: checkpoint has {old!r}, config has {value!r}"
     return None
+
+
+def with_update_count(weights: dict, model: torch.nn.Module, step: int) -> dict:
+    """A checkpoint's state dict with the update counters its model now keeps (the memory
+    read's ``updates``, the clock of its τ schedule) set to the checkpoint's update when the
+    checkpoint predates them: an old run then reads, and resumes, as it did at that update."""
+    missing = [k for k in model.state_dict() if k.endswith("bottleneck.updates") and k not in weights]
+    return {**weights, **{k: torch.tensor(step, dtype=torch.int64) for k in missing}} if missing else weights
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Autoencoder, C.Config, dict]:
@@ -80,10 +89,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     cfg = C.validate(C.from_dict(state["config"]))
     model = Autoencoder.from_config(cfg).to(device)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(with_update_count(state["model"], model, int(state["step"])))
     except RuntimeError as exc:
         raise MemvaeError(f"checkpoint {found[0]} does not fit its own config: {str(exc).splitlines()[0]}") from None
-    # Schedules (β growth, Gumbel τ) are not parameters: restore them from the update
-    # count, so that a loaded run reads as it did at that point of training.
-    model.bottleneck.set_progress(int(state["step"]) / cfg.train.steps)
     return model.eval(), cfg, state

@@ -110,9 +110,3 @@ class Bottleneck(nn.Module):
         or B×N -> B×N×D."""
         vectors = self.slots()[codes]
         return vectors if codes.dim() == 2 else vectors.permute(0, 3, 1, 2).contiguous()
-
-    def set_progress(self, fraction: float) -> None:
-        """Called by the training loop with the fraction of training done (0..1).
-
-        Bottlenecks with schedules (the memory read's annealed τ) override it.
-        """

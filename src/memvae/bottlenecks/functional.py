@@ -166,6 +166,15 @@ def ema_write(
         memory.copy_(embed_sum / smoothed.unsqueeze(1))
 
 
+def dead_count(fraction: float, positions: int, num_slots: int) -> float:
+    """The moving-average count below which a slot is dead: ``fraction`` of the mean count
+    per slot, N/K, for a batch of N = ``positions`` (over all processes under
+    torch.distributed, whose counts are summed) and K slots. A plain float: no host read."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        positions *= torch.distributed.get_world_size()
+    return fraction * positions / num_slots
+
+
 @torch.no_grad()
 def reseed_dead_slots(
     memory: torch.Tensor,

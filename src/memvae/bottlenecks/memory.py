@@ -38,7 +38,9 @@ class MemoryRead(Bottleneck):
                   not drift with the encoder's scale. τ follows ``tau`` (below). For cosine,
                   distances are ‖ẑ − m̂‖² = 2 − 2 cos and β = 2 / (τ·q̄).
     ``tau`` = (start, end): the relative temperature's τ, annealed geometrically over the
-    first ``tau_anneal`` fraction of training (then held at its end value).
+    first ``tau_anneal`` training updates (then held at its end value). The module counts
+    its own training forward passes (the buffer ``updates``, saved with the weights), so
+    the schedule runs in any training loop, with nothing to call.
 
     The l2 logits use −β‖z − m‖² = 2β z·m − β‖m‖² − β‖z‖², dropping the last term,
     which is the same for every slot. The read is then attention with query [z, 1] and
@@ -65,9 +67,9 @@ class MemoryRead(Bottleneck):
                   :func:`~memvae.bottlenecks.functional.ema_write`, with A = w), and the
                   loss gains commitment·‖z − sg(r)‖². With one-hot w this is vq_ema's update.
         hard_ema: the same with one-hot w (argmax slot): vq_ema's write, whatever the read.
-    ``reseed_threshold`` > 0 (moving-average writes): slots whose moving-average count
-    falls below it take recent encoder vectors far from every slot
-    (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
+    ``reseed_fraction`` > 0 (moving-average writes): slots whose moving-average count falls
+    below that fraction of the mean count N/K take recent encoder vectors far from every
+    slot (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
 
     Args:
         num_slots: K.  dim: D.
@@ -76,13 +78,15 @@ class MemoryRead(Bottleneck):
         read_mode: read in eval mode ("soft" or "hard"); may be changed after training.
         train_read: read in training mode (see above).
         tau: (start, end) of the relative temperature's annealed τ.
-        tau_anneal: fraction of training over which τ goes from start to end (0 < · ≤ 1).
+        tau_anneal: training updates (forward passes in training mode) over which τ goes
+            from start to end.
         write: "gradient", "soft_ema" or "hard_ema".  decay: γ of the moving averages
             (slots and q̄).
         commitment: weight of the commitment term of the moving-average writes.
         temperature: "learned" or "relative".
         encoder_gradient: "read", "straight_through" or "rotation".
-        reseed_threshold: dead-slot count threshold (0 = off).
+        reseed_fraction: a slot is dead when its moving-average count is below this
+            fraction of N/K, the mean count of a batch of N positions (0 = off).
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
         chunk: queries per chunk when statistics are computed without the full matrix
@@ -110,8 +114,8 @@ class MemoryRead(Bottleneck):
         init: str | None = None,
         temperature: str = "learned",
         encoder_gradient: str = "read",
-        reseed_threshold: float = 0.0,
-        tau_anneal: float = 1.0,
+        reseed_fraction: float = 0.0,
+        tau_anneal: int = 2000,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -129,19 +133,20 @@ class MemoryRead(Bottleneck):
             raise ValueError(f"beta_init must be > 0, got {beta_init}")
         if min(tau) <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        if not 0 < tau_anneal <= 1:
-            raise ValueError(f"tau_anneal must be in (0, 1], got {tau_anneal}")
-        if write == "gradient" and (encoder_gradient != "read" or reseed_threshold > 0):
-            raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_threshold need a moving-average write "
+        if not tau_anneal >= 1:
+            raise ValueError(f"tau_anneal must be a number of updates >= 1, got {tau_anneal}")
+        if reseed_fraction < 0:
+            raise ValueError(f"reseed_fraction must be >= 0, got {reseed_fraction}")
+        if write == "gradient" and (encoder_gradient != "read" or reseed_fraction > 0):
+            raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_fraction need a moving-average write "
                              "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
         self.num_slots, self.dim = num_slots, dim
         self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
         self.tau_range = tuple(tau)
         self.tau_anneal = tau_anneal
-        self.temperature, self.encoder_gradient, self.reseed_threshold = temperature, encoder_gradient, reseed_threshold
+        self.temperature, self.encoder_gradient, self.reseed_fraction = temperature, encoder_gradient, reseed_fraction
         self.write, self.decay, self.commitment = write, decay, commitment
         self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
-        self.progress = 0.0
         memory = torch.randn(num_slots, dim)
         if write == "gradient":
             self.memory = nn.Parameter(memory)
@@ -153,6 +158,8 @@ class MemoryRead(Bottleneck):
         if temperature == "relative":
             # q̄; 0 until the first training batch sets it.
             self.register_buffer("distortion", torch.zeros(()))
+        # Training forward passes so far: the τ schedule's clock, on the device (no host read).
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
         self._setup_init(init or ("random" if write == "gradient" else "data"))
 
     reads = ("soft", "hard")
@@ -162,9 +169,6 @@ class MemoryRead(Bottleneck):
         """One slot per position at test: the hard read."""
         return self.read_mode == "hard"
 
-    def set_progress(self, fraction: float) -> None:
-        self.progress = float(min(max(fraction, 0.0), 1.0))
-
     def beta(self) -> torch.Tensor:
         """The effective β (scalar tensor): the learned value times its schedule, or with the
         relative temperature 1/(τ·q̄) (2/(τ·q̄) for cosine; not learned)."""
@@ -173,10 +177,12 @@ class MemoryRead(Bottleneck):
             return scale / (self.tau() * self.distortion.clamp_min(1e-12))
         return self.log_beta.exp()
 
-    def tau(self) -> float:
-        """The annealed temperature τ at the current point of training."""
+    def tau(self) -> torch.Tensor:
+        """The annealed τ after ``updates`` training forward passes (a float32 scalar tensor;
+        computed in float64, as a Python float would be)."""
         start, end = self.tau_range
-        return start * (end / start) ** min(self.progress / self.tau_anneal, 1.0)
+        done = (self.updates.double() / self.tau_anneal).clamp(max=1.0)
+        return (start * torch.pow(torch.tensor(end / start, dtype=torch.float64, device=done.device), done)).float()
 
     @torch.no_grad()
     def _distances(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -289,7 +295,7 @@ class MemoryRead(Bottleneck):
         with torch.set_grad_enabled(track):
             scores = self.scores(x, memory) if self.temperature == "relative" and not use_fused else None
         distances = None
-        if self.training and (self.temperature == "relative" or self.reseed_threshold > 0):
+        if self.training and (self.temperature == "relative" or self.reseed_fraction > 0):
             distances = self._distances(x, memory) if scores is None else self._distances_from_scores(x, scores)
             if self.temperature == "relative":
                 self._track_distortion(distances)
@@ -318,8 +324,9 @@ class MemoryRead(Bottleneck):
             if not soft_sums:
                 counts, sums = Fn.assignment_sums(idx, x, self.num_slots)
             Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
-            if self.reseed_threshold > 0:
-                Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances, self.reseed_threshold)
+            if self.reseed_fraction > 0:
+                Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances,
+                                     Fn.dead_count(self.reseed_fraction, n, self.num_slots))
 
         read = read.to(x.dtype)
         if self.write != "gradient" and self.training:
@@ -331,6 +338,8 @@ class MemoryRead(Bottleneck):
         metrics = {key: (value / n).detach() for key, value in stats.items()}
         metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()
         metrics["beta"] = beta.detach()
+        if self.training:
+            self.updates += 1
         return BottleneckOutput(
             quantized=Fn.unflatten_positions(read, z),
             loss=loss,

@@ -17,9 +17,9 @@ class VectorQuantizerEMA(Bottleneck):
     The read is that of :class:`~memvae.bottlenecks.vq.VectorQuantizer`; the memory is
     a buffer, not a parameter, updated by :func:`~memvae.bottlenecks.functional.ema_write`
     with hard assignments (counts by ``bincount``, sums by ``index_add_``: no N×K
-    one-hot), in training mode only. With ``reseed_threshold`` > 0, after each write the
-    slots whose moving-average count fell below it take recent encoder vectors far from
-    every slot (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
+    one-hot), in training mode only. With ``reseed_fraction`` > 0, after each write the
+    slots whose moving-average count fell below that fraction of the mean count N/K take
+    recent encoder vectors far from every slot (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
 
     Args:
         num_slots: K.
@@ -31,19 +31,21 @@ class VectorQuantizerEMA(Bottleneck):
             encoder, whose outputs start near norm 0.6, N(0, 1) slots all lose to the one
             of smallest norm and the rest are never written: measured on CIFAR-10, 1 slot
             in use and NMSE 0.98 after 600 updates, against NMSE 0.18 with "data" after 300.
-        reseed_threshold: moving-average count (vectors per batch) below which a slot is
-            dead and re-seeded; 0 = never.
+        reseed_fraction: a slot is dead and re-seeded when its moving-average count
+            (vectors per batch) is below this fraction of N/K, the mean count of a batch of
+            N positions; 0 = never. 0.25 at N = 2,048 (batch 32, 8×8) and K = 512 is a
+            count of 1, vector-quantize-pytorch's usual ``threshold_ema_dead_code``.
     """
 
     def __init__(
         self, num_slots: int, dim: int, commitment: float = 0.25, decay: float = 0.99, eps: float = 1e-5,
-        init: str = "data", reseed_threshold: float = 0.0,
+        init: str = "data", reseed_fraction: float = 0.0,
     ):
         super().__init__()
-        if reseed_threshold < 0:
-            raise ValueError(f"reseed_threshold must be >= 0, got {reseed_threshold}")
+        if reseed_fraction < 0:
+            raise ValueError(f"reseed_fraction must be >= 0, got {reseed_fraction}")
         self.num_slots, self.dim = num_slots, dim
-        self.commitment, self.decay, self.eps, self.reseed_threshold = commitment, decay, eps, reseed_threshold
+        self.commitment, self.decay, self.eps, self.reseed_fraction = commitment, decay, eps, reseed_fraction
         memory = torch.randn(num_slots, dim)
         self.register_buffer("memory", memory)
         self.register_buffer("cluster_size", torch.zeros(num_slots))
@@ -60,8 +62,9 @@ class VectorQuantizerEMA(Bottleneck):
         if self.training:
             counts, sums = Fn.assignment_sums(idx, x, self.num_slots)
             Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay, self.eps)
-            if self.reseed_threshold > 0:
-                Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances, self.reseed_threshold)
+            if self.reseed_fraction > 0:
+                Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances,
+                                     Fn.dead_count(self.reseed_fraction, x.shape[0], self.num_slots))
         quantized = Fn.unflatten_positions(Fn.straight_through(x, chosen), z)
         perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots))
         return BottleneckOutput(
