@@ -12,12 +12,34 @@ Bottlenecks: :class:`VectorQuantizer`, :class:`VectorQuantizerEMA`, :class:`Memo
 :class:`Autoencoder`, built from a :class:`Config` (:func:`load_config` reads one from a
 TOML file; ``memvae configs`` lists the packaged ones). The package is typed (PEP 561).
 """
-from memvae.bottlenecks import FSQ, BottleneckOutput, MemoryRead, VectorQuantizer, VectorQuantizerEMA
-from memvae.config import Config, load_config
-from memvae.model import Autoencoder
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = [
-    "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "FSQ", "BottleneckOutput",
-    "Autoencoder", "Config", "load_config",
-]
+
+# name -> module that defines it. Imported on first use (PEP 562), so that ``memvae --help``
+# and ``--version`` answer without importing torch.
+_PUBLIC = {
+    "MemoryRead": "memvae.bottlenecks", "VectorQuantizer": "memvae.bottlenecks",
+    "VectorQuantizerEMA": "memvae.bottlenecks", "FSQ": "memvae.bottlenecks", "BottleneckOutput": "memvae.bottlenecks",
+    "Autoencoder": "memvae.model", "Config": "memvae.config", "load_config": "memvae.config",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'memvae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+if TYPE_CHECKING:
+    from memvae.bottlenecks import FSQ, BottleneckOutput, MemoryRead, VectorQuantizer, VectorQuantizerEMA
+    from memvae.config import Config, load_config
+    from memvae.model import Autoencoder

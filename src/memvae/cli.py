@@ -52,8 +52,18 @@ def cmd_train(args, extra: list[str]) -> None:
 def cmd_configs(args, extra: list[str]) -> None:
     from memvae import presets
 
-    if args.name:  # the file itself, to read or to copy and edit: memvae configs vq > mine.toml
-        print(presets.text(args.name), end="")
+    if args.name:  # every key as it resolves, to read or to copy and edit: memvae configs vq > mine.toml
+        from memvae import config as C
+
+        text = presets.text(args.name)
+        header = []
+        for line in text.splitlines():  # the comment block the file opens with
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        header.append(f"# Every key as it resolves (defaults included), not only those {args.name}.toml sets.")
+        print("\n".join(header))
+        print(C.to_toml(presets.load(args.name)), end="")
         return
     found = presets.descriptions()
     width = max(map(len, found))
@@ -97,6 +107,7 @@ def cmd_eval(args, extra: list[str]) -> None:
             cache[key] = load_data(cfg.data.source, key[1] or None, cfg.data.image_size)
         data = cache[key]
         variance = data.train_variance()
+        print(f"evaluating {run_dir} on {len(data.test)} test images ({', '.join(model.bottleneck.reads)} read) ...", flush=True)
         report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
                   "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
         rows += eval_table(f"{cfg.name} test", report["test"])
@@ -150,7 +161,7 @@ def cmd_compare(args, extra: list[str]) -> None:
     compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
             lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
             test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
-            slots=parse_slots(args.slots) if args.slots else None)
+            slots=parse_slots(args.slots) if args.slots else None, extend=args.extend)
     print((Path(args.out) / "results.md").read_text())
     if args.slots:
         print((Path(args.out) / "rate_distortion.md").read_text())
@@ -158,8 +169,21 @@ def cmd_compare(args, extra: list[str]) -> None:
     print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json{sweep}")
 
 
+def check_data_dir(data_dir: str | None, download: bool) -> None:
+    """A --data-dir that does not exist is a typo more often than a wish to download 60,000
+    images into it: one line, unless --download asks for exactly that."""
+    if not data_dir or Path(data_dir).exists():
+        return
+    if not download:
+        raise MemvaeError(f"data folder {data_dir} does not exist; check the path, or add --download to fetch CIFAR-10 into it")
+    Path(data_dir).mkdir(parents=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from memvae import __version__
+
     parser = argparse.ArgumentParser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
+    parser.add_argument("--version", action="version", version=f"memvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -167,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_dir_arg(p):
         p.add_argument("--data-dir", help="data directory (holds cifar-10-batches-py, or the image folder); "
                        "default: $MEMVAE_DATA_DIR, else ~/.cache/memvae (CIFAR-10 is downloaded there)")
+        p.add_argument("--download", action="store_true", help="create --data-dir if it does not exist and download "
+                       "CIFAR-10 into it (without this flag a missing --data-dir is an error, not a download)")
 
     p = sub.add_parser("train", parents=[common], help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000")
     p.add_argument("--config", help="a packaged config's name (`memvae configs` lists them) or a TOML file")
@@ -219,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "that have finished (the others are named), e.g. while the rest still trains")
     p.add_argument("--slots", help="the rate sweep: train every discrete model at each of these codebook sizes K "
                    "(e.g. 64,512,4096; runs MODEL-kK-seedS) and continuous models once; writes rate_distortion.md and .png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--extend", action="store_true", help="continue finished runs trained for fewer than --steps "
+                   "updates (without it a larger --steps than a run's is refused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per run and log interval")
     data_dir_arg(p)
     p.set_defaults(func=cmd_compare, extra_ok=True)
 
@@ -235,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if extra and not getattr(args, "extra_ok", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        check_data_dir(getattr(args, "data_dir", None), getattr(args, "download", False))
         args.func(args, extra)
     except MemvaeError as exc:
         if args.debug:

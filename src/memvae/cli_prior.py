@@ -50,9 +50,18 @@ def cmd_prior(args, extra: list[str]) -> None:
         train_images=args.train_images, test_images=args.test_images, device=args.device, threads=args.threads,
     )
 
+    from memvae.metrics import duration_text, rate_since
+
+    clock = []  # the first train record's (update, seconds): the rate is measured from it
+
     def show(record: dict) -> None:
-        if record["kind"] == "train":
-            print(f"update {record['step']}: train {record['train_bits_per_index']:.4f} bits/index", flush=True)
+        if record["kind"] == "stage":
+            print(record["text"] + " ...", flush=True)
+        elif record["kind"] == "train":
+            clock[:] = clock or [(record["step"], record["train_seconds"])]
+            rate = rate_since(clock[0], record)
+            left = f", about {duration_text((options.steps - record['step']) / rate)} left" if rate else ""
+            print(f"update {record['step']}/{options.steps}: train {record['train_bits_per_index']:.4f} bits/index{left}", flush=True)
         else:
             print(f"update {record['step']}: test subset {record['eval_bits_per_index']:.4f} bits/index", flush=True)
 
@@ -84,7 +93,7 @@ def cmd_sample(args, extra: list[str]) -> None:
 def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
     """Add ``prior`` and ``sample`` to ``sub`` (the subparsers of the memvae parser);
     ``common`` is the parent parser holding --debug."""
-    from memvae.prior import PriorOptions
+    from memvae.prior_options import PriorOptions
 
     d = PriorOptions()
     p = sub.add_parser("prior", parents=[common], help="fit a gated PixelCNN prior to a run's slot maps; writes RUN_DIR/prior/")

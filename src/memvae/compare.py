@@ -29,7 +29,7 @@ from memvae.checkpoint import latest_checkpoint
 from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_model, reads_of, reconstructions
-from memvae.metrics import read_metrics
+from memvae.metrics import duration_text, rate_since, read_metrics
 from memvae.plots import convergence_figure, rate_distortion_figure, reconstruction_grid
 from memvae.runs import load_run
 from memvae.sweep import at_slots, collect, is_discrete, rate_tables
@@ -69,16 +69,19 @@ def _model_config(model: str, config_dir: Path | None, steps: int, seed: int, ov
     return C.load_config(path, overrides)
 
 
-def _run_state(run_dir: Path, cfg: C.Config) -> str:
-    """"new", "partial" (resume or extend it) or "done"; a run made with another config is refused."""
+def _run_state(run_dir: Path, cfg: C.Config, extend: bool = False) -> tuple[str, int]:
+    """(state, newest checkpoint's update): state "new", "resume" (interrupted), "extend"
+    (finished at fewer updates than asked; only with ``extend``) or "done". A run made with
+    another config is refused, and so is a longer ``--steps`` without ``extend``."""
     found = latest_checkpoint(run_dir / "checkpoints") if run_dir.exists() else None
     if found is None:
-        return "new"
+        return "new", 0
     # The thread count may differ (train() keeps the count a run was trained with unless
     # train.threads asks for another, and then says in one line from which update the
     # numbers differ), and a shorter run may be extended (resuming is exact); everything
     # else must match.
     saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml")), C.to_dict(cfg)
+    saved_steps = saved["train"]["steps"]
     for d in (saved, wanted):
         d["train"].pop("threads")
         d["train"].pop("steps")
@@ -87,7 +90,25 @@ def _run_state(run_dir: Path, cfg: C.Config) -> str:
     step = found[1]["step"]
     if step > cfg.train.steps:
         raise MemvaeError(f"{run_dir} is already trained past {cfg.train.steps} updates (to {step}); choose another --out")
-    return "done" if step == cfg.train.steps else "partial"
+    if step == cfg.train.steps:
+        return "done", step
+    if saved_steps < cfg.train.steps:
+        if not extend:
+            raise MemvaeError(f"{run_dir} was trained for {saved_steps} updates, not {cfg.train.steps}; add --extend "
+                              f"to continue it (and the other runs) to {cfg.train.steps}, or choose another --out")
+        return "extend", step
+    return "resume", step
+
+
+def _say_plan(states: list[tuple[Path, str, int]], steps: int) -> None:
+    """One line per run that is not new: skipped (finished), resumed or extended."""
+    for run_dir, state, step in states:
+        if state == "done":
+            print(f"{run_dir.name}: skipped, finished ({step} updates)", file=sys.stderr)
+        elif state == "resume":
+            print(f"{run_dir.name}: resuming from update {step}", file=sys.stderr)
+        elif state == "extend":
+            print(f"{run_dir.name}: extending from update {step} to {steps}", file=sys.stderr)
 
 
 def _mean_std(values: list[float | None]) -> dict:
@@ -128,6 +149,7 @@ def compare(
     jobs: int | str | None = None,
     report_only: bool = False,
     slots: list[int] | None = None,
+    extend: bool = False,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
@@ -147,6 +169,9 @@ def compare(
     (:func:`memvae.sweep.at_slots`: runs ``<model>-k<K>-seed<s>``), every continuous one
     once; rate_distortion.md (one table per K) and rate_distortion.png are written too.
 
+    ``extend``: continue finished runs trained for fewer than ``steps`` updates (without
+    it, such a run is refused: a larger ``steps`` is more often a typo than a wish).
+
     Runs train seed by seed (every model's seed 0 first), so that a sweep cut short still
     holds one of everything.
     """
@@ -162,7 +187,10 @@ def compare(
     if len(set(names)) * seeds != len(names):
         raise MemvaeError(f"two models share a config name: {sorted(names)}")
 
-    todo = [(cfg, run_dir, state) for cfg, run_dir in plan if (state := _run_state(run_dir, cfg)) != "done"]
+    states = [(cfg, run_dir, *_run_state(run_dir, cfg, extend)) for cfg, run_dir in plan]
+    if not report_only:
+        _say_plan([(run_dir, state, step) for _, run_dir, state, step in states], steps)
+    todo = [(cfg, run_dir, state) for cfg, run_dir, state, _ in states if state != "done"]
     if report_only:
         missing = {run_dir for _, run_dir, _ in todo}
         if missing:
@@ -182,11 +210,8 @@ def compare(
                 for cfg, run_dir, state in todo]
         _train_side_by_side(todo, workers, data_dir, out / "logs", show_progress)
     else:
-        overall = tqdm(total=len(todo) * steps, desc="compare", disable=not show_progress, position=0, dynamic_ncols=True)
-        for cfg, run_dir, state in todo:
-            train(cfg, run_dir, resume=state == "partial", data=data, show_progress=show_progress)
-            overall.update(steps)
-        overall.close()
+        for cfg, run_dir, state in todo:  # each run shows its own bar (or plain lines)
+            train(cfg, run_dir, resume=state != "new", data=data, show_progress=show_progress)
     training = {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
     return report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
 
@@ -240,16 +265,50 @@ class _StopOnTerm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class RunProgress:
+    """The progress of one side-by-side run, read from its metrics.jsonl: a bar that moves
+    with its logged updates and shows its latest training NMSE, or (``bar`` False) one plain
+    line per log record. Rate and time left come from the run's own clock (the training
+    seconds it logs), not from the compare's."""
+
+    def __init__(self, run_dir: Path, total: int, position: int, bar: bool):
+        self.run_dir, self.total, self.position = run_dir, total, position
+        self.shown = self.start = _logged_step(run_dir)
+        self.start_seconds = None
+        self.bar = tqdm(total=total, initial=self.start, desc=run_dir.name, position=position, dynamic_ncols=True,
+                        leave=False) if bar else None
+
+    def refresh(self) -> None:
+        records = [r for r in read_metrics(self.run_dir) if r["step"] > self.shown] if (self.run_dir / "metrics.jsonl").exists() else []
+        for record in records:
+            if self.start_seconds is None:  # the first record of this process: the run's own clock starts
+                self.start_seconds = (record["step"], record["train_seconds"])
+            rate = rate_since(self.start_seconds, record)
+            left = f", about {duration_text((self.total - record['step']) / rate)} left" if rate else ""
+            if self.bar is not None:
+                self.bar.update(record["step"] - self.bar.n)
+                self.bar.set_postfix_str(f"NMSE {record['train_nmse']:.4f}" + (f", {rate:.2f} updates/s" if rate else ""))
+            else:
+                print(f"{self.run_dir.name}: update {record['step']}/{self.total}, train NMSE {record['train_nmse']:.4f}"
+                      + (f", {rate:.2f} updates/s{left}" if rate else ""), flush=True)
+            self.shown = record["step"]
+
+    def close(self, returncode: int | None) -> None:
+        self.refresh()
+        if self.bar is not None:
+            self.bar.close()
+        if returncode == 0:
+            (tqdm.write if self.bar is not None else print)(f"{self.run_dir.name}: finished ({self.shown} updates)")
+
+
 def _train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, data_dir: str | None, log_dir: Path,
                         show_progress: bool, poll_seconds: float = 1.0) -> None:
     """Train ``todo`` (config, run directory, state), ``workers`` runs at a time, each in a
     fresh interpreter (:func:`_train_child`) whose output goes to ``log_dir/<run>.log``.
-    Progress: one bar per run, read from the runs' metrics.jsonl. The first run that fails
+    Progress: one :class:`RunProgress` per running run. The first run that fails
     stops the others (each saves a checkpoint) and raises its one-line error."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    bars = {run_dir: tqdm(total=cfg.train.steps, initial=_logged_step(run_dir), desc=run_dir.name, position=i,
-                          disable=not show_progress, dynamic_ncols=True)
-            for i, (cfg, run_dir, _) in enumerate(todo)}
+    bars: dict[Path, RunProgress] = {}
     pending, running, failure = list(todo), {}, None
 
     def stop_all() -> None:
@@ -264,20 +323,22 @@ def _train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, da
                 while pending and failure is None and len(running) < workers:
                     cfg, run_dir, state = pending.pop(0)
                     log = open(log_dir / f"{run_dir.name}.log", "a")
-                    job = {"config": C.to_dict(cfg), "run_dir": str(run_dir), "resume": state == "partial",
-                           "data_dir": data_dir, "parent": os.getpid()}
+                    job = {"config": C.to_dict(cfg), "run_dir": str(run_dir), "resume": state != "new",
+                           "data_dir": data_dir, "parent": os.getpid(), "argv": sys.argv}
                     proc = subprocess.Popen([sys.executable, "-c", "from memvae.compare import _train_child; _train_child()"],
                                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True)
                     proc.stdin.write(json.dumps(job))
                     proc.stdin.close()
                     running[proc] = (run_dir, log)
+                    free = min(set(range(workers)) - {b.position for b in bars.values()})
+                    bars[run_dir] = RunProgress(run_dir, cfg.train.steps, free, show_progress)
                 time.sleep(poll_seconds)
                 for proc, (run_dir, log) in list(running.items()):
                     finished = proc.poll() is not None  # before reading the log, so that its last records are shown
-                    bar = bars[run_dir]
-                    bar.update(_logged_step(run_dir) - bar.n)
+                    bars[run_dir].refresh()
                     if not finished:
                         continue
+                    bars.pop(run_dir).close(proc.returncode)
                     log.close()
                     del running[proc]
                     if proc.returncode and failure is None:
@@ -291,7 +352,7 @@ def _train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, da
         raise KeyboardInterrupt("stopped; every unfinished run saved a checkpoint: run the same compare again to resume")
     finally:
         for bar in bars.values():
-            bar.close()
+            bar.close(None)
     if failure is not None:
         raise MemvaeError(failure)
 
@@ -300,6 +361,7 @@ def _train_child() -> None:
     """One run of a side-by-side compare, in a fresh interpreter: the job (config, run
     directory, resume, data directory, parent's pid) comes as JSON on standard input."""
     job = json.loads(sys.stdin.read())
+    sys.argv = job["argv"]  # meta.json records the compare command that trains this run, not "-c"
     if sys.platform.startswith("linux"):
         # Stop (SIGTERM: a checkpoint, then exit) when the compare that started us dies,
         # even by SIGKILL, instead of training on unseen; PR_SET_PDEATHSIG = 1.
@@ -315,7 +377,8 @@ def _train_child() -> None:
         print(f"error: {exc}", flush=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        print(f"stopped: {exc}", flush=True)
+        # The compare stopped it (Ctrl-C, SIGTERM or another run's failure): the way back is that compare.
+        print(f"stopped: {str(exc).split(';')[0]}; run the same memvae compare again to resume", flush=True)
         sys.exit(130)
 
 

@@ -31,7 +31,7 @@ from memvae.checkpoint import save_checkpoint
 from memvae.data import EpochBatcher, ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_read
-from memvae.metrics import MetricsLog, nmse
+from memvae.metrics import MetricsLog, duration_text, nmse, rate_since
 from memvae.model import Autoencoder, AutoencoderOutput
 from memvae.runs import config_mismatch, environment, with_update_count
 
@@ -502,12 +502,21 @@ class RunLog:
             (run_dir / "config.toml").write_text(C.to_toml(cfg))
             meta = {"config_name": cfg.name, "device": str(ranks.device), "world_size": ranks.world, **environment(),
                     "thread_history": thread_history}
-            (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+            meta_path = run_dir / "meta.json"
+            if resume and meta_path.exists():
+                # The command that started the run stays; each resume adds its own.
+                first = json.loads(meta_path.read_text())
+                resumed = {"step": step, "argv": meta["argv"], "git_commit": meta["git_commit"]}
+                meta = {**meta, "argv": first.get("argv"), "resumes": [*first.get("resumes", []), resumed]}
+            meta_path.write_text(json.dumps(meta, indent=1))
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
         self.bar = tqdm(total=cfg.train.steps, initial=step, disable=not (show_progress and self.is_main),
                         desc=cfg.name, dynamic_ncols=True)
+        self.name, self.total, self.clock = cfg.name, cfg.train.steps, None  # clock: the first record's (update, seconds)
+        if self.is_main and resume and step:
+            print(f"{cfg.name}: resuming {run_dir} from update {step} of {cfg.train.steps}", flush=True)
 
     def train(self, record: dict) -> dict:
         if self.is_main:
@@ -516,6 +525,12 @@ class RunLog:
                 if key not in ("kind", "step"):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
         self.bar.set_postfix(nmse=f"{record['train_nmse']:.4f}", ppl=f"{record['train_perplexity']:.1f}")
+        if self.is_main and self.bar.disable:  # --no-progress: one plain line per log record
+            if self.clock is None:
+                self.clock = (record["step"], record["train_seconds"])
+            rate = rate_since(self.clock, record)
+            left = f", {rate:.2f} updates/s, about {duration_text((self.total - record['step']) / rate)} left" if rate else ""
+            print(f"{self.name}: update {record['step']}/{self.total}, train NMSE {record['train_nmse']:.4f}{left}", flush=True)
         return record
 
     def eval(self, record: dict) -> None:

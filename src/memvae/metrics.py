@@ -52,3 +52,16 @@ class MetricsLog:
 def read_metrics(run_dir: str | os.PathLike, kind: str = "train") -> list[dict]:
     """The records of one kind from a run directory's metrics.jsonl."""
     return [r for r in MetricsLog(Path(run_dir) / "metrics.jsonl").read() if r.get("kind") == kind]
+
+
+def rate_since(start: tuple[int, float] | None, record: dict) -> float | None:
+    """Updates per second of training time from ``start`` (update, training seconds) to a
+    train record; None before there is a measured interval."""
+    if start is None or record["step"] <= start[0] or record["train_seconds"] <= start[1]:
+        return None
+    return (record["step"] - start[0]) / (record["train_seconds"] - start[1])
+
+
+def duration_text(seconds: float) -> str:
+    """3.2 h, 14 min or 40 s."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

@@ -36,62 +36,10 @@ from memvae.errors import MemvaeError
 from memvae.metrics import MetricsLog
 from memvae.model import Autoencoder
 from memvae.pixelcnn import GatedPixelCNN
+from memvae.prior_options import PriorOptions
 from memvae.runs import load_run
 
 PRIOR_DIR = "prior"
-
-
-@dataclass
-class PriorOptions:
-    """How to fit the prior.
-
-    Attributes:
-        steps: Adam updates.
-        batch_size: maps per update.
-        lr: Adam learning rate.
-        seed: seed of the initialisation and of the batch order.
-        width: channels of the PixelCNN.
-        layers: gated layers of the PixelCNN.
-        kernel: kernel size of its masked convolutions (odd).
-        log_every: updates between "train" records.
-        eval_every: updates between "eval" records (0: only at the end).
-        eval_maps: test maps used by the "eval" records during training (0: all);
-            the final eval.json always uses every test map extracted.
-        train_images: use only the first N training images (0: all), for quick checks.
-        test_images: use only the first N test images (0: all), for quick checks.
-        extract_batch: images per batch when extracting codes.
-        device: "auto", "cpu", "cuda", ...
-        threads: CPU threads for torch (0: torch's default).
-    """
-
-    steps: int = 5000
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    width: int = 64
-    layers: int = 8
-    kernel: int = 3
-    log_every: int = 100
-    eval_every: int = 1000
-    eval_maps: int = 1000
-    train_images: int = 0
-    test_images: int = 0
-    extract_batch: int = 500
-    device: str = "auto"
-    threads: int = 0
-
-    def validate(self) -> "PriorOptions":
-        for name in ("steps", "batch_size", "width", "layers", "log_every", "extract_batch"):
-            if getattr(self, name) <= 0:
-                raise MemvaeError(f"prior option {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("seed", "eval_every", "eval_maps", "train_images", "test_images", "threads"):
-            if getattr(self, name) < 0:
-                raise MemvaeError(f"prior option {name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise MemvaeError(f"prior option lr must be > 0, got {self.lr!r}")
-        if self.kernel < 3 or self.kernel % 2 == 0:
-            raise MemvaeError(f"prior option kernel must be odd and >= 3, got {self.kernel!r}")
-        return self
 
 
 def _device(name: str) -> torch.device:
@@ -175,9 +123,16 @@ def train_prior(
     data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     train_images = data.train[: options.train_images or None]
     test_images = data.test[: options.test_images or None]
+    if not model.bottleneck.discrete:
+        raise MemvaeError(f"{run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): "
+                          "a prior needs one code per position")
+    say = progress or (lambda record: None)
+    # Encoding the training set takes minutes on a CPU: say so before it starts.
+    say({"kind": "stage", "text": f"encoding {len(train_images)} training and {len(test_images)} test images to slot maps"})
     train_codes = extract_codes(model, train_images, options.extract_batch, device)
     test_codes = extract_codes(model, test_images, options.extract_batch, device)
     num_slots, map_shape = model.bottleneck.num_slots, list(train_codes.shape[1:])
+    say({"kind": "stage", "text": f"fitting the PixelCNN prior: {options.steps} updates of {options.batch_size} maps"})
 
     if exists:  # only now: a failure while loading leaves the old prior in place
         shutil.rmtree(out_dir)
@@ -227,6 +182,7 @@ def train_prior(
                 progress(record)
             checkpoint(step)
 
+    say({"kind": "stage", "text": f"evaluating the prior on all {len(test_codes)} test maps"})
     per_index = nll_bits(prior, test_codes, device=device)
     positions = map_shape[0] * map_shape[1]
     result = {
