@@ -447,7 +447,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
     (out / "results.md").write_text(results_table(results))
     if sweep:
         rows = collect(results, run_dirs)
-        (out / "rate_distortion.md").write_text(rate_tables(rows, steps))
+        (out / "rate_distortion.md").write_text(rate_tables(rows, steps, len(test)))
         rate_distortion_figure(rows, out / "rate_distortion.png", steps)
     return results
 

@@ -96,7 +96,7 @@ def _fmt(stat: dict | None, digits: int) -> str:
     return text + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
 
 
-def rate_tables(rows: dict, steps: int) -> str:
+def rate_tables(rows: dict, steps: int, test_images: int) -> str:
     """One markdown table per K (rows: each discrete model at that K, then the continuous
     models for reference), the models' own test reads, mean ± std over seeds."""
     header = ["model", "seeds", "read", "bits / position", "test NMSE", "PSNR dB", "slots used", "perplexity",
@@ -113,7 +113,7 @@ def rate_tables(rows: dict, steps: int) -> str:
                 _fmt(r.get("slots_used"), 0), _fmt(r.get("perplexity"), 0),
                 _fmt(r.get("prior_bits_per_index"), 3), _fmt(r.get("prior_bits_per_image"), 1)]) + " |")
         lines.append("")
-    lines.append("Test metrics on the whole test set with each model's own read (the one a prior generates "
+    lines.append(f"Test metrics on {test_images} test images with each model's own read (the one a prior generates "
                  "from; the continuous models' is not discrete). Prior bits: test NLL of the PixelCNN fitted "
                  "in each run directory (`memvae prior`), over the runs that have one.")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,59 @@
+"""The rate sweep (`memvae compare --slots`): configs per K, tables, figure, resuming."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from memvae import presets
+from memvae.compare import compare
+from memvae.errors import MemvaeError
+from memvae.sweep import FSQ_LEVELS, at_slots, is_discrete, parse_slots
+
+SMALL = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "train.log_every=10",
+         "train.eval_every=20", "train.checkpoint_every=20", "train.threads=1", "data.eval_images=100"]
+
+
+@pytest.mark.parametrize("model", ["memory_discrete", "vq_ema_reseed", "fsq", "vq", "vq_ema"])
+@pytest.mark.parametrize("k", sorted(FSQ_LEVELS))
+def test_each_discrete_model_gets_a_valid_config_at_each_k(model, k):
+    cfg = at_slots(presets.load(model), k)
+    assert cfg.bottleneck.slots == k and cfg.name == f"{model}-k{k}"
+    if cfg.bottleneck.kind == "fsq":
+        assert math.prod(int(v) for v in cfg.bottleneck.levels.split(",")) == k
+    assert is_discrete(cfg)
+
+
+def test_continuous_models_are_not_swept():
+    assert not is_discrete(presets.load("none"))
+    assert not is_discrete(presets.load("memory_l2"))  # the study's soft read
+
+
+def test_a_k_a_model_cannot_take_is_refused_in_one_line():
+    with pytest.raises(MemvaeError, match="fsq has no levels chosen for K = 100"):
+        at_slots(presets.load("fsq"), 100)
+    for bad in ("", "64,x", "1", "64,64"):
+        with pytest.raises(MemvaeError, match="--slots must be"):
+            parse_slots(bad)
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_tables_and_figure_then_resumes(tmp_path, data_dir, capsys):
+    models = ["fsq", "vq_ema_reseed", "none"]
+    run = dict(models=models, steps=20, seeds=2, data_dir=str(data_dir), overrides=SMALL, show_progress=False,
+               test_images=200, jobs=1, slots=[64, 512])
+    results = compare(tmp_path, **run)
+    names = {p.name for p in (tmp_path / "runs").iterdir()}
+    assert names == {f"{m}-k{k}-seed{s}" for m in ("fsq", "vq_ema_reseed") for k in (64, 512) for s in (0, 1)} | {
+        "none-seed0", "none-seed1"}
+    table = (tmp_path / "rate_distortion.md").read_text()
+    assert "### K = 64 (6 bits per position)" in table and "### K = 512 (9 bits per position)" in table
+    assert table.count("| none | 2 | continuous |") == 2  # the control beside every K
+    assert (tmp_path / "rate_distortion.png").stat().st_size > 10_000
+    assert results["models"]["fsq-k64"]["k"] == 64 and results["models"]["none"]["k"] is None
+    capsys.readouterr()
+    compare(tmp_path, **run)  # everything finished: nothing trains again
+    said = capsys.readouterr().err
+    assert said.count("skipped, finished (20 updates)") == 10
+    with pytest.raises(MemvaeError, match="add --extend"):
+        compare(tmp_path, **{**run, "steps": 30})
