@@ -13,6 +13,8 @@ module that does the same job:
     memory_discrete   MemoryRead, relative          VectorQuantize(decay=0.99, threshold_ema_dead_code=t):
                       temperature, hard EMA write,  both write the slots as moving averages and
                       re-seeding t                  re-seed dead ones
+    memory_discrete:  the same with the top-k read  the same peer
+      top_k=16        of 16 slots per query
     fsq               FSQ                           FSQ(levels, dim=64): the same levels, with projections
 
 Every VectorQuantize gets dim=64, codebook_size=K, commitment_weight=0.25,
@@ -21,7 +23,8 @@ straight-through gradient, and so does the peer then (its default, the rotation 
 a different estimator with extra work). FSQ's K is the product of its levels: 8,8,8 at
 K = 512, 8,8,8,8 at 4096, 8,8,8,8,4 at 16384, on both sides. Any other packaged config
 name makes a row too, paired by the same rules; one this memvae does not have, or cannot
-load, is listed as skipped.
+load, is listed as skipped. A row ``name:key=value[:key=value...]`` is the config ``name``
+with those ``[bottleneck]`` keys overridden.
 
 What is timed is one training-mode update of the bottleneck alone: forward on a B×64×8×8
 map (N = 64·B positions), a loss (the sum of the output times a fixed random upstream
@@ -75,7 +78,7 @@ MATMUL_CHUNK = 1 << 22  # distances per chunk, as memvae.bottlenecks.functional.
 
 # Rows: packaged config names (src/memvae/configs); each row is that config's [bottleneck]
 # section with slots set to K.
-ROWS = ("vq", "vq_ema", "vq_ema_reseed", "memory_l2", "memory_discrete", "fsq")
+ROWS = ("vq", "vq_ema", "vq_ema_reseed", "memory_l2", "memory_discrete", "memory_discrete:top_k=16", "fsq")
 DISCRETE, EMA = "memory_discrete", "vq_ema"  # the target: discrete memory ≤ 1.2× vq_ema
 TARGET_SPEEDUP, TARGET_DISCRETE = 3.0, 1.2
 
@@ -96,15 +99,17 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
 def row_config(name: str, k: int, config_dir: Path) -> tuple[dict | None, str | None]:
     """The packaged config ``name``'s [bottleneck] section at K = k, as a dict, or (None, why
     this memvae cannot run it). FSQ's levels are those of the config when their product is
-    K, else 8s and one last factor (K = 4096: 8,8,8,8; 16384: 8,8,8,8,4)."""
+    K, else 8s and one last factor (K = 4096: 8,8,8,8; 16384: 8,8,8,8,4). ``name`` may
+    carry ``:key=value`` overrides of the section."""
     from memvae.config import load_config
     from memvae.errors import MemvaeError
 
+    name, *overrides = name.split(":")
     path = config_dir / f"{name}.toml"
     if not path.exists():
         return None, f"no packaged config {name!r} in this memvae"
     try:
-        cfg = dataclasses.asdict(load_config(path).bottleneck)
+        cfg = dataclasses.asdict(load_config(path, [f"bottleneck.{o}" for o in overrides]).bottleneck)
     except MemvaeError as exc:
         return None, str(exc)
     cfg["slots"] = k
@@ -121,8 +126,9 @@ def fsq_levels(cfg: dict) -> list[int]:
     return [int(v) for v in cfg["levels"].split(",")]
 
 
-def peer_spec(cfg: dict, k: int) -> dict:
-    """The vector-quantize-pytorch module that does the same work as the memvae config."""
+def peer_spec(cfg: dict, k: int, positions: int) -> dict:
+    """The vector-quantize-pytorch module that does the same work as the memvae config, for
+    batches of ``positions`` rows (its dead-code threshold is a count, memvae's a fraction of N/K)."""
     if cfg["kind"] == "fsq":
         return {"class": "FSQ", "kwargs": {"levels": fsq_levels(cfg), "dim": DIM, "channel_first": True}}
     kwargs = {"dim": DIM, "codebook_size": k, "commitment_weight": cfg.get("commitment", 0.25),
@@ -132,8 +138,8 @@ def peer_spec(cfg: dict, k: int) -> dict:
         kwargs.update(learnable_codebook=True, ema_update=False)
     else:
         kwargs["decay"] = cfg.get("decay", 0.99)
-        if cfg.get("reseed_threshold"):
-            kwargs["threshold_ema_dead_code"] = cfg["reseed_threshold"]
+        if cfg.get("reseed_fraction"):  # the same dead count: a fraction of the mean count N/K
+            kwargs["threshold_ema_dead_code"] = cfg["reseed_fraction"] * positions / k
     return {"class": "VectorQuantize", "kwargs": kwargs}
 
 
@@ -276,7 +282,7 @@ def run_worker(spec: dict, timeout: float, mmap_threshold: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-def plan_rows(row_names: list[str], k: int, config_dir: Path) -> tuple[list[dict], list[dict]]:
+def plan_rows(row_names: list[str], k: int, config_dir: Path, positions: int) -> tuple[list[dict], list[dict]]:
     """-> (rows: name, memvae config, peer spec, or skipped; distinct contestants to run)."""
     rows, contestants = [], {}
     for name in row_names:
@@ -284,7 +290,7 @@ def plan_rows(row_names: list[str], k: int, config_dir: Path) -> tuple[list[dict
         if cfg is None:
             rows.append({"row": name, "skipped": why})
             continue
-        spec = peer_spec(cfg, k)
+        spec = peer_spec(cfg, k, positions)
         peer = peer_name(spec)
         contestants[f"memvae:{name}"] = {"name": f"memvae:{name}", "side": "memvae", "config": cfg}
         contestants.setdefault(f"peer:{peer}", {"name": f"peer:{peer}", "side": "peer", "peer": spec})
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in ints(args.batch):
         n = b * SIDE * SIDE
         for k in ints(args.k):
-            rows, contestants = plan_rows(row_names, k, config_dir)
+            rows, contestants = plan_rows(row_names, k, config_dir, b * SIDE * SIDE)
             memory = {}
             for c in contestants:
                 if c["side"] == "matmul":

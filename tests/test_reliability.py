@@ -265,9 +265,10 @@ def test_old_checkpoints_with_higher_numbers_never_remove_the_newest(tmp_path):
 
 def test_training_goes_on_when_saves_fail_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, small_cifar):
     """From update 10 on, the disk is full while a checkpoint is written (a real torch.save
-    into a file that fails with ENOSPC half-way). Training must finish, warn at every
-    failed save, keep the update-5 checkpoint, and resuming from it must end exactly as a
-    run that never failed."""
+    into a file that fails with ENOSPC half-way). Training must go on to its last update,
+    warn at every failed save mid-run, keep the update-5 checkpoint, end in an error that
+    names it (the last save failed too: the run lost its model), and resuming from it must
+    end exactly as a run that never failed."""
     cfg = smoke("train.steps=20", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=5")
     train(cfg, tmp_path / "clean", show_progress=False, data=small_cifar)
 
@@ -280,10 +281,11 @@ def test_training_goes_on_when_saves_fail_and_keeps_the_last_good_checkpoint(tmp
 
     with monkeypatch.context() as m:
         m.setattr(checkpoint, "open", full_from_10, raising=False)
-        last = train(cfg, tmp_path / "faulty", show_progress=False, data=small_cifar)
+        with pytest.raises(MemvaeError, match=r"could not save the checkpoint of update 20, the last of this run "
+                                              r"\(\[Errno 28\] No space left on device\); the newest checkpoint on disk is update 5 "):
+            train(cfg, tmp_path / "faulty", show_progress=False, data=small_cifar)
     out = capsys.readouterr().out
-    assert last["step"] == 20
-    for step in (10, 15, 20):
+    for step in (10, 15):
         assert f"warning: could not save checkpoint at update {step}" in out, out
     assert "No space left on device" in out and "the previous one is kept" in out
     assert load_latest(tmp_path / "faulty" / "checkpoints")["step"] == 5

@@ -5,9 +5,10 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from memvae.errors import MemvaeError
+from memvae.errors import MemvaeError, os_error
 
 
 def _overrides(tokens: list[str]) -> list[str]:
@@ -31,6 +32,7 @@ def _overrides(tokens: list[str]) -> list[str]:
 
 def cmd_train(args, extra: list[str]) -> None:
     from memvae import presets
+    from memvae.checkpoint import latest_checkpoint
     from memvae.train import train
 
     overrides = _overrides(extra)
@@ -46,7 +48,10 @@ def cmd_train(args, extra: list[str]) -> None:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
     if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
-        print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f})")
+        # The model the run leaves is its newest checkpoint on disk: say which update that is.
+        found = latest_checkpoint(run_dir / "checkpoints")
+        saved = f"checkpoint of update {found[1]['step']}" if found else "no checkpoint"
+        print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f}, {saved})")
 
 
 def cmd_configs(args, extra: list[str]) -> None:
@@ -95,6 +100,7 @@ def eval_table(name: str, results: dict) -> list[list]:
 def cmd_eval(args, extra: list[str]) -> None:
     from memvae.data import load_array_images, load_data
     from memvae.evaluate import evaluate_model
+    from memvae.runlock import run_lock
     from memvae.runs import load_run
     from memvae.train import resolve_device
 
@@ -102,22 +108,25 @@ def cmd_eval(args, extra: list[str]) -> None:
     rows, cache = [], {}
     for run_dir in args.run_dirs:
         model, cfg, state = load_run(run_dir, device)
-        key = (cfg.data.source, args.data_dir or cfg.data.dir, cfg.data.image_size)
-        if key not in cache:
-            cache[key] = load_data(cfg.data.source, key[1] or None, cfg.data.image_size)
-        data = cache[key]
-        variance = data.train_variance()
-        print(f"evaluating {run_dir} on {len(data.test)} test images ({', '.join(model.bottleneck.reads)} read) ...", flush=True)
-        report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
-                  "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
-        rows += eval_table(f"{cfg.name} test", report["test"])
-        if args.lossless:
-            images = load_array_images(args.lossless, args.lossless_key)
-            report["lossless"] = evaluate_model(model, images, variance, args.batch_size, device)
-            rows += eval_table(f"{cfg.name} lossless", report["lossless"])
-        out = Path(run_dir) / "eval.json"
-        out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {out}")
+        # eval.json goes into the run: one writer at a time (memvae.runlock); --no-write only reads
+        with nullcontext() if args.no_write else run_lock(run_dir, create=False):
+            key = (cfg.data.source, args.data_dir or cfg.data.dir, cfg.data.image_size)
+            if key not in cache:
+                cache[key] = load_data(cfg.data.source, key[1] or None, cfg.data.image_size)
+            data = cache[key]
+            variance = data.train_variance()
+            print(f"evaluating {run_dir} on {len(data.test)} test images ({', '.join(model.bottleneck.reads)} read) ...", flush=True)
+            report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
+                      "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
+            rows += eval_table(f"{cfg.name} test", report["test"])
+            if args.lossless:
+                images = load_array_images(args.lossless, args.lossless_key)
+                report["lossless"] = evaluate_model(model, images, variance, args.batch_size, device)
+                rows += eval_table(f"{cfg.name} lossless", report["lossless"])
+            if not args.no_write:
+                out = Path(run_dir) / "eval.json"
+                out.write_text(json.dumps(report, indent=1))
+                print(f"wrote {out}")
     print(_format_table(["model", "read"] + EVAL_COLUMNS, rows))
 
 
@@ -214,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lossless-key", default="x_test", help="array name in the --lossless file (default x_test)")
     p.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-write", action="store_true", help="print the table only: write no eval.json (and take no "
+                   "lock, so that it also reads a run that is still training, or one in a folder you may not write)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("reconstruct", parents=[common], help="grid of test images and each run's reconstructions")
@@ -269,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
+        return 2
+    except OSError as exc:  # a folder that cannot be written or read, a full disk: the machine's, not a bug
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(os_error(exc)).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(str(exc) or "interrupted", file=sys.stderr)

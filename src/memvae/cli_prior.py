@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 from memvae.errors import MemvaeError
@@ -78,6 +79,7 @@ def cmd_prior(args, extra: list[str]) -> None:
 
 def cmd_sample(args, extra: list[str]) -> None:
     from memvae.prior import sample_images
+    from memvae.runlock import run_lock
     from memvae.train import resolve_device
 
     if args.n <= 0:
@@ -86,8 +88,11 @@ def cmd_sample(args, extra: list[str]) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device))
-    print(f"wrote {save_grid(images, args.out)}")
+    # A grid written into the run is a write into it: one writer at a time (memvae.runlock).
+    into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
+    with run_lock(args.run_dir, create=False) if into_run else nullcontext():
+        images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device))
+        print(f"wrote {save_grid(images, args.out)}")
 
 
 def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from memvae import config as C, presets
 from memvae.checkpoint import latest_checkpoint
 from memvae.data import ImageData, load_array_images, load_data
-from memvae.errors import MemvaeError
+from memvae.errors import MemvaeError, os_error
 from memvae.evaluate import evaluate_model, reads_of, reconstructions
 from memvae.metrics import duration_text, rate_since, read_metrics
 from memvae.plots import convergence_figure, rate_distortion_figure, reconstruction_grid
+from memvae.runlock import run_lock
 from memvae.runs import load_run
 from memvae.sweep import at_slots, collect, is_discrete, rate_tables
 from memvae.train import train
@@ -376,6 +377,9 @@ def _train_child() -> None:
     except MemvaeError as exc:
         print(f"error: {exc}", flush=True)
         sys.exit(2)
+    except OSError as exc:  # a folder or a disk that refuses: one line, as bad input is
+        print(f"error: {os_error(exc)}", flush=True)
+        sys.exit(2)
     except KeyboardInterrupt as exc:
         # The compare stopped it (Ctrl-C, SIGTERM or another run's failure): the way back is that compare.
         print(f"stopped: {str(exc).split(';')[0]}; run the same memvae compare again to resume", flush=True)
@@ -402,11 +406,12 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         cached = json.loads(eval_path.read_text()) if eval_path.exists() else None
         if (cached is None or cached.get("step") != state["step"] or ("lossless" in cached) != bool(lossless)
                 or cached["test"][reads_of(model)[0]]["images"] != len(test)):
-            cached = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
-                      "test": evaluate_model(model, test, variance)}
-            if lossless_images is not None:
-                cached["lossless"] = evaluate_model(model, lossless_images, variance)
-            eval_path.write_text(json.dumps(cached, indent=1))
+            with run_lock(run_dir, create=False):  # eval.json goes into the run: one writer (memvae.runlock)
+                cached = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
+                          "test": evaluate_model(model, test, variance)}
+                if lossless_images is not None:
+                    cached["lossless"] = evaluate_model(model, lossless_images, variance)
+                eval_path.write_text(json.dumps(cached, indent=1))
         records = read_metrics(run_dir)
         last = records[-1]
         seed_result = {

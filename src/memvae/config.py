@@ -63,7 +63,9 @@ class BottleneckConfig:
     write: str = "gradient"  # memory: "gradient", "soft_ema" or "hard_ema"
     reseed_fraction: float = 0.0  # vq_ema, memory with an EMA write: re-seed slots whose EMA count is below this fraction of N/K
     levels: str = "8,8,8"  # fsq: levels per channel; their product must equal slots
+    stages: int = 2  # residual_vq: S, nearest-slot reads of what the stages before left (slots per stage)
     impl: str = "auto"  # memory: "auto", "dense" or "fused"
+    top_k: int = 0  # memory: read each query's k largest logits only (0: all K, the dense read)
 
 
 @dataclass
@@ -114,10 +116,11 @@ CHOICES = {
 POSITIVE = {
     "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
     "bottleneck.slots", "bottleneck.beta_init", "bottleneck.tau_start",
-    "bottleneck.tau_end", "bottleneck.tau_anneal_updates", "train.steps", "train.batch_size", "train.lr", "train.log_every",
+    "bottleneck.tau_end", "bottleneck.tau_anneal_updates", "bottleneck.stages", "train.steps", "train.batch_size", "train.lr", "train.log_every",
     "train.eval_every", "train.checkpoint_every",
 }
-NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.reseed_fraction", "train.seed", "train.threads"}
+NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.reseed_fraction", "bottleneck.top_k", "train.seed",
+                "train.threads"}
 
 
 def all_keys() -> list[str]:
@@ -281,6 +284,8 @@ def validate(cfg: Config) -> Config:
     if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
         raise MemvaeError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need "
                           "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
+    if b.kind == "memory" and b.top_k > b.slots:
+        raise MemvaeError(f"config key 'bottleneck.top_k' must be at most bottleneck.slots ({b.slots}), got {b.top_k}")
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise MemvaeError(f"config key 'name' must be a non-empty name without slashes, got {cfg.name!r}")
     return cfg

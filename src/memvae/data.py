@@ -268,22 +268,30 @@ class EpochBatcher:
     consumed ``batch_size`` at a time (a batch may span two epochs).
 
     The permutation of epoch e depends only on (seed, e), so the whole state is the pair
-    (epoch, position): cheap to checkpoint, exact to resume.
+    (epoch, position): cheap to checkpoint, exact to resume. It is drawn on the CPU
+    generator whatever ``device`` is (the same order everywhere) and then held on
+    ``device``, the images' device, moved once per epoch without waiting: each batch is
+    then a slice of a tensor already there, with no copy and no host sync per batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0,
+                 device: str | torch.device = "cpu"):
         if batch_size > n:
             raise MemvaeError(f"batch size {batch_size} is larger than the {n} training images")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, torch.device(device)
         self.epoch, self.position = epoch, position
         self._perm = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=gen)
+        perm = torch.randperm(self.n, generator=gen)
+        if self.device.type == "cuda":
+            # From pinned memory the copy is asynchronous: the host does not wait for it.
+            return perm.pin_memory().to(self.device, non_blocking=True)
+        return perm.to(self.device)  # the same tensor on the CPU
 
     def next(self) -> torch.Tensor:
-        """The next ``batch_size`` indices (int64)."""
+        """The next ``batch_size`` indices (int64, on ``device``)."""
         parts, need = [], self.batch_size
         while need:
             take = self._perm[self.position : self.position + need]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from memvae import config as C
-from memvae.checkpoint import save_checkpoint
+from memvae.checkpoint import latest_checkpoint, save_checkpoint
 from memvae.data import EpochBatcher, ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_read
@@ -171,12 +171,13 @@ class IntervalMeter:
         self.sums = torch.tensor(values, dtype=torch.float64, device=device)
         self._counts = torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
         self._skipped = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
+        self._nan = torch.full((), float("nan"), dtype=torch.float64, device=device)  # made once: no copy per update
 
     def add(self, out: AutoencoderOutput, applied: torch.Tensor) -> None:
         """One update: its reconstruction MSE and perplexity when ``applied`` (a device
         bool), else one more skipped update."""
         # A bottleneck without codes (the continuous control) has no perplexity: NaN in the log.
-        perplexity = torch.as_tensor(out.bottleneck.metrics.get("perplexity", float("nan")), device=self.sums.device)
+        perplexity = out.bottleneck.metrics.get("perplexity", self._nan)
         measures = torch.cat([torch.stack([out.recon_mse.detach().double(), perplexity.detach().double()]), self._counts])
         self.sums += torch.where(applied, measures, self._skipped)
 
@@ -197,7 +198,7 @@ class IntervalMeter:
             "skipped": int(s["skipped"] / ranks.world),
             "train_seconds": train_seconds,
         }
-        for key in ("beta", "entropy_bits", "max_weight"):
+        for key in ("beta", "entropy_bits", "max_weight", "outside_mass"):
             if key in last.bottleneck.metrics:
                 record[key] = float(last.bottleneck.metrics[key])
         self.sums.zero_()
@@ -303,7 +304,9 @@ class Trainer:
         self.variance = data.train_variance()
         self.train_images = data.train.to(self.device)  # the whole set stays resident (uint8)
         self.eval_images = data.test[: cfg.data.eval_images]
-        self.batcher = EpochBatcher(len(self.train_images), tc.batch_size, tc.seed)
+        # Batch indices on the images' device: indexing them with CPU indices would copy the
+        # indices to the GPU and wait for that copy at every update.
+        self.batcher = EpochBatcher(len(self.train_images), tc.batch_size, tc.seed, device=self.device)
         self.model = Autoencoder.from_config(cfg).to(self.device)
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -433,18 +436,41 @@ class Trainer:
 
 
 # ------------------------------------------------------------------ checkpoints
-def save(trainer: Trainer) -> None:
+def save(trainer: Trainer, final: bool = False) -> None:
     """Checkpoint the trainer's state (every rank calls this at the same update; rank 0 writes).
 
-    A disk that refuses is a warning, not the end of the run: the previous checkpoint stays.
+    Mid-run, a disk that refuses is a warning, not the end of the run: the previous
+    checkpoint stays, and the next save may work. A ``final`` save (the last update, or a
+    stop: SIGINT/SIGTERM, ``stop_after``) writes the model the run leaves; when it fails,
+    MemvaeError on every rank, naming the newest checkpoint on disk, so that a run which
+    lost its model never ends as if it were done.
     """
     state = trainer.state_dict()
-    if not trainer.ranks.is_main:
-        return
+    failure = None
+    if trainer.ranks.is_main:
+        try:
+            save_checkpoint(trainer.run_dir / "checkpoints", state, trainer.step)
+        except OSError as exc:
+            failure = exc
+    # Every rank saves at the same update, so the collective here cannot leave one waiting.
+    if final and trainer.ranks.any(failure is not None):
+        raise MemvaeError(_final_save_failed(trainer, failure))
+    if failure is not None:
+        tqdm.write(f"warning: could not save checkpoint at update {trainer.step} ({failure}); the previous one is kept")
+
+
+def _final_save_failed(trainer: Trainer, failure: OSError | None) -> str:
+    """The one line for a run whose last checkpoint could not be written (``failure``:
+    rank 0's error; None on the other ranks)."""
     try:
-        save_checkpoint(trainer.run_dir / "checkpoints", state, trainer.step)
-    except OSError as exc:
-        tqdm.write(f"warning: could not save checkpoint at update {trainer.step} ({exc}); the previous one is kept")
+        found = latest_checkpoint(trainer.run_dir / "checkpoints")
+    except MemvaeError:  # a damaged pointer: nothing on disk can be trusted to resume from
+        found = None
+    resume = f"memvae train --run-dir {trainer.run_dir} --resume"
+    kept = (f"the newest checkpoint on disk is update {found[1]['step']} ({found[0]}); {resume} continues from it"
+            if found else f"no checkpoint of this run is on disk; {resume} starts it again from update 0")
+    reason = failure if failure is not None else "rank 0 could not write it"
+    return f"could not save the checkpoint of update {trainer.step}, the last of this run ({reason}); {kept}"
 
 
 # ------------------------------------------------------------------ signals and stop_after

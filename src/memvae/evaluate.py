@@ -20,11 +20,12 @@ def evaluate_read(
     MSE is over all pixels and channels on the [0, 1] scale; PSNR is computed from it;
     perplexity and slots used come from the slot counts over the whole set (not per
     batch). Memory reads add mean weight entropy (bits), mean max weight, the fraction
-    of positions with max weight > 0.99, and β.
+    of positions with max weight > 0.99, and β; the top-k read also the mean weight mass
+    its k slots leave out (``outside_mass``).
     """
     model.eval()
     k = model.bottleneck.num_slots
-    counts = torch.zeros(max(k, 1), dtype=torch.int64, device=device)
+    counts = torch.zeros(max(k, 1) * getattr(model.bottleneck, "stages", 1), dtype=torch.int64, device=device)
     sq_error, pixels, positions = 0.0, 0, 0
     sums: dict[str, float] = {}
     for batch in images.split(batch_size):
@@ -34,10 +35,13 @@ def evaluate_read(
         pixels += x.numel()
         if out.bottleneck.codes is None:  # the continuous control: no codes to count
             continue
-        counts += code_counts(out.bottleneck.codes, k)
-        n = out.bottleneck.codes.numel()
+        codes = out.bottleneck.codes
+        if codes.dim() == x.dim():  # B×h×w×S: S stages of K slots each, counted as S·K slots
+            codes = codes + torch.arange(codes.shape[-1], device=codes.device) * k
+        counts += code_counts(codes, counts.numel())
+        n = codes.numel()
         positions += n
-        for key in ("entropy_bits", "max_weight", "confident"):
+        for key in ("entropy_bits", "max_weight", "confident", "outside_mass"):
             if key in out.bottleneck.metrics:
                 sums[key] = sums.get(key, 0.0) + float(out.bottleneck.metrics[key]) * n
     mse = sq_error / pixels
@@ -54,6 +58,8 @@ def evaluate_read(
         result["entropy_bits"] = sums["entropy_bits"] / positions
         result["max_weight"] = sums["max_weight"] / positions
         result["confident_frac"] = sums["confident"] / positions
+    if "outside_mass" in sums:  # the top-k read: the dense weights' mass it leaves out
+        result["outside_mass"] = sums["outside_mass"] / positions
     if hasattr(model.bottleneck, "beta"):  # a read sharpened by β reports it
         result["beta"] = float(model.bottleneck.beta())
     return result

@@ -37,6 +37,9 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
         return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_fraction=cfg.reseed_fraction, **init)
     if cfg.kind == "none":
         return cls(dim=dim)
+    if cfg.kind == "residual_vq":
+        return cls(cfg.slots, dim, stages=cfg.stages, commitment=cfg.commitment, decay=cfg.decay,
+                   reseed_fraction=cfg.reseed_fraction, **init)
     if cfg.kind == "fsq":
         return cls(cfg.slots, dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
     return cls(
@@ -44,7 +47,7 @@ def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
         train_read=cfg.train_read,
         tau=(cfg.tau_start, cfg.tau_end), tau_anneal=cfg.tau_anneal_updates, write=cfg.write, decay=cfg.decay,
         commitment=cfg.commitment, impl=cfg.impl, temperature=cfg.temperature,
-        encoder_gradient=cfg.encoder_gradient, reseed_fraction=cfg.reseed_fraction, **init,
+        encoder_gradient=cfg.encoder_gradient, reseed_fraction=cfg.reseed_fraction, top_k=cfg.top_k, **init,
     )
 
 

@@ -37,6 +37,7 @@ from memvae.metrics import MetricsLog
 from memvae.model import Autoencoder
 from memvae.pixelcnn import GatedPixelCNN
 from memvae.prior_options import PriorOptions
+from memvae.runlock import run_lock
 from memvae.runs import load_run
 
 PRIOR_DIR = "prior"
@@ -54,7 +55,10 @@ def bits(nats: float) -> float:
 
 @torch.no_grad()
 def extract_codes(model: Autoencoder, images: torch.Tensor, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The slot map of every image: uint8 N×3×H×W -> int64 N×h×w (on the CPU).
+    """The slot map of every image: uint8 N×3×H×W -> int64 N×h×w (on the CPU); for S stages
+    of codes per position (residual VQ, N×h×w×S) an N×h×(w·S) map, each position's stages
+    side by side, so that the PixelCNN's raster order reads stage s of a position after its
+    stages < s and after every earlier position (:func:`stages_from_map` undoes it).
 
     The model runs in eval mode, so a memory model reads with its evaluation read; its
     codes are the argmax weights either way. The model's mode is restored afterwards.
@@ -65,7 +69,13 @@ def extract_codes(model: Autoencoder, images: torch.Tensor, batch_size: int = 50
         maps = [model(to_input(batch.to(device))).bottleneck.codes.cpu() for batch in images.split(batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(maps)
+    codes = torch.cat(maps)
+    return codes.flatten(2) if codes.dim() == 4 else codes
+
+
+def stages_from_map(codes: torch.Tensor, stages: int) -> torch.Tensor:
+    """N×h×(w·S) -> N×h×w×S, the inverse of :func:`extract_codes`' layout (S = 1: unchanged)."""
+    return codes if stages == 1 else codes.view(codes.shape[0], codes.shape[1], -1, stages)
 
 
 @torch.no_grad()
@@ -112,6 +122,14 @@ def train_prior(
         progress: optional callable taking each log record (e.g. to print it).
     """
     options = dataclasses.replace(options or PriorOptions()).validate()
+    # RUN_DIR/prior has one writer, and the run does not train on meanwhile (memvae.runlock).
+    with run_lock(run_dir, create=False):
+        return _train_prior(run_dir, options, data_dir, overwrite, progress)
+
+
+def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: str | os.PathLike | None,
+                 overwrite: bool, progress) -> dict:
+    """:func:`train_prior`, with the run directory locked."""
     out_dir = prior_dir(run_dir)
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and not overwrite:
@@ -272,5 +290,5 @@ def sample_images(
             f"update {model_state['step']}; fit it again with `memvae prior {run_dir} --overwrite`"
         )
     codes = sample_codes(prior, n, tuple(state["map_shape"]), temperature, seed, device)
-    images = to_uint8(model.decode_codes(codes))
+    images = to_uint8(model.decode_codes(stages_from_map(codes, getattr(model.bottleneck, "stages", 1))))
     return images.cpu(), codes.cpu()

@@ -6,6 +6,7 @@
     checkpoints/     see memvae.checkpoint
     tensorboard/     TensorBoard event files
     eval.json        written by `memvae eval`
+    .lock            held by the process writing the run (see memvae.runlock)
 """
 from __future__ import annotations
 
@@ -21,17 +22,30 @@ import torch
 
 from memvae import config as C
 from memvae.checkpoint import latest_checkpoint, load_checkpoint
-from memvae.errors import MemvaeError
+from memvae.errors import MemvaeError, os_error
 from memvae.model import Autoencoder
+from memvae.runlock import LOCK_FILE
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create ``run_dir``; an existing non-empty one is refused unless resuming or overwriting."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    """Create ``run_dir``; an existing non-empty one is refused unless resuming or overwriting.
+
+    The lock file (:mod:`memvae.runlock`) is not part of a run: it alone does not make the
+    directory non-empty, and overwriting keeps it (the caller holds it while it overwrites).
+    """
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    if contents and not resume:
         if not overwrite:
             raise MemvaeError(f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        for path in contents:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full place, a parent that is a file
+        raise os_error(exc, f"create run directory {run_dir}") from None
 
 
 def environment() -> dict:

@@ -1,12 +1,14 @@
 """The training loop: generic over models, exact to resume, safe to interrupt.
 
 Runs on one process, or on several under ``torchrun`` (DistributedDataParallel). The loop
-is :func:`train`; what it calls is named in :mod:`memvae.engine`: the update and its
-non-finite guard, the interval's sums, evaluation, checkpoints, signals, distributed setup.
+is :func:`train` (its body, ``_train``, runs with the run directory locked: one writer per
+run, :mod:`memvae.runlock`); what it calls is named in :mod:`memvae.engine`: the update and
+its non-finite guard, the interval's sums, evaluation, checkpoints, signals, distributed setup.
 """
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from memvae.checkpoint import latest_checkpoint, load_checkpoint
 from memvae.data import ImageData, load_data
 from memvae.engine import Distributed, RunLog, StopRequest, Trainer, choose_threads, repeatable, resolve_device, save
 from memvae.errors import MemvaeError
+from memvae.runlock import run_lock
 from memvae.runs import prepare_run_dir
 
 __all__ = ["train", "resolve_device"]
@@ -43,11 +46,25 @@ def train(
         stop_after: stop (with a checkpoint, as on SIGTERM) after this many updates in
             total; for tests and for splitting long runs.
         data: images already in memory (skips loading ``cfg.data``), e.g. your own tensors.
+
+    While it runs, rank 0 holds the run directory's lock (:mod:`memvae.runlock`): another
+    process that would write the same run fails at once. A checkpoint that cannot be
+    saved mid-run is a warning; the last one (at the end, or at a stop) is an error that
+    names the newest checkpoint on disk (:func:`memvae.engine.save`).
     """
-    tc, run_dir = cfg.train, Path(run_dir)
-    ranks = Distributed(tc.device)
-    if tc.batch_size % ranks.world:
-        raise MemvaeError(f"batch size {tc.batch_size} does not split evenly over {ranks.world} processes")
+    run_dir, ranks = Path(run_dir), Distributed(cfg.train.device)
+    if cfg.train.batch_size % ranks.world:
+        raise MemvaeError(f"batch size {cfg.train.batch_size} does not split evenly over {ranks.world} processes")
+    if ranks.is_main and not (resume or overwrite):
+        prepare_run_dir(run_dir, resume, overwrite)  # an existing folder is refused before it gets a lock file
+    with run_lock(run_dir) if ranks.is_main else nullcontext():
+        return _train(cfg, run_dir, ranks, resume, overwrite, data_dir, show_progress, stop_after, data)
+
+
+def _train(cfg: C.Config, run_dir: Path, ranks: Distributed, resume: bool, overwrite: bool, data_dir: str | None,
+           show_progress: bool, stop_after: int | None, data: ImageData | None) -> dict:
+    """:func:`train`, with the run directory locked."""
+    tc = cfg.train
     if ranks.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
     ranks.barrier()
@@ -80,7 +97,7 @@ def train(
             if evaluating:
                 log.eval(t.evaluate())
             if saving or stopping:
-                save(t)
+                save(t, final=stopping or t.step == tc.steps)
             if stopping:
                 log.close()
                 if signalled:

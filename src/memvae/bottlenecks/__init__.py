@@ -5,6 +5,7 @@ from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 from memvae.bottlenecks.fsq import FSQ
 from memvae.bottlenecks.memory import MemoryRead
 from memvae.bottlenecks.none import NoBottleneck
+from memvae.bottlenecks.residual_vq import ResidualVQ
 from memvae.bottlenecks.vq import VectorQuantizer
 from memvae.bottlenecks.vq_ema import VectorQuantizerEMA
 
@@ -14,6 +15,7 @@ REGISTRY: dict[str, type[Bottleneck]] = {
     "memory": MemoryRead,
     "fsq": FSQ,
     "none": NoBottleneck,
+    "residual_vq": ResidualVQ,
 }
 
 
@@ -25,4 +27,4 @@ def bottleneck_class(kind: str) -> type[Bottleneck]:
         raise ValueError(f"unknown bottleneck {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "MemoryRead", "NoBottleneck", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]
+__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "MemoryRead", "NoBottleneck", "ResidualVQ", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]

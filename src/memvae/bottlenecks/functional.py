@@ -58,9 +58,13 @@ def nearest_distances(x: torch.Tensor, memory: torch.Tensor, max_elements: int =
 def assignment_sums(codes: torch.Tensor, x: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard-assignment statistics without an N×K one-hot: counts (K, float32), how many of
     the N rows chose each slot, and sums (K×D, float32), the sum of the rows x (N×D) that
-    chose it; equal to (A.sum(0), AᵀX) for the one-hot assignment matrix A."""
+    chose it; equal to (A.sum(0), AᵀX) for the one-hot assignment matrix A.
+
+    Both are added into zeros of a fixed size (``torch.bincount`` sizes its output from
+    the largest code, a read from the device on a GPU); counts are sums of ones, exact in
+    float32 up to 2²⁴ rows, so they equal bincount's to the bit."""
     x = x.detach().float()
-    counts = torch.bincount(codes, minlength=num_slots).float()
+    counts = torch.zeros(num_slots, device=x.device).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float32))
     sums = torch.zeros(num_slots, x.shape[1], device=x.device).index_add_(0, codes, x)
     return counts, sums
 
@@ -101,8 +105,10 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def code_counts(codes: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """How often each of the K slots appears among ``codes`` (any shape) -> K int64."""
-    return torch.bincount(codes.reshape(-1), minlength=num_slots)
+    """How often each of the K slots appears among ``codes`` (any shape) -> K int64, added into
+    K zeros (no output size read from the data, unlike ``torch.bincount``)."""
+    flat = codes.reshape(-1)
+    return torch.zeros(num_slots, dtype=torch.int64, device=codes.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def weight_statistics(logits: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

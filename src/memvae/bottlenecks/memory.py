@@ -71,6 +71,19 @@ class MemoryRead(Bottleneck):
     below that fraction of the mean count N/K take recent encoder vectors far from every
     slot (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
 
+    Top-k read (``top_k`` = k > 0; product-key memories, Lample et al. 2019): the N×K
+    logits l are computed as for the dense read (the product VQ computes too), and only
+    each query's k largest enter the read:
+        T_n = the k slots of largest l_nk,   w_nj = softmax_{j ∈ T_n}(l_nj),   r_n = Σ_{j ∈ T_n} w_nj M_j
+    Gradients reach z, M and β only through those k logits and k slots; the softmax, the
+    read and its backward cost N·k, not N·K, and the N×K weights are never held (``weights``
+    is None). ``outside_mass`` (a metric, mean over positions) is the weight the dense
+    softmax puts outside T_n, 1 − Σ_{j ∈ T_n} softmax_K(l_n)_j: the read differs from the
+    dense one by at most twice that mass times the largest slot norm. The statistics
+    (entropy, max weight, codes = the slot of largest weight) are those of the k weights
+    the read uses; with k = K the read is the dense one. The soft write, with top-k, moves
+    each slot by the k weights (counts and sums by ``index_add_``).
+
     Args:
         num_slots: K.  dim: D.
         similarity: "l2" or "cosine".
@@ -91,6 +104,7 @@ class MemoryRead(Bottleneck):
             N·K > ``fused_threshold`` and the read allows it).
         chunk: queries per chunk when statistics are computed without the full matrix
             (fewer when chunk·K would exceed ``fused_threshold``).
+        top_k: read each query's k largest logits only (see above); 0 = all K (dense).
         init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
             the gradient write, "data" for the moving-average writes, whose N(0, 1) slots collapse
             onto the few of smallest norm (measured: 3 slots in use after 300 updates).
@@ -116,6 +130,7 @@ class MemoryRead(Bottleneck):
         encoder_gradient: str = "read",
         reseed_fraction: float = 0.0,
         tau_anneal: int = 2000,
+        top_k: int = 0,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -137,6 +152,8 @@ class MemoryRead(Bottleneck):
             raise ValueError(f"tau_anneal must be a number of updates >= 1, got {tau_anneal}")
         if reseed_fraction < 0:
             raise ValueError(f"reseed_fraction must be >= 0, got {reseed_fraction}")
+        if not 0 <= top_k <= num_slots:
+            raise ValueError(f"top_k must be between 0 (dense) and the {num_slots} slots, got {top_k}")
         if write == "gradient" and (encoder_gradient != "read" or reseed_fraction > 0):
             raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_fraction need a moving-average write "
                              "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
@@ -147,6 +164,7 @@ class MemoryRead(Bottleneck):
         self.temperature, self.encoder_gradient, self.reseed_fraction = temperature, encoder_gradient, reseed_fraction
         self.write, self.decay, self.commitment = write, decay, commitment
         self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
+        self.top_k = top_k
         memory = torch.randn(num_slots, dim)
         if write == "gradient":
             self.memory = nn.Parameter(memory)
@@ -182,7 +200,9 @@ class MemoryRead(Bottleneck):
         computed in float64, as a Python float would be)."""
         start, end = self.tau_range
         done = (self.updates.double() / self.tau_anneal).clamp(max=1.0)
-        return (start * torch.pow(torch.tensor(end / start, dtype=torch.float64, device=done.device), done)).float()
+        # A Python base, not a tensor made from it: that would be a blocking copy to the GPU
+        # at every update (the same float64 pow, to the bit).
+        return (start * torch.pow(end / start, done)).float()
 
     @torch.no_grad()
     def _distances(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -272,9 +292,63 @@ class MemoryRead(Bottleneck):
                 sums += w.t() @ part.float()
         return torch.cat(codes), stats, counts, sums
 
+    def _top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """N×K logits -> (the k largest per row, N×k, largest first, with the gradient of the
+        logits they are; their slots, N×k int64; the dense softmax's mass outside them, N).
+
+        The outside mass is summed over the K − k slots left out (their exp shifted by the
+        row's largest logit), not taken as 1 − Σ inside: the logits run to thousands at the
+        end of the τ schedule, where 1 − Σ would leave only the rounding of the sum. Logits
+        that need no gradient are overwritten.
+        """
+        top, slots = logits.topk(self.top_k, dim=1)
+        with torch.no_grad():
+            peak = top.detach()[:, :1]
+            # Without a graph the logits are needed no more: shifted in place (a fresh N×K
+            # tensor costs its page faults, as much as the exp at K = 4,096).
+            shifted = logits.detach() - peak if logits.requires_grad else logits.sub_(peak)
+            rest = shifted.exp_().scatter_(1, slots, 0.0).sum(1)
+            inside = (top.detach() - peak).exp().sum(1)
+            outside = rest / (rest + inside)
+        return top, slots, outside
+
+    def _top_k_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, logits: torch.Tensor | None,
+                    mode: str, want_write: bool):
+        """The top-k read of N×D queries (see the class docstring), from their N×K ``logits``,
+        or, when None, from logits computed chunk by chunk (at most ``fused_threshold`` at a
+        time, as :meth:`_chunked_statistics`), of which only the N×k largest are kept.
+
+        Returns (codes N, stats dict of sums over N with ``outside_mass``, read N×D, and
+        the soft write's counts K and sums K×D from the k weights, or None, None).
+        """
+        if logits is None:
+            rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots))
+            parts = [self._top_k(self.logits(part, memory, beta)) for part in x.split(rows)]
+            top, slots, outside = (torch.cat(t) for t in zip(*parts))
+        else:
+            top, slots, outside = self._top_k(logits)
+        w = top.softmax(1)
+        stats, best = Fn.weight_statistics(top, w)
+        stats["outside_mass"] = outside.sum()
+        idx = slots.gather(1, best[:, None]).squeeze(1)
+        if mode == "hard":
+            read = memory.index_select(0, idx)
+        else:
+            # The weighted sum of the k slots in one kernel: no N×k×D copy of the slots.
+            read = F.embedding_bag(slots, memory, per_sample_weights=w, mode="sum")
+            if mode == "straight_through":
+                read = Fn.straight_through(read, memory.index_select(0, idx))
+        counts = sums = None
+        if want_write:
+            wd, flat = w.detach(), slots.reshape(-1)
+            counts = torch.zeros(self.num_slots, device=x.device).index_add_(0, flat, wd.reshape(-1))
+            weighted = (wd[:, :, None] * x.detach().float()[:, None, :]).reshape(-1, x.shape[1])
+            sums = torch.zeros(self.num_slots, x.shape[1], device=x.device).index_add_(0, flat, weighted)
+        return idx, stats, read, counts, sums
+
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
-        B×N, weights B×H×W×K or B×N×K, None when computed fused)."""
+        B×N, weights B×H×W×K or B×N×K, None when computed fused or with the top-k read)."""
         x = Fn.flatten_positions(z)
         self._init_from_data(x, Fn.positions_per_item(z))
         n = x.shape[0]
@@ -302,7 +376,15 @@ class MemoryRead(Bottleneck):
         beta = self.beta()
 
         with torch.set_grad_enabled(track):
-            if use_fused:
+            if self.top_k:
+                if use_fused:
+                    logits = None
+                elif scores is None:
+                    logits = self.logits(x, memory, beta)
+                else:  # the scores are used no more: scaled in place when no graph needs them
+                    logits = beta * scores if scores.requires_grad else scores.mul_(beta)
+                idx, stats, read, counts, sums = self._top_k_read(x, memory, beta, logits, mode, soft_sums)
+            elif use_fused:
                 idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
                 read = memory.index_select(0, idx) if mode == "hard" else self._fused_read(x, memory, beta)
             else:

@@ -16,7 +16,7 @@ class VectorQuantizerEMA(Bottleneck):
 
     The read is that of :class:`~memvae.bottlenecks.vq.VectorQuantizer`; the memory is
     a buffer, not a parameter, updated by :func:`~memvae.bottlenecks.functional.ema_write`
-    with hard assignments (counts by ``bincount``, sums by ``index_add_``: no N×K
+    with hard assignments (counts and sums by ``index_add_``: no N×K
     one-hot), in training mode only. With ``reseed_fraction`` > 0, after each write the
     slots whose moving-average count fell below that fraction of the mean count N/K take
     recent encoder vectors far from every slot (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
