@@ -232,7 +232,7 @@ def test_perplexity_counts():
 def test_registry_rejects_unknown_names_with_the_known_ones():
     with pytest.raises(ValueError, match="vq, vq_ema"):
         bottleneck_class("nearest")
-    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq", "none"}
+    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq", "none", "residual_vq"}
 
 
 @pytest.mark.parametrize("shape", [(3, D, 5, 4), (3, 20, D)])
@@ -245,5 +245,5 @@ def test_none_passes_z_through_with_no_loss_and_no_codes(shape):
     out.quantized.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))
     assert not bottleneck.discrete and bottleneck.reads == ("continuous",)
-    with pytest.raises(ValueError, match="expects 8"):
+    with pytest.raises(ValueError, match="width D = 8"):
         bottleneck(torch.randn(2, D + 1, 4, 4))

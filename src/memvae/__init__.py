@@ -8,7 +8,7 @@ The public names, for use in your own models (everything else is internal)::
     out.quantized, out.loss, out.codes, out.weights, out.metrics
 
 Bottlenecks: :class:`VectorQuantizer`, :class:`VectorQuantizerEMA`, :class:`MemoryRead`,
-:class:`FSQ`, each returning a :class:`BottleneckOutput`. The image model:
+:class:`FSQ`, :class:`ResidualVQ`, each returning a :class:`BottleneckOutput`. The image model:
 :class:`Autoencoder`, built from a :class:`Config` (:func:`load_config` reads one from a
 TOML file; ``memvae configs`` lists the packaged ones). The package is typed (PEP 561).
 """
@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 # and ``--version`` answer without importing torch.
 _PUBLIC = {
     "MemoryRead": "memvae.bottlenecks", "VectorQuantizer": "memvae.bottlenecks",
-    "VectorQuantizerEMA": "memvae.bottlenecks", "FSQ": "memvae.bottlenecks", "BottleneckOutput": "memvae.bottlenecks",
+    "VectorQuantizerEMA": "memvae.bottlenecks", "FSQ": "memvae.bottlenecks", "ResidualVQ": "memvae.bottlenecks",
+    "BottleneckOutput": "memvae.bottlenecks",
     "Autoencoder": "memvae.model", "Config": "memvae.config", "load_config": "memvae.config",
 }
 __all__ = list(_PUBLIC)
@@ -40,6 +41,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from memvae.bottlenecks import FSQ, BottleneckOutput, MemoryRead, VectorQuantizer, VectorQuantizerEMA
+    from memvae.bottlenecks import FSQ, BottleneckOutput, MemoryRead, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
     from memvae.config import Config, load_config
     from memvae.model import Autoencoder

@@ -6,10 +6,13 @@ slots of width D.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from memvae.bottlenecks import functional as Fn
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,26 @@ class Bottleneck(nn.Module):
             self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:  # pragma: no cover - abstract
+    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W maps or B×N×D sequences, any floating dtype -> BottleneckOutput.
+
+        One rule for every bottleneck: the maths run in float32 with autocast off (distances
+        and softmax lose too much in bfloat16), and ``quantized`` comes back in z's dtype;
+        ``loss`` is float32. A batch of 0 positions reads and writes nothing, in training
+        mode too. The reading itself is each bottleneck's :meth:`_forward`.
+        """
+        Fn.check_input(z, self.dim)
+        if z.numel() == 0:
+            shape = Fn.position_shape(z) + ((self.stages,) if hasattr(self, "stages") else ())
+            return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32),
+                                    codes=torch.zeros(shape, dtype=torch.int64, device=z.device))
+        with torch.autocast(z.device.type, enabled=False):
+            out = self._forward(z.float())
+        if out.quantized.dtype == z.dtype:
+            return out
+        return dataclasses.replace(out, quantized=out.quantized.to(z.dtype))
+
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def slots(self) -> torch.Tensor:

@@ -65,7 +65,7 @@ class FSQ(Bottleneck):
         """K×D: the decoder input of every code."""
         return self.project_out(self.grid(torch.arange(self.num_slots, device=self.basis.device)))
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
         x = Fn.flatten_positions(z)
         bounded = self.bound(self.project_in(x.float()))

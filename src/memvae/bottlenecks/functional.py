@@ -6,12 +6,22 @@ import math
 import torch
 
 
+def check_input(z: torch.Tensor, dim: int | None) -> None:
+    """One-line errors for what a bottleneck cannot read: a layout other than B×D×H×W or
+    B×N×D, or a feature width D other than ``dim`` (None: any)."""
+    if z.dim() not in (3, 4):
+        raise ValueError(f"a bottleneck reads B×D×H×W maps or B×N×D sequences, got shape {tuple(z.shape)}")
+    width = z.shape[2] if z.dim() == 3 else z.shape[1]
+    if dim is not None and width != dim:
+        layout = "B×N×D sequence" if z.dim() == 3 else "B×D×H×W map"
+        raise ValueError(f"this bottleneck reads vectors of width D = {dim}; the {layout} of shape {tuple(z.shape)} has D = {width}")
+
+
 def flatten_positions(z: torch.Tensor) -> torch.Tensor:
     """B×D×H×W maps or B×N×D sequences -> (B·H·W or B·N)×D, one row per read position."""
+    check_input(z, None)
     if z.dim() == 3:
         return z.reshape(-1, z.shape[2])
-    if z.dim() != 4:
-        raise ValueError(f"a bottleneck reads B×D×H×W maps or B×N×D sequences, got shape {tuple(z.shape)}")
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 

@@ -346,7 +346,7 @@ class MemoryRead(Bottleneck):
             sums = torch.zeros(self.num_slots, x.shape[1], device=x.device).index_add_(0, flat, weighted)
         return idx, stats, read, counts, sums
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
         B×N, weights B×H×W×K or B×N×K, None when computed fused or with the top-k read)."""
         x = Fn.flatten_positions(z)

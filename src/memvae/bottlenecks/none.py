@@ -18,18 +18,13 @@ class NoBottleneck(Bottleneck):
     reads = ("continuous",)
     discrete = False
 
-    def __init__(self, num_slots: int = 0, dim: int = 0):
+    def __init__(self, num_slots: int = 0, dim: int | None = None):
         super().__init__()
-        self.num_slots, self.dim = 0, dim  # K is ignored: there are no slots
-        self.register_buffer("memory", torch.zeros(0, dim))
+        self.num_slots, self.dim = 0, dim  # K is ignored: there are no slots; dim None: any width
+        self.register_buffer("memory", torch.zeros(0, dim or 0))
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
-        if z.dim() not in (3, 4):
-            raise ValueError(f"a bottleneck reads B×D×H×W maps or B×N×D sequences, got shape {tuple(z.shape)}")
-        width = z.shape[2] if z.dim() == 3 else z.shape[1]
-        if self.dim and width != self.dim:
-            raise ValueError(f"z has feature width {width}, this bottleneck expects {self.dim}")
-        return BottleneckOutput(quantized=z, loss=z.new_zeros(()), codes=None)
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
+        return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32), codes=None)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("the continuous control (kind 'none') has no codes to decode")

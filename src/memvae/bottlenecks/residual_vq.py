@@ -44,10 +44,8 @@ class ResidualVQ(Bottleneck):
         """S·K×D: every stage's slots, stage by stage."""
         return torch.cat([layer.memory for layer in self.layers])
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         x = Fn.flatten_positions(z)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"z has feature width {x.shape[1]}, this bottleneck expects {self.dim}")
         per_item = Fn.positions_per_item(z)
         residual, total = x, torch.zeros_like(x)
         loss, codes = x.new_zeros(()), []

@@ -31,7 +31,7 @@ class VectorQuantizer(Bottleneck):
         self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-1 / num_slots, 1 / num_slots))
         self._setup_init(init)
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
         x = Fn.flatten_positions(z)
         self._init_from_data(x, Fn.positions_per_item(z))

@@ -52,7 +52,7 @@ class VectorQuantizerEMA(Bottleneck):
         self.register_buffer("embed_sum", memory.clone())
         self._setup_init(init)
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
         B×N, weights None); writes the slots in training mode."""
         x = Fn.flatten_positions(z)

@@ -1,0 +1,48 @@
+"""Inputs every library user hits, for every registered bottleneck (asked of the registry)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memvae.bottlenecks import REGISTRY, bottleneck_class
+
+K, D = 64, 8
+# Variants whose buffers move in training mode, beside each kind's defaults.
+EXTRA = {
+    "memory_discrete": lambda: bottleneck_class("memory")(K, D, temperature="relative", write="hard_ema",
+                                                          encoder_gradient="straight_through", reseed_fraction=0.25),
+    "vq_ema_reseed": lambda: bottleneck_class("vq_ema")(K, D, reseed_fraction=0.25),
+    "memory_top_k": lambda: bottleneck_class("memory")(K, D, top_k=8, write="soft_ema", encoder_gradient="straight_through"),
+}
+MAKERS = {**{kind: (lambda kind=kind: bottleneck_class(kind)(K, D)) for kind in REGISTRY}, **EXTRA}
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("shape", [(2, D + 1, 4, 4), (2, 16, D - 1)])
+def test_a_wrong_feature_width_fails_naming_both_widths(name, shape):
+    with pytest.raises(ValueError, match=rf"width D = {D}; .* has D = {shape[1] if len(shape) == 4 else shape[2]}$"):
+        MAKERS[name]()(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("shape", [(0, D, 4, 4), (3, 0, D)])
+def test_an_empty_batch_is_a_no_op_in_training_mode(name, shape):
+    bottleneck = MAKERS[name]().train()
+    bottleneck(torch.randn(4, D, 4, 4))  # past any data initialisation
+    before = {k: v.clone() for k, v in bottleneck.state_dict().items()}
+    z = torch.randn(*shape)
+    out = bottleneck(z)
+    assert out.quantized.shape == z.shape and float(out.loss) == 0.0
+    for key, value in bottleneck.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_output_has_the_inputs_dtype(name, autocast):
+    bottleneck = MAKERS[name]().train()
+    z = torch.randn(2, D, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = bottleneck(z)
+    assert out.quantized.dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32
