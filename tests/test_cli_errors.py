@@ -67,11 +67,11 @@ TRAIN = ["train", "--config", SMOKE, "--train.threads", "1", "--no-progress"]
 # Each case: (setup(tmp_path, ctx) -> arguments, words the message must contain).
 # ctx gives the fixtures: ctx.data_dir, ctx.trained_run.
 def _missing_cifar_dir(t, ctx):
-    return [*TRAIN, "--data-dir", t / "nowhere", "--run-dir", t / "run"], ["CIFAR-10", str(t / "nowhere"), "could not be downloaded", "--data-dir"]
+    return [*TRAIN, "--data-dir", t / "nowhere", "--run-dir", t / "run"], ["data folder", str(t / "nowhere"), "does not exist", "--download"]
 
 
 def _missing_image_folder(t, ctx):
-    return [*TRAIN, "--data.source", "folder", "--data-dir", t / "nowhere", "--run-dir", t / "run"], ["image folder", str(t / "nowhere"), "does not exist"]
+    return [*TRAIN, "--data.source", "folder", "--data-dir", t / "nowhere", "--run-dir", t / "run"], ["data folder", str(t / "nowhere"), "does not exist"]
 
 
 def _truncated_cifar_file(t, ctx):

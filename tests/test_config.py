@@ -48,7 +48,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         ("train.compile=maybe", "expects bool"),
         ("train.lr=-0.001", "must be > 0"),
         ("bottleneck.slots=0", "must be > 0"),
-        ("bottleneck.kind=nearest", "must be one of fsq, memory, none, vq, vq_ema"),
+        ("bottleneck.kind=nearest", "must be one of fsq, memory, none, residual_vq, vq, vq_ema"),
         ("bottleneck.similarity=dot", "must be one of l2, cosine"),
         ("bottleneck.decay=1.5", "must be in"),
         ("train.batch_size=0", "must be > 0"),

@@ -35,5 +35,6 @@ def test_a_missing_data_dir_is_one_line_not_a_download(tmp_path):
     out = run_memvae("train", "--config", "smoke", "--data-dir", tmp_path / "typo", "--run-dir", tmp_path / "r")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        f"error: data folder {tmp_path / 'typo'} does not exist; check the path, or add --download to fetch CIFAR-10 into it"]
+        f"error: data folder {tmp_path / 'typo'} does not exist; check the path (for CIFAR-10, --download creates it "
+        "and downloads the data into it)"]
     assert not (tmp_path / "typo").exists() and not (tmp_path / "r").exists()

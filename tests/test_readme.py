@@ -1,8 +1,11 @@
 """The README's examples, read from README.md so that the two cannot drift apart."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +38,9 @@ def test_command_examples_run_in_order_and_write_only_under_runs(tmp_path):
     script = re.sub(r"^(memvae prior .*)$", r"\1 --train-images 1000 --test-images 200", script, flags=re.M)
     work = tmp_path / "fresh"
     work.mkdir()
-    out = subprocess.run(["bash", "-e", "-c", script], cwd=work, capture_output=True, text=True, env=cli_env(), timeout=1500)
+    # The README's commands as a user runs them: `memvae` on the PATH of the environment under test.
+    env = cli_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = subprocess.run(["bash", "-e", "-c", script], cwd=work, capture_output=True, text=True, env=env, timeout=1500)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert [p.name for p in work.iterdir()] == ["runs"]
     for name in ("grid.png", "curves.png", "samples.png", "quick/results.md", "rate/rate_distortion.png", "vq/prior/eval.json"):

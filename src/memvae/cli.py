@@ -184,7 +184,8 @@ def check_data_dir(data_dir: str | None, download: bool) -> None:
     if not data_dir or Path(data_dir).exists():
         return
     if not download:
-        raise MemvaeError(f"data folder {data_dir} does not exist; check the path, or add --download to fetch CIFAR-10 into it")
+        raise MemvaeError(f"data folder {data_dir} does not exist; check the path (for CIFAR-10, --download creates it "
+                          "and downloads the data into it)")
     Path(data_dir).mkdir(parents=True)
 
 
