@@ -94,3 +94,15 @@ def test_training_loop_drives_the_tau_schedule(annealed_run):
 def test_loaded_model_reads_with_the_scheduled_tau(annealed_run):
     model, _, _ = load_run(annealed_run)
     assert float(model.bottleneck.tau()) == pytest.approx(0.01)
+
+
+def test_a_stopped_and_resumed_run_continues_the_tau_schedule_exactly(annealed_run, tmp_path, data_dir):
+    """Stopped at update 10 of the 20 over which τ anneals, then resumed: the same β in every
+    record and the same update count (τ's clock) as the unbroken run."""
+    cfg = load_config(annealed_run / "config.toml")
+    train(cfg, tmp_path / "run", data_dir=data_dir, show_progress=False, stop_after=10)
+    train(cfg, tmp_path / "run", resume=True, data_dir=data_dir, show_progress=False)
+    unbroken = [r.get("beta") for r in read_metrics(annealed_run)]
+    resumed = [r.get("beta") for r in read_metrics(tmp_path / "run")]
+    assert resumed == unbroken
+    assert int(load_run(tmp_path / "run")[0].bottleneck.updates) == 20
