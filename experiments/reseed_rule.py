@@ -17,7 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from memvae import presets
 from memvae.bottlenecks import functional as Fn
 from memvae.data import load_data
