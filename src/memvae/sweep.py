@@ -102,8 +102,22 @@ def rate_tables(rows: dict, steps: int, test_images: int) -> str:
     header = ["model", "seeds", "read", "bits / position", "test NMSE", "PSNR dB", "slots used", "perplexity",
               "prior bits / index", "prior bits / image"]
     continuous = [(n, r) for n, r in rows.items() if r["k"] is None]
-    lines = []
-    for k in sorted({r["k"] for r in rows.values() if r["k"] is not None}):
+    ks = sorted({r["k"] for r in rows.values() if r["k"] is not None})
+    # First the answer at a glance: test NMSE of each model at each rate.
+    lines = [f"### Test NMSE at each rate, {steps} updates (mean ± std over seeds; n = seeds)", "",
+             "| model | " + " | ".join(f"K = {k} ({math.log2(k):g} bits)" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for base in dict.fromkeys(r["base"] for r in rows.values() if r["k"] is not None):
+        cells = []
+        for k in ks:
+            r = next((r for r in rows.values() if r["base"] == base and r["k"] == k), None)
+            cells.append(f"{_fmt(r['nmse'], 4)} (n = {r['seeds']})" if r else "—")
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    for _, r in continuous:
+        label = f"{r['base']} (continuous)" if r["read"] == "continuous" else f"{r['base']} (continuous: its {r['read']} read)"
+        lines.append(f"| {label} | " + " | ".join(
+            [f"{_fmt(r['nmse'], 4)} (n = {r['seeds']})"] * len(ks)) + " |")
+    lines.append("")
+    for k in ks:
         lines += [f"### K = {k} ({math.log2(k):g} bits per position), {steps} updates", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, r in [(n, r) for n, r in rows.items() if r["k"] == k] + continuous:
