@@ -8,14 +8,15 @@ import pytest
 from memvae import presets
 from memvae.compare import compare
 from memvae.errors import MemvaeError
-from memvae.sweep import FSQ_LEVELS, at_slots, is_discrete, parse_slots
+from memvae.bottlenecks import FSQ
+from memvae.sweep import at_slots, is_discrete, parse_slots
 
 SMALL = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "train.log_every=10",
          "train.eval_every=20", "train.checkpoint_every=20", "train.threads=1", "data.eval_images=100"]
 
 
 @pytest.mark.parametrize("model", ["memory_discrete", "vq_ema_reseed", "fsq", "vq", "vq_ema"])
-@pytest.mark.parametrize("k", sorted(FSQ_LEVELS))
+@pytest.mark.parametrize("k", sorted(FSQ.SWEEP_LEVELS))
 def test_each_discrete_model_gets_a_valid_config_at_each_k(model, k):
     cfg = at_slots(presets.load(model), k)
     assert cfg.bottleneck.slots == k and cfg.name == f"{model}-k{k}"

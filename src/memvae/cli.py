@@ -85,15 +85,22 @@ def _format_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-EVAL_COLUMNS = ["mse", "nmse", "psnr", "perplexity", "slots_used", "entropy_bits", "max_weight", "confident_frac", "beta"]
+EVAL_COLUMNS = ["mse", "nmse", "psnr", "perplexity", "slots_used"]  # then whatever else the bottlenecks report
 
 
-def eval_table(name: str, results: dict) -> list[list]:
+def eval_columns(reports: list[dict]) -> list[str]:
+    """EVAL_COLUMNS, then every other number the evaluations hold, in order of appearance."""
+    extra = {key: None for report in reports for metrics in report.values() if isinstance(metrics, dict)
+             for key in metrics if key not in EVAL_COLUMNS and key != "images"}
+    return EVAL_COLUMNS + list(extra)
+
+
+def eval_table(name: str, results: dict, columns: list[str]) -> list[list]:
     """Rows (one per read) of an evaluation result for :func:`_format_table`."""
     rows = []
     for read, metrics in results.items():
         if isinstance(metrics, dict):
-            rows.append([name, read] + [metrics.get(c, "") for c in EVAL_COLUMNS])
+            rows.append([name, read] + [metrics.get(c, "") for c in columns])
     return rows
 
 
@@ -118,16 +125,17 @@ def cmd_eval(args, extra: list[str]) -> None:
             print(f"evaluating {run_dir} on {len(data.test)} test images ({', '.join(model.bottleneck.reads)} read) ...", flush=True)
             report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
                       "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
-            rows += eval_table(f"{cfg.name} test", report["test"])
+            rows.append((f"{cfg.name} test", report["test"]))
             if args.lossless:
                 images = load_array_images(args.lossless, args.lossless_key)
                 report["lossless"] = evaluate_model(model, images, variance, args.batch_size, device)
-                rows += eval_table(f"{cfg.name} lossless", report["lossless"])
+                rows.append((f"{cfg.name} lossless", report["lossless"]))
             if not args.no_write:
                 out = Path(run_dir) / "eval.json"
                 out.write_text(json.dumps(report, indent=1))
                 print(f"wrote {out}")
-    print(_format_table(["model", "read"] + EVAL_COLUMNS, rows))
+    columns = eval_columns([results for _, results in rows])
+    print(_format_table(["model", "read"] + columns, [row for name, results in rows for row in eval_table(name, results, columns)]))
 
 
 def cmd_reconstruct(args, extra: list[str]) -> None:

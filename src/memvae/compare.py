@@ -474,7 +474,11 @@ def _fmt(stat: dict | None, digits: int = 4) -> str:
 def results_table(results: dict) -> str:
     """results.json's dict -> a markdown table, one row per model and read."""
     levels = [f"{x:g}" for x in results["nmse_levels"]]
-    header = ["model", "seeds", "read", "test NMSE", "PSNR dB", "perplexity", "slots used", "entropy bits", "max weight", "β"]
+    # The bottlenecks' own numbers (entropy, β, ...) follow the common ones, as they appear.
+    common = {"images", "mse", "nmse", "psnr", "perplexity", "slots_used"}
+    extra = list({key: None for m in results["models"].values() for read, metrics in m["summary"]["test"].items()
+                  if read != "hard_gap" for key in metrics if key not in common})
+    header = ["model", "seeds", "read", "test NMSE", "PSNR dB", "perplexity", "slots used"] + [k.replace("_", " ") for k in extra]
     header += [f"updates to {x}" for x in levels] + ["s / update"]
     has_lossless = any("lossless" in m["summary"] for m in results["models"].values())
     if has_lossless:
@@ -487,8 +491,7 @@ def results_table(results: dict) -> str:
                 continue
             first_read = read == next(iter(summary["test"]))
             row = [name, str(len(model["seeds"])) if first_read else "", read, _fmt(metrics.get("nmse")), _fmt(metrics.get("psnr")), _fmt(metrics.get("perplexity"), 3),
-                   _fmt(metrics.get("slots_used"), 0), _fmt(metrics.get("entropy_bits"), 3),
-                   _fmt(metrics.get("max_weight"), 3), _fmt(metrics.get("beta"), 3)]
+                   _fmt(metrics.get("slots_used"), 0)] + [_fmt(metrics.get(k), 3) for k in extra]
             # Convergence and speed belong to the run, not to a read: shown once per model.
             row += [_fmt(summary["updates_to_nmse"].get(x), 0) if first_read else "" for x in levels]
             row.append(_fmt(summary["seconds_per_update"], 3) if first_read else "")

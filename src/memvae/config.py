@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memvae.bottlenecks import REGISTRY
+from memvae.bottlenecks import REGISTRY, bottleneck_class
 from memvae.bottlenecks.base import INITS
 from memvae.bottlenecks.memory import ENCODER_GRADIENTS, IMPLS, READ_MODES, SIMILARITIES, TEMPERATURES, TRAIN_READS, WRITES
 from memvae.errors import MemvaeError
@@ -272,20 +272,10 @@ def validate(cfg: Config) -> Config:
     if not 0.0 < cfg.bottleneck.decay < 1.0:
         raise MemvaeError(f"config key 'bottleneck.decay' must be in (0, 1), got {cfg.bottleneck.decay!r}")
     b = cfg.bottleneck
-    if b.kind == "fsq":
-        try:
-            levels = [int(v) for v in b.levels.split(",")]
-        except ValueError:
-            levels = []
-        if not levels or min(levels) < 2:
-            raise MemvaeError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {b.levels!r}")
-        if math.prod(levels) != b.slots:
-            raise MemvaeError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels ({math.prod(levels)}) for fsq, got {b.slots}")
-    if b.kind == "memory" and b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
-        raise MemvaeError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need "
-                          "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
-    if b.kind == "memory" and b.top_k > b.slots:
-        raise MemvaeError(f"config key 'bottleneck.top_k' must be at most bottleneck.slots ({b.slots}), got {b.top_k}")
+    try:  # the rules across keys belong to the kind (its file in memvae/bottlenecks)
+        bottleneck_class(b.kind).check_config(b)
+    except ValueError as exc:
+        raise MemvaeError(str(exc)) from None
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise MemvaeError(f"config key 'name' must be a non-empty name without slashes, got {cfg.name!r}")
     return cfg

@@ -185,8 +185,10 @@ class IntervalMeter:
         """The sums over all ranks, read (a host sync: only at log and checkpoint updates)."""
         return dict(zip(self.KEYS, ranks.sum_(self.sums.clone()).tolist()))
 
-    def record(self, step: int, variance: float, ranks: Distributed, last: AutoencoderOutput, train_seconds: float) -> dict:
-        """The log record of the interval ending at ``step``; the sums start again."""
+    def record(self, step: int, variance: float, ranks: Distributed, last: AutoencoderOutput, train_seconds: float,
+               logged: tuple[str, ...] = ()) -> dict:
+        """The log record of the interval ending at ``step``, with the bottleneck's ``logged``
+        metrics of the interval's last batch; the sums start again."""
         s = self.totals(ranks)
         # An interval whose updates were all skipped has no training error: NaN, not 0.
         updates = s["updates"] if s["updates"] else float("nan")
@@ -198,7 +200,7 @@ class IntervalMeter:
             "skipped": int(s["skipped"] / ranks.world),
             "train_seconds": train_seconds,
         }
-        for key in ("beta", "entropy_bits", "max_weight", "outside_mass"):
+        for key in logged:
             if key in last.bottleneck.metrics:
                 record[key] = float(last.bottleneck.metrics[key])
         self.sums.zero_()

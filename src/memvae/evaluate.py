@@ -41,7 +41,7 @@ def evaluate_read(
         counts += code_counts(codes, counts.numel())
         n = codes.numel()
         positions += n
-        for key in ("entropy_bits", "max_weight", "confident", "outside_mass"):
+        for key in model.bottleneck.averaged_metrics:
             if key in out.bottleneck.metrics:
                 sums[key] = sums.get(key, 0.0) + float(out.bottleneck.metrics[key]) * n
     mse = sq_error / pixels
@@ -54,14 +54,10 @@ def evaluate_read(
     if k:
         result["perplexity"] = float(perplexity_from_counts(counts))
         result["slots_used"] = int((counts > 0).sum())
-    if sums:
-        result["entropy_bits"] = sums["entropy_bits"] / positions
-        result["max_weight"] = sums["max_weight"] / positions
-        result["confident_frac"] = sums["confident"] / positions
-    if "outside_mass" in sums:  # the top-k read: the dense weights' mass it leaves out
-        result["outside_mass"] = sums["outside_mass"] / positions
-    if hasattr(model.bottleneck, "beta"):  # a read sharpened by β reports it
-        result["beta"] = float(model.bottleneck.beta())
+    for key, name in model.bottleneck.averaged_metrics.items():
+        if key in sums:
+            result[name] = sums[key] / positions
+    result.update(model.bottleneck.evaluation_constants())
     return result
 
 

@@ -28,27 +28,8 @@ class AutoencoderOutput:
 
 
 def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
-    """The registered bottleneck named by ``cfg.kind``, with the options it takes."""
-    cls = bottleneck_class(cfg.kind)
-    init = {} if cfg.init == "default" else {"init": cfg.init}
-    if cfg.kind == "vq":
-        return cls(cfg.slots, dim, commitment=cfg.commitment, **init)
-    if cfg.kind == "vq_ema":
-        return cls(cfg.slots, dim, commitment=cfg.commitment, decay=cfg.decay, reseed_fraction=cfg.reseed_fraction, **init)
-    if cfg.kind == "none":
-        return cls(dim=dim)
-    if cfg.kind == "residual_vq":
-        return cls(cfg.slots, dim, stages=cfg.stages, commitment=cfg.commitment, decay=cfg.decay,
-                   reseed_fraction=cfg.reseed_fraction, **init)
-    if cfg.kind == "fsq":
-        return cls(cfg.slots, dim, levels=tuple(int(v) for v in cfg.levels.split(",")))
-    return cls(
-        cfg.slots, dim, similarity=cfg.similarity, beta_init=cfg.beta_init, read_mode=cfg.read_mode,
-        train_read=cfg.train_read,
-        tau=(cfg.tau_start, cfg.tau_end), tau_anneal=cfg.tau_anneal_updates, write=cfg.write, decay=cfg.decay,
-        commitment=cfg.commitment, impl=cfg.impl, temperature=cfg.temperature,
-        encoder_gradient=cfg.encoder_gradient, reseed_fraction=cfg.reseed_fraction, top_k=cfg.top_k, **init,
-    )
+    """The registered bottleneck named by ``cfg.kind``, built from the keys it reads."""
+    return bottleneck_class(cfg.kind).from_config(cfg, dim)
 
 
 class Autoencoder(nn.Module):

@@ -19,11 +19,6 @@ from pathlib import Path
 from memvae import config as C
 from memvae.errors import MemvaeError
 
-# FSQ's levels per codebook size (Mentzer et al. 2023 use 8,5,5,5 for 1,000 and 8,8,8,6,5
-# for 15,360; here powers of two, so that FSQ's K equals the others').
-FSQ_LEVELS = {64: "4,4,4", 512: "8,8,8", 4096: "8,8,8,8"}
-
-
 def is_discrete(cfg: C.Config) -> bool:
     """Whether the model's own read at test is one of K codes per position, as its
     bottleneck declares it (the continuous control and the soft memory read are not)."""
@@ -33,14 +28,14 @@ def is_discrete(cfg: C.Config) -> bool:
 
 
 def at_slots(cfg: C.Config, slots: int) -> C.Config:
-    """``cfg`` with K = ``slots`` codes, named ``<name>-k<K>``; FSQ takes its levels from
-    FSQ_LEVELS. A K that the model cannot take fails with one line."""
-    b = dataclasses.replace(cfg.bottleneck, slots=slots)
-    if b.kind == "fsq":
-        if slots not in FSQ_LEVELS:
-            raise MemvaeError(f"fsq has no levels chosen for K = {slots}; the sweep takes K in "
-                              f"{', '.join(map(str, FSQ_LEVELS))} for fsq")
-        b = dataclasses.replace(b, levels=FSQ_LEVELS[slots])
+    """``cfg`` with K = ``slots`` codes, named ``<name>-k<K>``, as its bottleneck kind derives
+    it (FSQ picks its levels); a K that the kind cannot take fails with one line."""
+    from memvae.bottlenecks import bottleneck_class
+
+    try:
+        b = bottleneck_class(cfg.bottleneck.kind).at_slots(cfg.bottleneck, slots)
+    except ValueError as exc:
+        raise MemvaeError(str(exc)) from None
     return C.validate(dataclasses.replace(cfg, name=f"{cfg.name}-k{slots}", bottleneck=b))
 
 

@@ -93,7 +93,8 @@ def _train(cfg: C.Config, run_dir: Path, ranks: Distributed, resume: bool, overw
                 continue  # nothing reads the weights: no host sync
             t.settle()  # the one host sync: a non-finite update in stop mode ends the run here
             if logging:
-                last_record = log.train(t.meter.record(t.step, t.variance, ranks, t.last, t.train_seconds))
+                last_record = log.train(t.meter.record(t.step, t.variance, ranks, t.last, t.train_seconds,
+                                                        t.model.bottleneck.logged_metrics))
             if evaluating:
                 log.eval(t.evaluate())
             if saving or stopping:

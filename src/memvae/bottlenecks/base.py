@@ -55,6 +55,37 @@ class Bottleneck(nn.Module):
     # at test is one of num_slots codes per position (False: a continuous read).
     reads: tuple[str, ...] = ("nearest",)
     discrete: bool = True
+    # Its own metrics (names in BottleneckOutput.metrics), declared here so that the training
+    # log and evaluation need no list of their own: ``logged_metrics`` are recorded in each
+    # training log record (from the interval's last batch) when present; ``averaged_metrics``
+    # maps a per-position metric to its name in an evaluation, averaged over every position.
+    logged_metrics: tuple[str, ...] = ()
+    averaged_metrics: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, b, dim: int) -> "Bottleneck":
+        """The bottleneck a config's ``[bottleneck]`` section (a memvae.config.BottleneckConfig)
+        asks for, reading the keys this kind takes; D = ``dim``."""
+        raise NotImplementedError  # pragma: no cover - each bottleneck reads its own keys
+
+    @classmethod
+    def check_config(cls, b) -> None:
+        """Raise ValueError, naming the key, for a section this kind cannot be built from
+        (rules across keys; single keys are checked by memvae.config)."""
+
+    @classmethod
+    def at_slots(cls, b, slots: int):
+        """The section ``b`` with K = ``slots`` codes (the rate sweep); ValueError for a K this
+        kind cannot take."""
+        return dataclasses.replace(b, slots=slots)
+
+    @staticmethod
+    def _init_option(b) -> dict:
+        return {} if b.init == "default" else {"init": b.init}
+
+    def evaluation_constants(self) -> dict[str, float]:
+        """Numbers of the bottleneck itself (not of a batch) reported with an evaluation."""
+        return {}
 
     def _setup_init(self, init: str) -> None:
         if init not in INITS:

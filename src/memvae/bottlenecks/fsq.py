@@ -1,6 +1,7 @@
 """Finite scalar quantisation (Mentzer et al. 2023): a fixed grid instead of a learned codebook."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -64,6 +65,33 @@ class FSQ(Bottleneck):
     def slots(self) -> torch.Tensor:
         """K×D: the decoder input of every code."""
         return self.project_out(self.grid(torch.arange(self.num_slots, device=self.basis.device)))
+
+    @classmethod
+    def from_config(cls, b, dim: int) -> "FSQ":
+        return cls(b.slots, dim, levels=tuple(int(v) for v in b.levels.split(",")))
+
+    # Levels per codebook size in the rate sweep (Mentzer et al. 2023 use 8,5,5,5 for 1,000 and
+    # 8,8,8,6,5 for 15,360; here powers of two, so that FSQ's K equals the others').
+    SWEEP_LEVELS = {64: "4,4,4", 512: "8,8,8", 4096: "8,8,8,8"}
+
+    @classmethod
+    def at_slots(cls, b, slots: int):
+        if slots not in cls.SWEEP_LEVELS:
+            raise ValueError(f"fsq has no levels chosen for K = {slots}; the sweep takes K in "
+                             f"{', '.join(map(str, cls.SWEEP_LEVELS))} for fsq")
+        return dataclasses.replace(b, slots=slots, levels=cls.SWEEP_LEVELS[slots])
+
+    @classmethod
+    def check_config(cls, b) -> None:
+        try:
+            levels = [int(v) for v in b.levels.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 2:
+            raise ValueError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {b.levels!r}")
+        if math.prod(levels) != b.slots:
+            raise ValueError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels "
+                             f"({math.prod(levels)}) for fsq, got {b.slots}")
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""

@@ -181,6 +181,28 @@ class MemoryRead(Bottleneck):
         self._setup_init(init or ("random" if write == "gradient" else "data"))
 
     reads = ("soft", "hard")
+    logged_metrics = ("beta", "entropy_bits", "max_weight", "outside_mass")  # outside_mass: top-k only
+    averaged_metrics = {"entropy_bits": "entropy_bits", "max_weight": "max_weight", "confident": "confident_frac",
+                        "outside_mass": "outside_mass"}
+
+    @classmethod
+    def from_config(cls, b, dim: int) -> "MemoryRead":
+        return cls(b.slots, dim, similarity=b.similarity, beta_init=b.beta_init, read_mode=b.read_mode,
+                   train_read=b.train_read, tau=(b.tau_start, b.tau_end), tau_anneal=b.tau_anneal_updates,
+                   write=b.write, decay=b.decay, commitment=b.commitment, impl=b.impl, temperature=b.temperature,
+                   encoder_gradient=b.encoder_gradient, reseed_fraction=b.reseed_fraction, top_k=b.top_k,
+                   **cls._init_option(b))
+
+    @classmethod
+    def check_config(cls, b) -> None:
+        if b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
+            raise ValueError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need "
+                             "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
+        if b.top_k > b.slots:
+            raise ValueError(f"config key 'bottleneck.top_k' must be at most bottleneck.slots ({b.slots}), got {b.top_k}")
+
+    def evaluation_constants(self) -> dict[str, float]:
+        return {"beta": float(self.beta())}
 
     @property
     def discrete(self) -> bool:

@@ -23,6 +23,10 @@ class NoBottleneck(Bottleneck):
         self.num_slots, self.dim = 0, dim  # K is ignored: there are no slots; dim None: any width
         self.register_buffer("memory", torch.zeros(0, dim or 0))
 
+    @classmethod
+    def from_config(cls, b, dim: int) -> "NoBottleneck":
+        return cls(dim=dim)
+
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32), codes=None)
 

@@ -39,6 +39,11 @@ class ResidualVQ(Bottleneck):
             VectorQuantizerEMA(num_slots, dim, commitment=commitment, decay=decay, init=init, reseed_fraction=reseed_fraction)
             for _ in range(stages))
 
+    @classmethod
+    def from_config(cls, b, dim: int) -> "ResidualVQ":
+        return cls(b.slots, dim, stages=b.stages, commitment=b.commitment, decay=b.decay,
+                   reseed_fraction=b.reseed_fraction, **cls._init_option(b))
+
     @property
     def memory(self) -> torch.Tensor:
         """S·K×D: every stage's slots, stage by stage."""

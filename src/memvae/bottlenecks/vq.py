@@ -31,6 +31,10 @@ class VectorQuantizer(Bottleneck):
         self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-1 / num_slots, 1 / num_slots))
         self._setup_init(init)
 
+    @classmethod
+    def from_config(cls, b, dim: int) -> "VectorQuantizer":
+        return cls(b.slots, dim, commitment=b.commitment, **cls._init_option(b))
+
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
         x = Fn.flatten_positions(z)

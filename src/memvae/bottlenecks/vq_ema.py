@@ -52,6 +52,11 @@ class VectorQuantizerEMA(Bottleneck):
         self.register_buffer("embed_sum", memory.clone())
         self._setup_init(init)
 
+    @classmethod
+    def from_config(cls, b, dim: int) -> "VectorQuantizerEMA":
+        return cls(b.slots, dim, commitment=b.commitment, decay=b.decay, reseed_fraction=b.reseed_fraction,
+                   **cls._init_option(b))
+
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
         B×N, weights None); writes the slots in training mode."""
