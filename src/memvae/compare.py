@@ -29,7 +29,7 @@ from memvae.checkpoint import latest_checkpoint
 from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError, os_error
 from memvae.evaluate import evaluate_model, reads_of, reconstructions
-from memvae.metrics import duration_text, rate_since, read_metrics
+from memvae.metrics import progress_line, rate_since, read_metrics
 from memvae.plots import convergence_figure, rate_distortion_figure, reconstruction_grid
 from memvae.runlock import run_lock
 from memvae.runs import load_run
@@ -282,16 +282,14 @@ class RunProgress:
     def refresh(self) -> None:
         records = [r for r in read_metrics(self.run_dir) if r["step"] > self.shown] if (self.run_dir / "metrics.jsonl").exists() else []
         for record in records:
-            if self.start_seconds is None:  # the first record of this process: the run's own clock starts
-                self.start_seconds = (record["step"], record["train_seconds"])
-            rate = rate_since(self.start_seconds, record)
-            left = f", about {duration_text((self.total - record['step']) / rate)} left" if rate else ""
+            # The first record of this process starts the run's own clock.
+            self.start_seconds = self.start_seconds or (record["step"], record["train_seconds"])
             if self.bar is not None:
+                rate = rate_since(self.start_seconds, record)
                 self.bar.update(record["step"] - self.bar.n)
                 self.bar.set_postfix_str(f"NMSE {record['train_nmse']:.4f}" + (f", {rate:.2f} updates/s" if rate else ""))
             else:
-                print(f"{self.run_dir.name}: update {record['step']}/{self.total}, train NMSE {record['train_nmse']:.4f}"
-                      + (f", {rate:.2f} updates/s{left}" if rate else ""), flush=True)
+                print(progress_line(self.run_dir.name, record, self.total, self.start_seconds), flush=True)
             self.shown = record["step"]
 
     def close(self, returncode: int | None) -> None:

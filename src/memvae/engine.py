@@ -31,7 +31,7 @@ from memvae.checkpoint import latest_checkpoint, save_checkpoint
 from memvae.data import EpochBatcher, ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_read
-from memvae.metrics import MetricsLog, duration_text, nmse, rate_since
+from memvae.metrics import MetricsLog, nmse, progress_line
 from memvae.model import Autoencoder, AutoencoderOutput
 from memvae.runs import config_mismatch, environment, with_update_count
 
@@ -554,11 +554,8 @@ class RunLog:
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
         self.bar.set_postfix(nmse=f"{record['train_nmse']:.4f}", ppl=f"{record['train_perplexity']:.1f}")
         if self.is_main and self.bar.disable:  # --no-progress: one plain line per log record
-            if self.clock is None:
-                self.clock = (record["step"], record["train_seconds"])
-            rate = rate_since(self.clock, record)
-            left = f", {rate:.2f} updates/s, about {duration_text((self.total - record['step']) / rate)} left" if rate else ""
-            print(f"{self.name}: update {record['step']}/{self.total}, train NMSE {record['train_nmse']:.4f}{left}", flush=True)
+            self.clock = self.clock or (record["step"], record["train_seconds"])
+            print(progress_line(self.name, record, self.total, self.clock), flush=True)
         return record
 
     def eval(self, record: dict) -> None:

@@ -25,7 +25,7 @@ def evaluate_read(
     """
     model.eval()
     k = model.bottleneck.num_slots
-    counts = torch.zeros(max(k, 1) * getattr(model.bottleneck, "stages", 1), dtype=torch.int64, device=device)
+    counts = torch.zeros(max(k, 1) * model.bottleneck.stages, dtype=torch.int64, device=device)
     sq_error, pixels, positions = 0.0, 0, 0
     sums: dict[str, float] = {}
     for batch in images.split(batch_size):

@@ -62,6 +62,14 @@ def rate_since(start: tuple[int, float] | None, record: dict) -> float | None:
     return (record["step"] - start[0]) / (record["train_seconds"] - start[1])
 
 
+def progress_line(name: str, record: dict, total: int, clock: tuple[int, float] | None) -> str:
+    """``name: update s/total, train NMSE x, r updates/s, about t left`` for a train record;
+    the rate from ``clock`` (the first record this process saw: update, training seconds)."""
+    rate = rate_since(clock, record)
+    left = f", {rate:.2f} updates/s, about {duration_text((total - record['step']) / rate)} left" if rate else ""
+    return f"{name}: update {record['step']}/{total}, train NMSE {record['train_nmse']:.4f}{left}"
+
+
 def duration_text(seconds: float) -> str:
     """3.2 h, 14 min or 40 s."""
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

@@ -1,6 +1,7 @@
 """Figures derived from run directories: reconstruction grids, convergence curves, sample panels."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -101,8 +102,6 @@ def rate_distortion_figure(rows: dict, out: str | os.PathLike, steps: int) -> Pa
     """``rows`` as :func:`memvae.sweep.collect` gives them. Two panels: test NMSE (mean ± std over seeds) against log2 K, and against the prior's
     measured bits per index; one line per discrete model, continuous models as horizontal
     lines with their seed band."""
-    import math
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     bases = list(dict.fromkeys(r["base"] for r in rows.values() if r["k"] is not None))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]

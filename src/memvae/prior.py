@@ -289,5 +289,5 @@ def sample_images(
             f"update {model_state['step']}; fit it again with `memvae prior {run_dir} --overwrite`"
         )
     codes = sample_codes(prior, n, tuple(state["map_shape"]), temperature, seed, device)
-    images = to_uint8(model.decode_codes(stages_from_map(codes, getattr(model.bottleneck, "stages", 1))))
+    images = to_uint8(model.decode_codes(stages_from_map(codes, model.bottleneck.stages)))
     return images.cpu(), codes.cpu()

@@ -68,15 +68,11 @@ def collect(results: dict, run_dirs: dict[str, list[Path]]) -> dict:
     """
     rows = {}
     for name, model in results["models"].items():
-        seeds = model["seeds"]
         read = model["read"]
+        summary = model["summary"]["test"][read]  # mean/std/n over seeds, as compare computed them
         priors = [p for p in map(_prior, run_dirs[name]) if p is not None]
-        row = {"k": model.get("k"), "base": model.get("base", name), "read": read, "seeds": len(seeds),
-               "nmse": _stat([s["test"][read]["nmse"] for s in seeds]),
-               "psnr": _stat([s["test"][read]["psnr"] for s in seeds])}
-        for key in ("slots_used", "perplexity"):
-            if key in seeds[0]["test"][read]:
-                row[key] = _stat([s["test"][read][key] for s in seeds])
+        row = {"k": model.get("k"), "base": model.get("base", name), "read": read, "seeds": len(model["seeds"]),
+               **{key: summary[key] for key in ("nmse", "psnr", "slots_used", "perplexity") if key in summary}}
         if priors:
             row["prior_bits_per_index"] = _stat([p["bits_per_index"] for p in priors])
             row["prior_bits_per_image"] = _stat([p["bits_per_image"] for p in priors])

@@ -54,6 +54,7 @@ class Bottleneck(nn.Module):
     # The reads it can be evaluated with (the first is its own), and whether its own read
     # at test is one of num_slots codes per position (False: a continuous read).
     reads: tuple[str, ...] = ("nearest",)
+    stages: int = 1  # codes per position (residual VQ: S, its codes B×H×W×S)
     discrete: bool = True
     # Its own metrics (names in BottleneckOutput.metrics), declared here so that the training
     # log and evaluation need no list of their own: ``logged_metrics`` are recorded in each
@@ -142,7 +143,7 @@ class Bottleneck(nn.Module):
         """
         Fn.check_input(z, self.dim)
         if z.numel() == 0:
-            shape = Fn.position_shape(z) + ((self.stages,) if hasattr(self, "stages") else ())
+            shape = Fn.position_shape(z) + ((self.stages,) if self.stages > 1 else ())
             return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32),
                                     codes=torch.zeros(shape, dtype=torch.int64, device=z.device))
         with torch.autocast(z.device.type, enabled=False):
