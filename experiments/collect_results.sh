@@ -1,12 +1,20 @@
 #!/bin/bash
-# collect.sh SRC DST: the small files of a compare output (tables, figures, per-run config/meta/metrics/eval/prior eval) into docs/results
+# collect_results.sh SRC DST: the small files of a compare output into docs/results: its tables and
+# figures, and per finished run (one with eval.json) config.toml, meta.json, metrics.jsonl,
+# eval.json and its prior's eval.json/metrics.jsonl, in a run's own layout, so that
+# `memvae compare ... --report-only --out DST` tabulates them again without the checkpoints.
+set -euo pipefail
 src=$1; dst=$2
-mkdir -p $dst
-for f in results.md results.json convergence.png reconstructions.png rate_distortion.md rate_distortion.png; do [ -f $src/$f ] && cp $src/$f $dst/; done
-for r in $src/runs/*/; do
-  n=$(basename $r); mkdir -p $dst/runs/$n
-  for f in config.toml meta.json metrics.jsonl eval.json; do [ -f $r/$f ] && cp $r/$f $dst/runs/$n/; done
-  [ -f $r/prior/eval.json ] && cp $r/prior/eval.json $dst/runs/$n/prior_eval.json
-  [ -f $r/prior/metrics.jsonl ] && cp $r/prior/metrics.jsonl $dst/runs/$n/prior_metrics.jsonl
+mkdir -p "$dst"
+for f in results.json convergence.png reconstructions.png rate_distortion.md rate_distortion.png; do
+  if [ -f "$src/$f" ]; then cp "$src/$f" "$dst/"; fi
 done
-true
+for r in "$src"/runs/*/; do
+  [ -f "$r/eval.json" ] || continue
+  n=$(basename "$r"); mkdir -p "$dst/runs/$n"
+  for f in config.toml meta.json metrics.jsonl eval.json; do cp "$r/$f" "$dst/runs/$n/"; done
+  if [ -f "$r/prior/eval.json" ]; then
+    mkdir -p "$dst/runs/$n/prior"
+    cp "$r/prior/eval.json" "$r/prior/metrics.jsonl" "$dst/runs/$n/prior/"
+  fi
+done

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from memvae.errors import MemvaeError
 from memvae.bottlenecks import FSQ
 from memvae.sweep import at_slots, is_discrete, parse_slots
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "train.log_every=10",
          "train.eval_every=20", "train.checkpoint_every=20", "train.threads=1", "data.eval_images=100"]
 
@@ -58,3 +61,27 @@ def test_tiny_sweep_writes_tables_and_figure_then_resumes(tmp_path, data_dir, ca
     assert said.count("skipped, finished (20 updates)") == 10
     with pytest.raises(MemvaeError, match="add --extend"):
         compare(tmp_path, **{**run, "steps": 30})
+
+
+def test_a_sweep_continues_beside_its_collected_small_files(tmp_path, data_dir, capsys):
+    """The small files experiments/collect_results.sh keeps (no checkpoints) are reported
+    again as they were, and later seeds (--first-seed) train beside them."""
+    models = ["fsq", "none"]
+    run = dict(models=models, steps=20, data_dir=str(data_dir), overrides=SMALL, show_progress=False,
+               test_images=200, jobs=1, slots=[64])
+    trained = compare(tmp_path / "trained", seeds=1, **run)
+    kept = tmp_path / "kept"
+    subprocess.run(["bash", str(REPO / "experiments" / "collect_results.sh"), str(tmp_path / "trained"), str(kept)], check=True)
+    assert not list(kept.glob("runs/*/checkpoints"))
+    again = compare(kept, seeds=1, report_only=True, **run)
+    assert again["models"] == trained["models"]
+    capsys.readouterr()
+    both = compare(kept, seeds=1, first_seed=1, **run)  # seed 1 trains here, seed 0 stays as it was
+    assert {m: len(r["seeds"]) for m, r in both["models"].items()} == {"fsq-k64": 1, "none": 1}
+    report = compare(kept, seeds=2, report_only=True, **run)
+    assert report["models"]["fsq-k64"]["seeds"][0] == trained["models"]["fsq-k64"]["seeds"][0]
+    assert len(report["models"]["none"]["seeds"]) == 2
+    compare(kept, seeds=2, **run)
+    assert capsys.readouterr().err.count("reported from its eval.json (20 updates; no checkpoint here)") == 2
+    with pytest.raises(MemvaeError, match="holds the results of 20 updates, not 30, and no checkpoint"):
+        compare(kept, seeds=1, **{**run, "steps": 30})

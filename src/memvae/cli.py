@@ -178,7 +178,8 @@ def cmd_compare(args, extra: list[str]) -> None:
     compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
             lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
             test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
-            slots=parse_slots(args.slots) if args.slots else None, extend=args.extend)
+            slots=parse_slots(args.slots) if args.slots else None, extend=args.extend,
+            first_seed=args.first_seed)
     print((Path(args.out) / "results.md").read_text())
     if args.slots:
         print((Path(args.out) / "rate_distortion.md").read_text())
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine,memory_l2_write",
                    help="comma-separated config names (packaged, or in --config-dir) or paths to .toml files")
     p.add_argument("--steps", type=int, default=25000, help="updates per run")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model (FIRST..FIRST+N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
     p.add_argument("--config-dir", default=None, help="look model names up in this folder of NAME.toml files instead of the packaged configs")
     p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")

@@ -29,6 +29,7 @@ from memvae.checkpoint import latest_checkpoint
 from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError, os_error
 from memvae.evaluate import evaluate_model, reads_of, reconstructions
+from memvae.model import Autoencoder
 from memvae.metrics import progress_line, rate_since, read_metrics
 from memvae.plots import convergence_figure, rate_distortion_figure, reconstruction_grid
 from memvae.runlock import run_lock
@@ -72,22 +73,22 @@ def _model_config(model: str, config_dir: Path | None, steps: int, seed: int, ov
 
 def _run_state(run_dir: Path, cfg: C.Config, extend: bool = False) -> tuple[str, int]:
     """(state, newest checkpoint's update): state "new", "resume" (interrupted), "extend"
-    (finished at fewer updates than asked; only with ``extend``) or "done". A run made with
-    another config is refused, and so is a longer ``--steps`` without ``extend``."""
+    (finished at fewer updates than asked; only with ``extend``), "done", or "collected": a
+    finished run's small files without its checkpoints (config.toml, metrics.jsonl and
+    eval.json, as experiments/collect_results.sh keeps them in docs/results), reported from
+    its eval.json. A run made with another config is refused, and so is a longer
+    ``--steps`` without ``extend``."""
     found = latest_checkpoint(run_dir / "checkpoints") if run_dir.exists() else None
     if found is None:
-        return "new", 0
-    # The thread count may differ (train() keeps the count a run was trained with unless
-    # train.threads asks for another, and then says in one line from which update the
-    # numbers differ), and a shorter run may be extended (resuming is exact); everything
-    # else must match.
-    saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml")), C.to_dict(cfg)
-    saved_steps = saved["train"]["steps"]
-    for d in (saved, wanted):
-        d["train"].pop("threads")
-        d["train"].pop("steps")
-    if saved != wanted:
-        raise MemvaeError(f"{run_dir} was trained with a different config; remove it or choose another --out")
+        if not (run_dir / "eval.json").exists():
+            return "new", 0
+        _check_same_config(run_dir, cfg)
+        step = json.loads((run_dir / "eval.json").read_text())["step"]
+        if step != cfg.train.steps:
+            raise MemvaeError(f"{run_dir} holds the results of {step} updates, not {cfg.train.steps}, and no checkpoint "
+                              "to continue from; remove it or choose another --out")
+        return "collected", step
+    saved_steps = _check_same_config(run_dir, cfg)
     step = found[1]["step"]
     if step > cfg.train.steps:
         raise MemvaeError(f"{run_dir} is already trained past {cfg.train.steps} updates (to {step}); choose another --out")
@@ -101,11 +102,29 @@ def _run_state(run_dir: Path, cfg: C.Config, extend: bool = False) -> tuple[str,
     return "resume", step
 
 
+def _check_same_config(run_dir: Path, cfg: C.Config) -> int:
+    """Refuse a run directory made with another config than ``cfg``; returns its ``steps``.
+    The thread count may differ (train() keeps the count a run was trained with unless
+    train.threads asks for another, and then says in one line from which update the
+    numbers differ), and so may the steps (a shorter run may be extended: resuming is
+    exact); everything else must match."""
+    saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml")), C.to_dict(cfg)
+    saved_steps = saved["train"]["steps"]
+    for d in (saved, wanted):
+        d["train"].pop("threads")
+        d["train"].pop("steps")
+    if saved != wanted:
+        raise MemvaeError(f"{run_dir} was trained with a different config; remove it or choose another --out")
+    return saved_steps
+
+
 def _say_plan(states: list[tuple[Path, str, int]], steps: int) -> None:
     """One line per run that is not new: skipped (finished), resumed or extended."""
     for run_dir, state, step in states:
         if state == "done":
             print(f"{run_dir.name}: skipped, finished ({step} updates)", file=sys.stderr)
+        elif state == "collected":
+            print(f"{run_dir.name}: skipped, reported from its eval.json ({step} updates; no checkpoint here)", file=sys.stderr)
         elif state == "resume":
             print(f"{run_dir.name}: resuming from update {step}", file=sys.stderr)
         elif state == "extend":
@@ -151,6 +170,7 @@ def compare(
     report_only: bool = False,
     slots: list[int] | None = None,
     extend: bool = False,
+    first_seed: int = 0,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
@@ -170,6 +190,9 @@ def compare(
     (:func:`memvae.sweep.at_slots`: runs ``<model>-k<K>-seed<s>``), every continuous one
     once; rate_distortion.md (one table per K) and rate_distortion.png are written too.
 
+    ``first_seed``: the seeds are ``first_seed .. first_seed + seeds - 1`` (e.g. the later
+    seeds of a sweep, on a second machine, while the first trains elsewhere).
+
     ``extend``: continue finished runs trained for fewer than ``steps`` updates (without
     it, such a run is refused: a larger ``steps`` is more often a typo than a wish).
 
@@ -179,7 +202,9 @@ def compare(
     out = Path(out)
     config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
     plan = []
-    for seed in range(seeds):
+    if first_seed < 0 or seeds < 1:
+        raise MemvaeError(f"seeds must be >= 1 and first seed >= 0, got {seeds} from {first_seed}")
+    for seed in range(first_seed, first_seed + seeds):
         for model in models:
             cfg = _model_config(model, config_dir, steps, seed, list(overrides))
             variants = [at_slots(cfg, k) for k in slots] if slots and is_discrete(cfg) else [cfg]
@@ -191,7 +216,7 @@ def compare(
     states = [(cfg, run_dir, *_run_state(run_dir, cfg, extend)) for cfg, run_dir in plan]
     if not report_only:
         _say_plan([(run_dir, state, step) for _, run_dir, state, step in states], steps)
-    todo = [(cfg, run_dir, state) for cfg, run_dir, state, _ in states if state != "done"]
+    todo = [(cfg, run_dir, state) for cfg, run_dir, state, _ in states if state not in ("done", "collected")]
     if report_only:
         missing = {run_dir for _, run_dir, _ in todo}
         if missing:
@@ -399,11 +424,20 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
     grid = [("original", shown)]
     curves: dict[str, list] = {}
     for cfg, run_dir in plan:
-        model, _, state = load_run(run_dir)
         eval_path = run_dir / "eval.json"
         cached = json.loads(eval_path.read_text()) if eval_path.exists() else None
-        if (cached is None or cached.get("step") != state["step"] or ("lossless" in cached) != bool(lossless)
-                or cached["test"][reads_of(model)[0]]["images"] != len(test)):
+        collected = latest_checkpoint(run_dir / "checkpoints") is None  # small files only: see _run_state
+        # A collected run's untrained model only answers what its bottleneck declares.
+        if collected:
+            model, state = Autoencoder.from_config(cfg), cached
+        else:
+            model, _, state = load_run(run_dir)
+        stale = (cached is None or cached.get("step") != state["step"] or ("lossless" in cached) != bool(lossless)
+                 or cached["test"][reads_of(model)[0]]["images"] != len(test))
+        if stale and collected:
+            raise MemvaeError(f"{run_dir} holds no checkpoint to evaluate again, and its eval.json is not of "
+                              f"{len(test)} test images{' with --lossless' if lossless else ''}")
+        if stale:
             with run_lock(run_dir, create=False):  # eval.json goes into the run: one writer (memvae.runlock)
                 cached = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
                           "test": evaluate_model(model, test, variance)}
@@ -428,7 +462,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
                                if sweep and model.bottleneck.discrete else cfg.name}
         run_dirs.setdefault(cfg.name, []).append(run_dir)
         curves.setdefault(cfg.name, []).append(records)
-        if cfg.train.seed == 0:
+        if cfg.train.seed == plan[0][0].train.seed and not collected:  # the grid shows the first seed's models
             for read, recon in reconstructions(model, shown).items():
                 grid.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
 
