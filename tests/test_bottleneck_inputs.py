@@ -1,6 +1,8 @@
 """Inputs every library user hits, for every registered bottleneck (asked of the registry)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -46,3 +48,41 @@ def test_the_output_has_the_inputs_dtype(name, autocast):
         out = bottleneck(z)
     assert out.quantized.dtype == torch.bfloat16
     assert out.loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_masked_batch_moves_everything_as_the_batch_without_its_padding(name):
+    torch.manual_seed(0)
+    masked, alone = MAKERS[name]().train(), None
+    alone = copy.deepcopy(masked)
+    for call in range(3):  # the first call initialises from data: from the real positions only
+        z = torch.randn(3, 10, D, requires_grad=True)
+        mask = torch.rand(3, 10) > 0.3
+        torch.manual_seed(call)
+        out = masked(z, mask)
+        torch.manual_seed(call)
+        ref = alone(z.detach()[mask].unsqueeze(0))
+        assert torch.equal(out.quantized[mask], ref.quantized[0])
+        assert torch.equal(out.quantized[~mask], z[~mask])  # padding comes back unchanged
+        assert torch.equal(out.loss, ref.loss)
+        assert out.metrics.keys() == ref.metrics.keys()
+        for key in out.metrics:
+            assert torch.equal(out.metrics[key], ref.metrics[key]), key
+        if ref.codes is not None:
+            assert torch.equal(out.codes[mask], ref.codes[0]) and bool((out.codes[~mask] == -1).all())
+        if ref.weights is not None:
+            assert torch.equal(out.weights[mask], ref.weights[0]) and not out.weights[~mask].any()
+        out.quantized.sum().backward()
+        assert torch.equal(z.grad[~mask], torch.ones_like(z.grad[~mask]))  # straight through the padding
+        for (key, value), other in zip(masked.state_dict().items(), alone.state_dict().values()):
+            assert torch.equal(value, other), key
+
+
+@pytest.mark.parametrize("z, mask, said", [
+    (torch.randn(2, D, 4, 4), torch.ones(2, 16, dtype=torch.bool), "a mask is for B×N×D sequences"),
+    (torch.randn(2, 5, D), torch.ones(2, 4, dtype=torch.bool), r"mask must be B×N booleans of shape \(2, 5\)"),
+    (torch.randn(2, 5, D), torch.ones(2, 5), "mask must be B×N booleans"),
+])
+def test_a_wrong_mask_fails_in_one_line(z, mask, said):
+    with pytest.raises(ValueError, match=said):
+        MAKERS["vq_ema"]()(z, mask)

@@ -133,15 +133,26 @@ class Bottleneck(nn.Module):
             self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
 
-    def forward(self, z: torch.Tensor) -> BottleneckOutput:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> BottleneckOutput:
         """z: B×D×H×W maps or B×N×D sequences, any floating dtype -> BottleneckOutput.
 
         One rule for every bottleneck: the maths run in float32 with autocast off (distances
         and softmax lose too much in bfloat16), and ``quantized`` comes back in z's dtype;
         ``loss`` is float32. A batch of 0 positions reads and writes nothing, in training
         mode too. The reading itself is each bottleneck's :meth:`_forward`.
+
+        ``mask``: B×N booleans for B×N×D sequences, True where a position is real (False:
+        padding). Only the real positions are read, as the one sequence 1×M×D of the M real
+        positions in order: they alone move moving averages, q̄, re-seeding, the data
+        initialisation and the metrics, and the loss is their mean. Padded positions come
+        back unchanged (their gradient passes straight through), with code -1 and zero
+        weights. Selecting the M positions has a data-dependent size (on a GPU, one read
+        from the device per call), and under torch.distributed the data initialisation
+        needs the same M on every rank.
         """
         Fn.check_input(z, self.dim)
+        if mask is not None:
+            return self._forward_masked(z, mask)
         if z.numel() == 0:
             shape = Fn.position_shape(z) + ((self.stages,) if self.stages > 1 else ())
             return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32),
@@ -151,6 +162,26 @@ class Bottleneck(nn.Module):
         if out.quantized.dtype == z.dtype:
             return out
         return dataclasses.replace(out, quantized=out.quantized.to(z.dtype))
+
+    def _forward_masked(self, z: torch.Tensor, mask: torch.Tensor) -> BottleneckOutput:
+        """:meth:`forward` of the real positions of B×N×D ``z`` (``mask`` B×N, True = real)."""
+        if z.dim() != 3:
+            raise ValueError(f"a mask is for B×N×D sequences; got a B×D×H×W map of shape {tuple(z.shape)}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(z.shape[:2]):
+            raise ValueError(f"mask must be B×N booleans of shape {tuple(z.shape[:2])}, got {mask.dtype} of shape {tuple(mask.shape)}")
+        mask = mask.to(z.device)
+        out = self.forward(z[mask].unsqueeze(0))  # 1×M×D: the batch without its padding
+        quantized = z.clone()
+        quantized[mask] = out.quantized[0]
+        codes = None
+        if out.codes is not None:
+            codes = torch.full(tuple(mask.shape) + tuple(out.codes.shape[2:]), -1, dtype=out.codes.dtype, device=z.device)
+            codes[mask] = out.codes[0]
+        weights = None
+        if out.weights is not None:
+            weights = out.weights.new_zeros(tuple(mask.shape) + (out.weights.shape[-1],))
+            weights[mask] = out.weights[0]
+        return dataclasses.replace(out, quantized=quantized, codes=codes, weights=weights)
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:  # pragma: no cover - abstract
         raise NotImplementedError
