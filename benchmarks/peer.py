@@ -174,10 +174,10 @@ def _build(contestant: dict, n: int, k: int, seed: int):
     z = torch.randn(b, DIM, SIDE, SIDE, generator=gen).requires_grad_(True)
     upstream = torch.randn(b, DIM, SIDE, SIDE, generator=gen)
     if contestant["side"] == "memvae":
-        from memvae.config import BottleneckConfig
+        from memvae.config import bottleneck_options
         from memvae.model import build_bottleneck
 
-        module = build_bottleneck(BottleneckConfig(**contestant["config"]), DIM)
+        module = build_bottleneck(dataclasses.replace(bottleneck_options(contestant["config"]["kind"]), **contestant["config"]), DIM)
     else:
         import vector_quantize_pytorch as vqp
 

@@ -24,8 +24,40 @@ def test_study_defaults():
 
 
 def test_overrides_by_dotted_and_bare_key():
-    cfg = C.load_config(CONFIGS / "vq.toml", ["train.steps=7", "lr=0.01", "similarity=cosine", "compile=true"])
+    cfg = C.load_config(CONFIGS / "memory_l2.toml", ["train.steps=7", "lr=0.01", "similarity=cosine", "compile=true"])
     assert cfg.train.steps == 7 and cfg.train.lr == 0.01 and cfg.bottleneck.similarity == "cosine" and cfg.train.compile
+
+
+def test_the_kind_says_which_bottleneck_keys_there_are():
+    """A new kind comes with its own keys (at their defaults), keeping the values of the keys
+    both kinds take; it applies first, whatever the order of the overrides."""
+    cfg = C.load_config(CONFIGS / "vq.toml", ["similarity=cosine", "bottleneck.slots=64", "kind=memory"])
+    assert type(cfg.bottleneck).__name__ == "MemoryOptions"
+    assert (cfg.bottleneck.kind, cfg.bottleneck.similarity, cfg.bottleneck.slots) == ("memory", "cosine", 64)
+    assert list(C.to_dict(C.load_config(CONFIGS / "fsq.toml"))["bottleneck"]) == ["kind", "slots", "levels"]
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_key_its_kind_does_not_take_fails_in_one_line_naming_the_kinds_keys(where, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[bottleneck]\nkind = "vq_ema"\nsimilarity = "l2"\n')
+    with pytest.raises(MemvaeError) as raised:
+        C.load_config(bad) if where == "file" else C.load_config(CONFIGS / "vq_ema.toml", ["bottleneck.similarity=l2"])
+    assert str(raised.value) == ("config key 'bottleneck.similarity' is not a key of bottleneck kind 'vq_ema' (a key of memory); "
+                                 "its keys: kind, slots, init, commitment, decay, reseed_fraction")
+    with pytest.raises(MemvaeError, match=r"'bottleneck.decai' is not a key of bottleneck kind 'vq_ema' \(did you mean 'bottleneck.decay'\?\)"):
+        C.load_config(CONFIGS / "vq_ema.toml", ["bottleneck.decai=0.9"])
+
+
+def test_a_saved_run_of_the_flat_section_loads_without_its_other_kinds_keys(tmp_path):
+    """Run directories written before each kind had its own keys hold all 20 keys of the one
+    flat section; those its kind did not read are dropped (they did nothing), whatever their value."""
+    flat = dict(C.FLAT_BOTTLENECK, kind="vq_ema", reseed_fraction=0.25, init="data", similarity="cosine", levels="4,4")
+    cfg = C.from_dict({"bottleneck": flat}, saved=True)
+    assert C.to_dict(cfg)["bottleneck"] == {"kind": "vq_ema", "slots": 512, "init": "data", "commitment": 0.25,
+                                            "decay": 0.99, "reseed_fraction": 0.25}
+    with pytest.raises(MemvaeError, match="'bottleneck.similarity' is not a key of bottleneck kind 'vq_ema'"):  # in a user's config it is an error
+        C.from_dict({"bottleneck": flat})
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
@@ -33,7 +65,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         C.load_config(None, ["train.stpes=3"])
     bad = tmp_path / "bad.toml"
     bad.write_text('[bottleneck]\nslot = 3\n')
-    with pytest.raises(MemvaeError, match="did you mean 'bottleneck.slots'"):
+    with pytest.raises(MemvaeError, match=r"'bottleneck.slot' is not a key of bottleneck kind 'vq' \(did you mean 'bottleneck.slots'\?\); its keys: kind, slots"):
         C.load_config(bad)
     bad.write_text('[trainer]\nsteps = 3\n')
     with pytest.raises(MemvaeError, match="did you mean 'train'"):
@@ -49,14 +81,15 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         ("train.lr=-0.001", "must be > 0"),
         ("bottleneck.slots=0", "must be > 0"),
         ("bottleneck.kind=nearest", "must be one of fsq, memory, none, residual_vq, vq, vq_ema"),
-        ("bottleneck.similarity=dot", "must be one of l2, cosine"),
-        ("bottleneck.decay=1.5", "must be in"),
+        ("bottleneck.kind=memory,bottleneck.similarity=dot", "'bottleneck.similarity' must be one of l2, cosine"),
+        ("bottleneck.kind=vq_ema,bottleneck.decay=1.5", r"'bottleneck.decay' must be in \(0, 1\)"),
+        ("bottleneck.kind=memory,bottleneck.top_k=600", "top_k must be between 0 .dense. and the 512 slots"),
         ("train.batch_size=0", "must be > 0"),
     ],
 )
 def test_wrong_type_or_range_is_a_clear_error(override, message):
     with pytest.raises(MemvaeError, match=message):
-        C.load_config(None, [override])
+        C.load_config(None, override.split(","))
 
 
 def test_wrong_type_in_file(tmp_path):
@@ -81,7 +114,7 @@ def test_unknown_key_with_no_close_match_lists_the_valid_keys():
 
 def test_bare_key_shared_by_two_sections_is_ambiguous(monkeypatch):
     keys = C.all_keys() + ["data.steps"]
-    monkeypatch.setattr(C, "all_keys", lambda: keys)
+    monkeypatch.setattr(C, "all_keys", lambda cfg=None: keys)
     with pytest.raises(MemvaeError, match="ambiguous; use one of train.steps, data.steps"):
         C.resolve_key("steps")
 

@@ -38,13 +38,15 @@ def cmd_train(args, extra: list[str]) -> None:
     overrides = _overrides(extra)
     if args.data_dir:  # recorded in config.toml, so that eval/reconstruct find the same data
         overrides.append(f"data.dir={Path(args.data_dir).resolve()}")
-    config_path = args.config
-    if config_path is None and args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
-        config_path = Path(args.run_dir) / "config.toml"
-    if config_path is None:
+    if args.config is not None:
+        cfg = presets.load(args.config, overrides)
+    elif args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
+        from memvae import config as C
+
+        cfg = C.load_config(Path(args.run_dir) / "config.toml", overrides, saved=True)  # the run's own, maybe older, config
+    else:
         raise MemvaeError("memvae train needs --config NAME or FILE (`memvae configs` lists the names), "
                           "or --resume with --run-dir of an existing run")
-    cfg = presets.load(config_path, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
     if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process

@@ -108,7 +108,7 @@ def _check_same_config(run_dir: Path, cfg: C.Config) -> int:
     train.threads asks for another, and then says in one line from which update the
     numbers differ), and so may the steps (a shorter run may be extended: resuming is
     exact); everything else must match."""
-    saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml")), C.to_dict(cfg)
+    saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml", saved=True)), C.to_dict(cfg)
     saved_steps = saved["train"]["steps"]
     for d in (saved, wanted):
         d["train"].pop("threads")

@@ -1,7 +1,9 @@
 """Typed configuration: dataclasses, loaded from TOML files and command-line overrides.
 
 A config file has a top-level ``name`` and the sections ``[data]``, ``[model]``,
-``[bottleneck]`` and ``[train]``; every key is a field below. Overrides are
+``[bottleneck]`` and ``[train]``; every key is a field below, and the keys of
+``[bottleneck]`` are those of its ``kind`` (the ``Options`` each bottleneck's file in
+memvae/bottlenecks defines: ``memvae configs NAME`` prints them resolved). Overrides are
 ``section.key=value`` strings (the command line also takes ``--section.key value``
 and, when the key is unique, ``--key value``).
 """
@@ -18,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from memvae.bottlenecks import REGISTRY, bottleneck_class
-from memvae.bottlenecks.base import INITS
-from memvae.bottlenecks.memory import ENCODER_GRADIENTS, IMPLS, READ_MODES, SIMILARITIES, TEMPERATURES, TRAIN_READS, WRITES
+from memvae.bottlenecks.base import Options as BottleneckOptions
 from memvae.errors import MemvaeError
 
 if sys.version_info >= (3, 11):
@@ -44,28 +45,23 @@ class ModelConfig:
     embedding_dim: int = 64  # D
 
 
-@dataclass
-class BottleneckConfig:
-    kind: str = "vq"  # a name in memvae.bottlenecks.REGISTRY
-    slots: int = 512  # K
-    init: str = "default"  # "random", "data" (first batch's encoder outputs), or the kind's own default
-    commitment: float = 0.25  # vq, vq_ema, memory with write = "soft_ema"
-    decay: float = 0.99  # vq_ema, memory with write = "soft_ema"
-    similarity: str = "l2"  # memory: "l2" or "cosine"
-    beta_init: float = 1.0  # memory: initial β
-    read_mode: str = "soft"  # memory: read in evaluation, "soft" or "hard"
-    train_read: str = "soft"  # memory: "soft" or "straight_through"
-    tau_start: float = 1.0  # memory: the relative temperature's τ at the start
-    tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
-    tau_anneal_updates: int = 2000  # memory: training updates over which τ anneals, then held at tau_end
-    temperature: str = "learned"  # memory: "learned" β, or "relative" β = 1/(τ·q̄)
-    encoder_gradient: str = "read"  # memory: "read" (through the read), "straight_through" (z + sg(read − z)) or "rotation"
-    write: str = "gradient"  # memory: "gradient", "soft_ema" or "hard_ema"
-    reseed_fraction: float = 0.0  # vq_ema, memory with an EMA write: re-seed slots whose EMA count is below this fraction of N/K
-    levels: str = "8,8,8"  # fsq: levels per channel; their product must equal slots
-    stages: int = 2  # residual_vq: S, nearest-slot reads of what the stages before left (slots per stage)
-    impl: str = "auto"  # memory: "auto", "dense" or "fused"
-    top_k: int = 0  # memory: read each query's k largest logits only (0: all K, the dense read)
+def bottleneck_options(kind: str) -> BottleneckOptions:
+    """The ``[bottleneck]`` section of ``kind`` at its defaults (that kind's ``Options``)."""
+    if kind not in REGISTRY:
+        raise MemvaeError(f"config key 'bottleneck.kind' must be one of {', '.join(sorted(REGISTRY))}, got {kind!r}")
+    return bottleneck_class(kind).Options(kind=kind)
+
+
+# The one flat [bottleneck] section every kind shared before each kind had its own options:
+# key -> its default then. A saved run's config (config.toml, a checkpoint) written then holds
+# them all; those its kind does not read did nothing, whatever their value, and are dropped
+# when a run is loaded (``saved``). A config file of a user's must name only its kind's keys.
+FLAT_BOTTLENECK = {
+    "kind": "vq", "slots": 512, "init": "default", "commitment": 0.25, "decay": 0.99, "similarity": "l2",
+    "beta_init": 1.0, "read_mode": "soft", "train_read": "soft", "tau_start": 1.0, "tau_end": 0.1,
+    "tau_anneal_updates": 2000, "temperature": "learned", "encoder_gradient": "read", "write": "gradient",
+    "reseed_fraction": 0.0, "levels": "8,8,8", "stages": 2, "impl": "auto", "top_k": 0,
+}
 
 
 @dataclass
@@ -95,40 +91,41 @@ class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    bottleneck: BottleneckOptions = field(default_factory=lambda: bottleneck_options("vq"))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 SECTIONS = ("data", "model", "bottleneck", "train")
+# Rules on the keys of data, model and train (each bottleneck's options check their own).
 CHOICES = {
     "data.source": ("cifar10", "folder"),
-    "bottleneck.kind": tuple(sorted(REGISTRY)),
-    "bottleneck.init": ("default", *INITS),
-    "bottleneck.similarity": SIMILARITIES,
-    "bottleneck.read_mode": READ_MODES,
-    "bottleneck.train_read": TRAIN_READS,
-    "bottleneck.write": WRITES,
-    "bottleneck.temperature": TEMPERATURES,
-    "bottleneck.encoder_gradient": ENCODER_GRADIENTS,
-    "bottleneck.impl": IMPLS,
     "train.on_nonfinite": ("stop", "skip"),
 }
 POSITIVE = {
     "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
-    "bottleneck.slots", "bottleneck.beta_init", "bottleneck.tau_start",
-    "bottleneck.tau_end", "bottleneck.tau_anneal_updates", "bottleneck.stages", "train.steps", "train.batch_size", "train.lr", "train.log_every",
-    "train.eval_every", "train.checkpoint_every",
+    "train.steps", "train.batch_size", "train.lr", "train.log_every", "train.eval_every", "train.checkpoint_every",
 }
-NON_NEGATIVE = {"model.res_blocks", "bottleneck.commitment", "bottleneck.reseed_fraction", "bottleneck.top_k", "train.seed",
-                "train.threads"}
+NON_NEGATIVE = {"model.res_blocks", "train.seed", "train.threads"}
 
 
-def all_keys() -> list[str]:
-    """Every valid dotted key, e.g. ``train.steps``."""
+def all_keys(cfg: Config | None = None) -> list[str]:
+    """Every valid dotted key of ``cfg`` (default: Config()), e.g. ``train.steps``; the
+    bottleneck keys are those of its kind."""
+    cfg = cfg if cfg is not None else Config()
     keys = ["name"]
     for section in SECTIONS:
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(getattr(Config(), section))]
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(getattr(cfg, section))]
     return keys
+
+
+def _not_an_option(key: str, b: BottleneckOptions) -> MemvaeError:
+    """A bottleneck key its kind does not take: the kind's keys and the closest one."""
+    keys = [f.name for f in dataclasses.fields(b)]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    owners = [k for k, cls in sorted(REGISTRY.items()) if key in {f.name for f in dataclasses.fields(cls.Options)}]
+    where = f" (a key of {', '.join(owners)})" if owners else f" (did you mean 'bottleneck.{close[0]}'?)" if close else ""
+    return MemvaeError(f"config key 'bottleneck.{key}' is not a key of bottleneck kind {b.kind!r}{where}; "
+                       f"its keys: {', '.join(keys)}")
 
 
 # Keys that older configs may hold, removed because no measurement in docs/results showed a use:
@@ -169,8 +166,9 @@ def _upgrade(raw: dict) -> dict:
     defaults = Config()
 
     def value(section: str, key: str):
+        default = FLAT_BOTTLENECK[key] if section == "bottleneck" else getattr(getattr(defaults, section), key)
         got = raw.get(section, {})
-        return got.get(key, getattr(getattr(defaults, section), key)) if isinstance(got, dict) else getattr(getattr(defaults, section), key)
+        return got.get(key, default) if isinstance(got, dict) else default
 
     new = dict(old)
     if "tau_anneal" in new:
@@ -194,9 +192,11 @@ def _unknown(key: str, candidates: list[str]) -> MemvaeError:
     return MemvaeError(f"unknown config key {key!r}{hint}")
 
 
-def resolve_key(key: str) -> str:
-    """A dotted key, or a bare field name that is unique across sections -> dotted key."""
-    keys = all_keys()
+def resolve_key(key: str, cfg: Config | None = None) -> str:
+    """A dotted key, or a bare field name that is unique across sections -> dotted key (of
+    ``cfg``'s sections: its bottleneck kind's keys)."""
+    cfg = cfg if cfg is not None else Config()
+    keys = all_keys(cfg)
     if key in keys:
         return key
     matches = [k for k in keys if k.split(".")[-1] == key]
@@ -204,19 +204,22 @@ def resolve_key(key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise MemvaeError(f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
+    name = key.removeprefix("bottleneck.")
+    if key not in REMOVED and (key.startswith("bottleneck.") or name in FLAT_BOTTLENECK) and "." not in name:
+        raise _not_an_option(name, cfg.bottleneck)
     raise _unknown(key, keys)
 
 
-def _field_type(key: str) -> type:
+def _field_type(key: str, cfg: Config) -> type:
     if key == "name":
         return str
     section, name = key.split(".")
-    return {f.name: f.type for f in dataclasses.fields(getattr(Config(), section))}[name]
+    return {f.name: f.type for f in dataclasses.fields(getattr(cfg, section))}[name]
 
 
-def _coerce(key: str, value: Any, from_text: bool) -> Any:
-    """Check ``value`` against the field's type; strings from the command line are parsed."""
-    kind = _field_type(key)
+def _coerce(key: str, value: Any, from_text: bool, cfg: Config) -> Any:
+    """Check ``value`` against the field's type in ``cfg``; strings from the command line are parsed."""
+    kind = _field_type(key, cfg)
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
     if from_text:
         text = str(value)
@@ -242,6 +245,11 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
 def _set(cfg: Config, key: str, value: Any) -> None:
     if key == "name":
         cfg.name = value
+    elif key == "bottleneck.kind":
+        if value != cfg.bottleneck.kind:  # the new kind's options, keeping the values of the keys both take
+            new = bottleneck_options(value)
+            shared = {f.name for f in dataclasses.fields(new)} & {f.name for f in dataclasses.fields(cfg.bottleneck)}
+            cfg.bottleneck = dataclasses.replace(new, **{k: getattr(cfg.bottleneck, k) for k in shared - {"kind"}})
     else:
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
@@ -256,7 +264,7 @@ def get(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Range and choice checks; raises MemvaeError naming the key and the rule."""
-    for key in all_keys():  # NaN passes every comparison below, and TOML cannot hold inf
+    for key in all_keys(cfg):  # NaN passes every comparison below, and TOML cannot hold inf
         value = get(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
             raise MemvaeError(f"config key {key!r} must be a finite number, got {value!r}")
@@ -269,11 +277,8 @@ def validate(cfg: Config) -> Config:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise MemvaeError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
-    if not 0.0 < cfg.bottleneck.decay < 1.0:
-        raise MemvaeError(f"config key 'bottleneck.decay' must be in (0, 1), got {cfg.bottleneck.decay!r}")
-    b = cfg.bottleneck
-    try:  # the rules across keys belong to the kind (its file in memvae/bottlenecks)
-        bottleneck_class(b.kind).check_config(b)
+    try:  # the bottleneck's rules belong to its kind (its Options, in its file in memvae/bottlenecks)
+        cfg.bottleneck.check()
     except ValueError as exc:
         raise MemvaeError(str(exc)) from None
     if not cfg.name or any(c in cfg.name for c in "/\\"):
@@ -281,22 +286,30 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def from_dict(raw: dict, cfg: Config | None = None) -> Config:
-    """Nested dict (as in a TOML file) -> Config, checking every key and type."""
+def from_dict(raw: dict, cfg: Config | None = None, saved: bool = False) -> Config:
+    """Nested dict (as in a TOML file) -> Config, checking every key and type. ``saved``: a
+    run's own config (config.toml, a checkpoint), in which the keys of the former flat
+    [bottleneck] section that its kind does not read are dropped (FLAT_BOTTLENECK)."""
     cfg = cfg if cfg is not None else Config()
     for top, value in _upgrade(raw).items():
         if top == "name":
-            _set(cfg, "name", _coerce("name", value, False))
+            _set(cfg, "name", _coerce("name", value, False, cfg))
         elif top in SECTIONS:
             if not isinstance(value, dict):
                 raise MemvaeError(f"config section [{top}] must be a table, got {value!r}")
+            if top == "bottleneck" and "kind" in value:  # the kind says which keys the rest may be
+                value = {"kind": value["kind"], **value}
             for key, item in value.items():
                 dotted = f"{top}.{key}"
                 if _inert_removed_key(dotted, item):
                     continue
-                if dotted not in all_keys():
-                    raise _unknown(dotted, all_keys())
-                _set(cfg, dotted, _coerce(dotted, item, False))
+                if dotted not in all_keys(cfg):
+                    if top != "bottleneck" or dotted in REMOVED:
+                        raise _unknown(dotted, all_keys(cfg))
+                    if saved and key in FLAT_BOTTLENECK:
+                        continue
+                    raise _not_an_option(key, cfg.bottleneck)
+                _set(cfg, dotted, _coerce(dotted, item, False, cfg))
         else:
             raise _unknown(top, ["name", *SECTIONS])
     return cfg
@@ -304,17 +317,22 @@ def from_dict(raw: dict, cfg: Config | None = None) -> Config:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``key=value`` strings (values parsed by the field's type)."""
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise MemvaeError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        dotted = resolve_key(key.strip())
-        _set(cfg, dotted, _coerce(dotted, value.strip(), True))
+        pairs.append((key.strip(), value.strip()))
+    # The kind first: it says which bottleneck keys the others may name.
+    for key, value in sorted(pairs, key=lambda kv: kv[0] not in ("bottleneck.kind", "kind")):
+        dotted = resolve_key(key, cfg)
+        _set(cfg, dotted, _coerce(dotted, value, True, cfg))
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``; validated."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), saved: bool = False) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``; validated.
+    ``saved``: the file is a run's own config.toml (see :func:`from_dict`)."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -324,7 +342,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise MemvaeError(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise MemvaeError(f"config file {path} is not valid TOML: {exc}") from None
-        from_dict(raw, cfg)
+        from_dict(raw, cfg, saved)
     return validate(apply_overrides(cfg, list(overrides)))
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memvae.bottlenecks import BottleneckOutput, bottleneck_class
-from memvae.config import BottleneckConfig, Config, ModelConfig
+from memvae.bottlenecks.base import Options as BottleneckOptions
+from memvae.config import Config, ModelConfig
 from memvae.nets import Decoder, Encoder
 
 
@@ -27,7 +28,7 @@ class AutoencoderOutput:
     bottleneck: BottleneckOutput
 
 
-def build_bottleneck(cfg: BottleneckConfig, dim: int) -> nn.Module:
+def build_bottleneck(cfg: BottleneckOptions, dim: int) -> nn.Module:
     """The registered bottleneck named by ``cfg.kind``, built from the keys it reads."""
     return bottleneck_class(cfg.kind).from_config(cfg, dim)
 
@@ -40,7 +41,7 @@ class Autoencoder(nn.Module):
     ``bottleneck.codes`` B×(H/4)×(W/4). Build one with ``Autoencoder.from_config(cfg)``.
     """
 
-    def __init__(self, model: ModelConfig, bottleneck: BottleneckConfig):
+    def __init__(self, model: ModelConfig, bottleneck: BottleneckOptions):
         super().__init__()
         d = model.embedding_dim
         self.encoder = Encoder(model.hidden, model.res_hidden, model.res_blocks, d)

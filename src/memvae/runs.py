@@ -73,7 +73,7 @@ def environment() -> dict:
 def config_mismatch(saved: dict, cfg: C.Config) -> str | None:
     """First model/bottleneck key where a checkpoint's config differs from ``cfg``, as text."""
     now = C.to_dict(cfg)
-    saved = C.to_dict(C.from_dict(saved))  # in today's keys (an older run's config is converted)
+    saved = C.to_dict(C.from_dict(saved, saved=True))  # in today's keys (an older run's config is converted)
     for section in ("model", "bottleneck"):
         for key, value in now[section].items():
             old = saved.get(section, {}).get(key)
@@ -100,7 +100,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if found is None:
         raise MemvaeError(f"{run_dir} holds no checkpoint (is it a memvae run directory?)")
     state = load_checkpoint(*found, map_location=device)
-    cfg = C.validate(C.from_dict(state["config"]))
+    cfg = C.validate(C.from_dict(state["config"], saved=True))
     model = Autoencoder.from_config(cfg).to(device)
     try:
         model.load_state_dict(with_update_count(state["model"], model, int(state["step"])))

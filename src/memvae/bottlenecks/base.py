@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +42,52 @@ class BottleneckOutput:
 INITS = ("random", "data")
 
 
+@dataclass
+class Options:
+    """A config's ``[bottleneck]`` section for one kind: ``kind`` and that kind's own keys.
+
+    Each bottleneck's file defines its subclass (the keys its ``from_config`` reads, with
+    their defaults) and sets it as the class's ``Options``; memvae.config reads the section
+    with the options of its kind, so a key the kind does not take fails there, naming the
+    kind's keys. :meth:`check` holds every rule on the values, once.
+    """
+
+    kind: str = ""
+
+    # Rules on single keys, checked by check(); a subclass adds its own to its parent's.
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
+    OPEN_UNIT: ClassVar[tuple[str, ...]] = ()  # strictly between 0 and 1
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def check(self) -> None:
+        """Raise ValueError naming the key for a value, or a combination of values, this
+        kind cannot be built from (a subclass adds its rules across keys after these)."""
+        for key in self.POSITIVE:
+            if not getattr(self, key) > 0:
+                raise ValueError(f"config key 'bottleneck.{key}' must be > 0, got {getattr(self, key)!r}")
+        for key in self.NON_NEGATIVE:
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key 'bottleneck.{key}' must be >= 0, got {getattr(self, key)!r}")
+        for key in self.OPEN_UNIT:
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ValueError(f"config key 'bottleneck.{key}' must be in (0, 1), got {getattr(self, key)!r}")
+        for key, allowed in self.CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config key 'bottleneck.{key}' must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+
+
+@dataclass
+class SlotOptions(Options):
+    """The keys of a bottleneck with a memory of K learned slots."""
+
+    slots: int = 512  # K
+    init: str = "default"  # "random", "data" (first batch's encoder outputs), or the kind's own default
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("slots",)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("default", *INITS)}
+
+
 class Bottleneck(nn.Module):
     """Base class: a memory ``self.memory`` of shape K×D plus ``forward(z)``.
 
@@ -63,19 +110,16 @@ class Bottleneck(nn.Module):
     logged_metrics: tuple[str, ...] = ()
     averaged_metrics: dict[str, str] = {}
 
+    Options: type[Options] = Options  # its [bottleneck] keys (each kind's file sets its own)
+
     @classmethod
-    def from_config(cls, b, dim: int) -> "Bottleneck":
-        """The bottleneck a config's ``[bottleneck]`` section (a memvae.config.BottleneckConfig)
-        asks for, reading the keys this kind takes; D = ``dim``."""
+    def from_config(cls, b: Options, dim: int) -> "Bottleneck":
+        """The bottleneck a config's ``[bottleneck]`` section (this kind's :class:`Options`)
+        asks for; D = ``dim``."""
         raise NotImplementedError  # pragma: no cover - each bottleneck reads its own keys
 
     @classmethod
-    def check_config(cls, b) -> None:
-        """Raise ValueError, naming the key, for a section this kind cannot be built from
-        (rules across keys; single keys are checked by memvae.config)."""
-
-    @classmethod
-    def at_slots(cls, b, slots: int):
+    def at_slots(cls, b: Options, slots: int) -> Options:
         """The section ``b`` with K = ``slots`` codes (the rate sweep); ValueError for a K this
         kind cannot take."""
         return dataclasses.replace(b, slots=slots)

@@ -8,7 +8,31 @@ import torch
 from torch import nn
 
 from memvae.bottlenecks import functional as Fn
-from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from dataclasses import dataclass
+from typing import ClassVar
+
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput, Options
+
+
+@dataclass
+class FSQOptions(Options):
+    kind: str = "fsq"
+    slots: int = 512  # K, the product of the levels
+    levels: str = "8,8,8"  # levels per channel, separated by commas
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("slots",)
+
+    def check(self) -> None:
+        super().check()
+        try:
+            levels = [int(v) for v in self.levels.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 2:
+            raise ValueError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {self.levels!r}")
+        if math.prod(levels) != self.slots:
+            raise ValueError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels "
+                             f"({math.prod(levels)}) for fsq, got {self.slots}")
 
 
 class FSQ(Bottleneck):
@@ -32,6 +56,8 @@ class FSQ(Bottleneck):
         levels: levels per channel; default three channels of round(K^(1/3)) levels.
         eps: widens the bound slightly, so that the outermost levels are reached.
     """
+
+    Options = FSQOptions
 
     def __init__(self, num_slots: int, dim: int, levels: tuple[int, ...] | None = None, eps: float = 1e-3):
         super().__init__()
@@ -80,18 +106,6 @@ class FSQ(Bottleneck):
             raise ValueError(f"fsq has no levels chosen for K = {slots}; the sweep takes K in "
                              f"{', '.join(map(str, cls.SWEEP_LEVELS))} for fsq")
         return dataclasses.replace(b, slots=slots, levels=cls.SWEEP_LEVELS[slots])
-
-    @classmethod
-    def check_config(cls, b) -> None:
-        try:
-            levels = [int(v) for v in b.levels.split(",")]
-        except ValueError:
-            levels = []
-        if not levels or min(levels) < 2:
-            raise ValueError(f"config key 'bottleneck.levels' must be integers >= 2 separated by commas, got {b.levels!r}")
-        if math.prod(levels) != b.slots:
-            raise ValueError(f"config key 'bottleneck.slots' must equal the product of bottleneck.levels "
-                             f"({math.prod(levels)}) for fsq, got {b.slots}")
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from memvae.bottlenecks import functional as Fn
-from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from dataclasses import dataclass
+from typing import ClassVar
+
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput, SlotOptions
 
 SIMILARITIES = ("l2", "cosine")
 TRAIN_READS = ("soft", "straight_through")
@@ -17,6 +20,46 @@ WRITES = ("gradient", "soft_ema", "hard_ema")
 TEMPERATURES = ("learned", "relative")
 ENCODER_GRADIENTS = ("read", "straight_through", "rotation")
 IMPLS = ("auto", "dense", "fused")
+
+
+def check_combination(num_slots: int, write: str, encoder_gradient: str, reseed_fraction: float, top_k: int) -> None:
+    """The rules across options (for the constructor and the config alike): ValueError."""
+    if not 0 <= top_k <= num_slots:
+        raise ValueError(f"top_k must be between 0 (dense) and the {num_slots} slots, got {top_k}")
+    if write == "gradient" and (encoder_gradient != "read" or reseed_fraction > 0):
+        raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_fraction need a moving-average write "
+                         "(write='soft_ema' or 'hard_ema'): with the gradient write the slots get no gradient")
+
+
+@dataclass
+class MemoryOptions(SlotOptions):
+    kind: str = "memory"
+    commitment: float = 0.25  # the moving-average writes' commitment weight
+    decay: float = 0.99  # the moving-average writes' γ
+    similarity: str = "l2"  # "l2" or "cosine"
+    beta_init: float = 1.0  # initial β (temperature = "learned")
+    read_mode: str = "soft"  # the read in evaluation, "soft" or "hard"
+    train_read: str = "soft"  # "soft" or "straight_through"
+    tau_start: float = 1.0  # the relative temperature's τ at the start
+    tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
+    tau_anneal_updates: int = 2000  # training updates over which τ anneals, then held at tau_end
+    temperature: str = "learned"  # "learned" β, or "relative" β = 1/(τ·q̄)
+    encoder_gradient: str = "read"  # "read" (through the read), "straight_through" (z + sg(read − z)) or "rotation"
+    write: str = "gradient"  # "gradient", "soft_ema" or "hard_ema"
+    reseed_fraction: float = 0.0  # moving-average writes: re-seed slots whose count is below this fraction of N/K
+    impl: str = "auto"  # "auto", "dense" or "fused"
+    top_k: int = 0  # read each query's k largest logits only (0: all K, the dense read)
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("slots", "beta_init", "tau_start", "tau_end", "tau_anneal_updates")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("commitment", "reseed_fraction", "top_k")
+    OPEN_UNIT: ClassVar[tuple[str, ...]] = ("decay",)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **SlotOptions.CHOICES, "similarity": SIMILARITIES, "read_mode": READ_MODES, "train_read": TRAIN_READS,
+        "write": WRITES, "temperature": TEMPERATURES, "encoder_gradient": ENCODER_GRADIENTS, "impl": IMPLS}
+
+    def check(self) -> None:
+        super().check()
+        check_combination(self.slots, self.write, self.encoder_gradient, self.reseed_fraction, self.top_k)
 
 
 class MemoryRead(Bottleneck):
@@ -110,6 +153,8 @@ class MemoryRead(Bottleneck):
             onto the few of smallest norm (measured: 3 slots in use after 300 updates).
     """
 
+    Options = MemoryOptions
+
     def __init__(
         self,
         num_slots: int,
@@ -152,11 +197,7 @@ class MemoryRead(Bottleneck):
             raise ValueError(f"tau_anneal must be a number of updates >= 1, got {tau_anneal}")
         if reseed_fraction < 0:
             raise ValueError(f"reseed_fraction must be >= 0, got {reseed_fraction}")
-        if not 0 <= top_k <= num_slots:
-            raise ValueError(f"top_k must be between 0 (dense) and the {num_slots} slots, got {top_k}")
-        if write == "gradient" and (encoder_gradient != "read" or reseed_fraction > 0):
-            raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_fraction need a moving-average write "
-                             "(write='soft_ema' or 'hard_ema'): with them the slots get no gradient")
+        check_combination(num_slots, write, encoder_gradient, reseed_fraction, top_k)
         self.num_slots, self.dim = num_slots, dim
         self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
         self.tau_range = tuple(tau)
@@ -192,14 +233,6 @@ class MemoryRead(Bottleneck):
                    write=b.write, decay=b.decay, commitment=b.commitment, impl=b.impl, temperature=b.temperature,
                    encoder_gradient=b.encoder_gradient, reseed_fraction=b.reseed_fraction, top_k=b.top_k,
                    **cls._init_option(b))
-
-    @classmethod
-    def check_config(cls, b) -> None:
-        if b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
-            raise ValueError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need "
-                             "bottleneck.write='soft_ema' or 'hard_ema' (with the gradient write the slots get no gradient)")
-        if b.top_k > b.slots:
-            raise ValueError(f"config key 'bottleneck.top_k' must be at most bottleneck.slots ({b.slots}), got {b.top_k}")
 
     def evaluation_constants(self) -> dict[str, float]:
         return {"beta": float(self.beta())}

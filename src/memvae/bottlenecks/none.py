@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from dataclasses import dataclass
+
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput, Options
+
+
+@dataclass
+class NoneOptions(Options):
+    kind: str = "none"  # and no other key: there is nothing to set
 
 
 class NoBottleneck(Bottleneck):
@@ -17,6 +24,8 @@ class NoBottleneck(Bottleneck):
 
     reads = ("continuous",)
     discrete = False
+
+    Options = NoneOptions
 
     def __init__(self, num_slots: int = 0, dim: int | None = None):
         super().__init__()

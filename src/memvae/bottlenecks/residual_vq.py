@@ -2,12 +2,23 @@
 what the stages before it left."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from memvae.bottlenecks import functional as Fn
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
-from memvae.bottlenecks.vq_ema import VectorQuantizerEMA
+from memvae.bottlenecks.vq_ema import VectorQuantizerEMA, VQEMAOptions
+
+
+@dataclass
+class ResidualVQOptions(VQEMAOptions):
+    kind: str = "residual_vq"
+    stages: int = 2  # S, slots (K each) per stage
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("slots", "stages")
 
 
 class ResidualVQ(Bottleneck):
@@ -28,6 +39,8 @@ class ResidualVQ(Bottleneck):
         stages: S.
         commitment, decay, reseed_fraction, init: as for :class:`VectorQuantizerEMA`.
     """
+
+    Options = ResidualVQOptions
 
     def __init__(self, num_slots: int, dim: int, stages: int = 2, commitment: float = 0.25, decay: float = 0.99,
                  reseed_fraction: float = 0.0, init: str = "data"):

@@ -6,7 +6,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from memvae.bottlenecks import functional as Fn
-from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from dataclasses import dataclass
+from typing import ClassVar
+
+from memvae.bottlenecks.base import Bottleneck, BottleneckOutput, SlotOptions
+
+
+@dataclass
+class VQOptions(SlotOptions):
+    kind: str = "vq"
+    commitment: float = 0.25  # weight of the commitment term
+
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("commitment",)
 
 
 class VectorQuantizer(Bottleneck):
@@ -24,6 +35,8 @@ class VectorQuantizer(Bottleneck):
         commitment: weight of the commitment term (0.25 in the paper).
         init: "random" (uniform in ±1/K) or "data" (see Bottleneck).
     """
+
+    Options = VQOptions
 
     def __init__(self, num_slots: int, dim: int, commitment: float = 0.25, init: str = "random"):
         super().__init__()

@@ -5,7 +5,21 @@ import torch
 import torch.nn.functional as F
 
 from memvae.bottlenecks import functional as Fn
+from dataclasses import dataclass
+from typing import ClassVar
+
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
+from memvae.bottlenecks.vq import VQOptions
+
+
+@dataclass
+class VQEMAOptions(VQOptions):
+    kind: str = "vq_ema"
+    decay: float = 0.99  # γ of the moving averages
+    reseed_fraction: float = 0.0  # re-seed slots whose moving-average count is below this fraction of N/K
+
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("commitment", "reseed_fraction")
+    OPEN_UNIT: ClassVar[tuple[str, ...]] = ("decay",)
 
 
 class VectorQuantizerEMA(Bottleneck):
@@ -36,6 +50,8 @@ class VectorQuantizerEMA(Bottleneck):
             N positions; 0 = never. 0.25 at N = 2,048 (batch 32, 8×8) and K = 512 is a
             count of 1, vector-quantize-pytorch's usual ``threshold_ema_dead_code``.
     """
+
+    Options = VQEMAOptions
 
     def __init__(
         self, num_slots: int, dim: int, commitment: float = 0.25, decay: float = 0.99, eps: float = 1e-5,
