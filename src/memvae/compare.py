@@ -456,7 +456,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
             seed_result["lossless"] = cached["lossless"]
         by_model.setdefault(cfg.name, []).append(seed_result)
         if cfg.name not in about:
-            own = model.bottleneck.reads[0] if not hasattr(model.bottleneck, "read_mode") else model.bottleneck.read_mode
+            own = model.bottleneck.eval_read
             about[cfg.name] = {"read": own, "discrete": bool(model.bottleneck.discrete), "k": model.bottleneck.num_slots
                                if sweep and model.bottleneck.discrete else None, "base": cfg.name.rsplit("-k", 1)[0]
                                if sweep and model.bottleneck.discrete else cfg.name}

@@ -69,17 +69,13 @@ def reads_of(model: Autoencoder) -> list[str]:
 
 @contextmanager
 def read_mode(model: Autoencoder, read: str):
-    """Evaluate with ``read`` inside the block: a bottleneck of several reads ("soft"/"hard")
-    switches its read_mode; one of a single read has nothing to switch."""
+    """Evaluate with ``read`` (one its bottleneck declares) inside the block."""
     bottleneck = model.bottleneck
-    saved = getattr(bottleneck, "read_mode", None) if len(bottleneck.reads) > 1 else None
-    if saved is not None:
-        bottleneck.read_mode = read
+    saved, bottleneck.eval_read = bottleneck.eval_read, read
     try:
         yield model
     finally:
-        if saved is not None:
-            bottleneck.read_mode = saved
+        bottleneck.eval_read = saved
 
 
 @torch.no_grad()

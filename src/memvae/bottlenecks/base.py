@@ -128,6 +128,20 @@ class Bottleneck(nn.Module):
     def _init_option(b) -> dict:
         return {} if b.init == "default" else {"init": b.init}
 
+    @property
+    def eval_read(self) -> str:
+        """The read of an evaluation (eval mode), one of ``reads``: its own, unless set."""
+        return self.reads[0]
+
+    @eval_read.setter
+    def eval_read(self, read: str) -> None:
+        if read not in self.reads:
+            raise ValueError(f"{type(self).__name__} reads {', '.join(self.reads)}, not {read!r}")
+        self._set_eval_read(read)
+
+    def _set_eval_read(self, read: str) -> None:
+        """A bottleneck of several reads switches here (one of a single read has nothing to switch)."""
+
     def evaluation_constants(self) -> dict[str, float]:
         """Numbers of the bottleneck itself (not of a batch) reported with an evaluation."""
         return {}

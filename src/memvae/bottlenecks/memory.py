@@ -238,6 +238,17 @@ class MemoryRead(Bottleneck):
         return {"beta": float(self.beta())}
 
     @property
+    def eval_read(self) -> str:
+        return self.read_mode
+
+    @eval_read.setter
+    def eval_read(self, read: str) -> None:
+        Bottleneck.eval_read.fset(self, read)
+
+    def _set_eval_read(self, read: str) -> None:
+        self.read_mode = read
+
+    @property
     def discrete(self) -> bool:
         """One slot per position at test: the hard read."""
         return self.read_mode == "hard"
