@@ -16,11 +16,13 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from memvae.cli_prior import save_grid
+from memvae.errors import MemvaeError, os_error
 from memvae.plots import image_panels
 from memvae.prior import PriorOptions, prior_dir, sample_images, train_prior
 from memvae.runs import load_run
@@ -39,7 +41,9 @@ SUMMARY_COLUMNS = [
 
 def run_row(run_dir: Path, options: PriorOptions, samples: int, out: Path, data_dir: str | None) -> dict:
     """Fit (or reuse) the run's prior, save its sample grid, and return its table row."""
-    _, cfg, state = load_run(run_dir)
+    model, cfg, state = load_run(run_dir)
+    if not (run_dir / "eval.json").exists():
+        raise MemvaeError(f"{run_dir} has no eval.json; evaluate it first (memvae eval {run_dir})")
     evaluation = json.loads((run_dir / "eval.json").read_text())
     if not (prior_dir(run_dir) / "eval.json").exists():
         train_prior(run_dir, options, data_dir=data_dir)
@@ -47,7 +51,8 @@ def run_row(run_dir: Path, options: PriorOptions, samples: int, out: Path, data_
     images, _ = sample_images(run_dir, samples, seed=0)
     grid = save_grid(images, out / f"samples_{run_dir.name}.png")
     test = evaluation["test"]
-    read = "hard" if "hard" in test else "nearest"
+    reads = model.bottleneck.reads  # generation decodes one slot per position: the memory's hard read
+    read = "hard" if "hard" in reads else reads[0]
     return {
         "model": cfg.name,
         "seed": cfg.train.seed,
@@ -95,6 +100,15 @@ def tables(rows: list[dict]) -> tuple[str, str]:
 
 
 def main() -> None:
+    """The table, or one line saying why not (status 2), as the memvae commands do."""
+    try:
+        _main()
+    except (MemvaeError, OSError) as exc:
+        print(f"error: {os_error(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--out", required=True, help="folder for table.md, summary.md, table.json and the sample grids")

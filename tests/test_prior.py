@@ -248,3 +248,34 @@ def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path
     train(cfg, copy, resume=True, data_dir=data_dir, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 60"):
         sample_images(copy, 2, seed=0)
+
+
+def test_a_second_prior_fits_beside_the_first_and_samples(run_dir, fitted, tmp_path, capsys, data_dir):
+    first = (run_dir / "prior" / "eval.json").read_text()
+    second = tmp_path / "prior_w8"
+    cli(["prior", str(run_dir), "--out", str(second), "--steps", "20", "--batch-size", "16", "--width", "8", "--layers", "2",
+         "--train-images", "500", "--test-images", "200", "--data-dir", str(data_dir), "--device", "cpu", "--quiet"])
+    assert f"wrote {second}" in capsys.readouterr().out
+    assert (run_dir / "prior" / "eval.json").read_text() == first  # the first prior is left as it was
+    assert json.loads((second / "eval.json").read_text())["options"]["width"] == 8
+    cli(["sample", str(run_dir), "--prior", str(second), "--n", "4", "--out", str(tmp_path / "s.png"), "--seed", "1"])
+    assert (tmp_path / "s.png").exists()
+    with pytest.raises(MemvaeError, match=f"no trained prior in {tmp_path / 'none'}; run `memvae prior .* --out"):
+        cli(["sample", str(run_dir), "--prior", str(tmp_path / "none"), "--out", str(tmp_path / "t.png")])
+
+
+@pytest.mark.parametrize("case", ["no run", "not evaluated"])
+def test_the_prior_table_script_ends_on_one_line(run_dir, tmp_path, case):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    target = tmp_path / "missing"
+    if case == "not evaluated":
+        target = tmp_path / "run"
+        shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("prior", "tensorboard", "eval.json"))
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "prior_table.py"), str(target), "--out", str(tmp_path / "t")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert ("holds no checkpoint" if case == "no run" else "has no eval.json") in result.stderr

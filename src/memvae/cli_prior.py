@@ -67,14 +67,14 @@ def cmd_prior(args, extra: list[str]) -> None:
             print(f"update {record['step']}: test subset {record['eval_bits_per_index']:.4f} bits/index", flush=True)
 
     result = train_prior(args.run_dir, options, data_dir=args.data_dir, overwrite=args.overwrite,
-                         progress=None if args.quiet else show)
+                         progress=None if args.quiet else show, out=args.out)
     h, w = result["map_shape"]
     print(
         f"test NLL over {result['test_maps']} maps: {result['bits_per_index']:.4f} bits per index, "
         f"{result['bits_per_image']:.1f} bits per image ({h}×{w} indices); "
         f"uniform {result['uniform_bits_per_index']:.4f}, slot frequencies {result['unigram_bits_per_index']:.4f} bits per index"
     )
-    print(f"wrote {Path(args.run_dir) / 'prior'}")
+    print(f"wrote {Path(args.out) if args.out else Path(args.run_dir) / 'prior'}")
 
 
 def cmd_sample(args, extra: list[str]) -> None:
@@ -91,7 +91,7 @@ def cmd_sample(args, extra: list[str]) -> None:
     # A grid written into the run is a write into it: one writer at a time (memvae.runlock).
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir, create=False) if into_run else nullcontext():
-        images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device))
+        images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device), args.prior)
         print(f"wrote {save_grid(images, args.out)}")
 
 
@@ -118,7 +118,8 @@ def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data directory (default: the run's, else $MEMVAE_DATA_DIR, else ~/.cache/memvae)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR/prior/")
+    p.add_argument("--out", help="the prior's folder (default RUN_DIR/prior/): a second prior beside the first")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
     p.add_argument("--quiet", action="store_true", help="print only the final result")
     p.set_defaults(func=cmd_prior)
 
@@ -126,6 +127,7 @@ def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a fitted prior (memvae prior)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output PNG: a grid of ceil(sqrt(n)) columns")
+    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; < 1 sharper, > 1 more varied (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a fresh random one)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")

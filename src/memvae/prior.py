@@ -97,8 +97,9 @@ def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, num_slots:
     return bits(float(-logp[test_codes.reshape(-1)].mean()))
 
 
-def prior_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / PRIOR_DIR
+def prior_dir(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Where a run's prior lives: ``out`` if given (a second prior beside the first), else RUN_DIR/prior."""
+    return Path(out) if out is not None else Path(run_dir) / PRIOR_DIR
 
 
 def train_prior(
@@ -107,6 +108,7 @@ def train_prior(
     data_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress=None,
+    out: str | os.PathLike | None = None,
 ) -> dict:
     """Fit a gated PixelCNN to the slot maps of a trained run, then evaluate it.
 
@@ -119,17 +121,18 @@ def train_prior(
         data_dir: overrides the run's data directory.
         overwrite: replace an existing prior; without it an existing one is refused.
         progress: optional callable taking each log record (e.g. to print it).
+        out: the prior's directory instead of RUN_DIR/prior (e.g. a second prior of other
+            options beside the first); sample from it with ``memvae sample --prior OUT``.
     """
     options = dataclasses.replace(options or PriorOptions()).validate()
     # RUN_DIR/prior has one writer, and the run does not train on meanwhile (memvae.runlock).
     with run_lock(run_dir, create=False):
-        return _train_prior(run_dir, options, data_dir, overwrite, progress)
+        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out))
 
 
 def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: str | os.PathLike | None,
-                 overwrite: bool, progress) -> dict:
+                 overwrite: bool, progress, out_dir: Path) -> dict:
     """:func:`train_prior`, with the run directory locked."""
-    out_dir = prior_dir(run_dir)
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and not overwrite:
         raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again")
@@ -220,11 +223,15 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     return result
 
 
-def load_prior(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GatedPixelCNN, dict]:
-    """The trained prior of a run directory, in eval mode, and its checkpoint dict."""
-    state = load_latest(prior_dir(run_dir) / "checkpoints", map_location=device)
+def load_prior(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               prior: str | os.PathLike | None = None) -> tuple[GatedPixelCNN, dict]:
+    """The trained prior of a run directory (in ``prior``, default RUN_DIR/prior), in eval
+    mode, and its checkpoint dict."""
+    state = load_latest(prior_dir(run_dir, prior) / "checkpoints", map_location=device)
     if state is None:
-        raise MemvaeError(f"{run_dir} has no trained prior; run `memvae prior {run_dir}` first")
+        where = f" in {prior}" if prior is not None else ""
+        out = f" --out {prior}" if prior is not None else ""
+        raise MemvaeError(f"{run_dir} has no trained prior{where}; run `memvae prior {run_dir}{out}` first")
     opts = state["options"]
     prior = GatedPixelCNN(int(state["num_slots"]), int(opts["width"]), int(opts["layers"]), int(opts["kernel"])).to(device)
     try:
@@ -275,13 +282,15 @@ def sample_images(
     temperature: float = 1.0,
     seed: int | None = None,
     device: str | torch.device = "cpu",
+    prior_path: str | os.PathLike | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``n`` slot maps from a run's prior and decode them with the run's model.
+    """Sample ``n`` slot maps from a run's prior (in ``prior_path``, default RUN_DIR/prior)
+    and decode them with the run's model.
 
     Returns (uint8 images n×3×H×W, int64 codes n×h×w). Refuses a prior fitted to an
     earlier checkpoint of the run than the one loaded.
     """
-    prior, state = load_prior(run_dir, device)
+    prior, state = load_prior(run_dir, device, prior_path)
     model, _, model_state = load_run(run_dir, device)
     if int(model_state["step"]) != int(state["model_step"]):
         raise MemvaeError(
