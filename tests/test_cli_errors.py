@@ -191,6 +191,10 @@ def _eval_of_a_non_run(t, ctx):
     return ["eval", t / "empty", "--device", "cpu"], ["holds no checkpoint"]
 
 
+def _plot_of_a_missing_run(t, ctx):
+    return ["plot", t / "nowhere", "--out", t / "c.png"], [f"run directory {t / 'nowhere'} does not exist"]
+
+
 CASES = {
     "missing CIFAR-10 data directory": _missing_cifar_dir,
     "missing image folder": _missing_image_folder,
@@ -214,6 +218,7 @@ CASES = {
     "corrupted checkpoint (SHA mismatch) on eval": _corrupt_checkpoint_on_eval,
     "truncated checkpoint on eval": _truncated_checkpoint_on_eval,
     "eval of a directory that is no run": _eval_of_a_non_run,
+    "plot of a run directory that does not exist": _plot_of_a_missing_run,
 }
 
 

@@ -165,6 +165,8 @@ def cmd_plot(args, extra: list[str]) -> None:
 
     curves = {}
     for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise MemvaeError(f"run directory {run_dir} does not exist")
         records = read_metrics(run_dir)
         if not records:
             raise MemvaeError(f"{run_dir} has no training records in metrics.jsonl")
