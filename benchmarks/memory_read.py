@@ -90,7 +90,7 @@ def _reset_peak_rss() -> bool:
 
 def worker(spec: dict) -> dict:
     """Run one (similarity, N, K, impl) and return its measurements (see module doc)."""
-    from memvae.bottlenecks.memory import MemoryRead
+    from memvae.bottlenecks.memory import Addressing, LearnedTemperature, MemoryRead
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -113,7 +113,8 @@ def worker(spec: dict) -> dict:
         read = lambda: straightforward_read(z, memory, log_beta.exp(), sim)  # noqa: E731
         leaves = (z, memory, log_beta)
     else:
-        module = MemoryRead(k, d, similarity=sim, beta_init=spec["beta"], impl=spec["impl"]).to(device)
+        addressing = Addressing(sim, LearnedTemperature(spec["beta"]))
+        module = MemoryRead(k, d, addressing, impl=spec["impl"]).to(device)
         with torch.no_grad():
             module.memory.copy_(m0)
         fused = spec["impl"] == "fused" or (spec["impl"] == "auto" and n * k > module.fused_threshold)

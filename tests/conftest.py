@@ -11,6 +11,22 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "src" / "memvae" / "configs"
 
 
+def memory_read(num_slots: int, dim: int, impl: str = "auto", init: str | None = None, fused_threshold: int = 1 << 22,
+                chunk: int = 4096, **keys):
+    """A MemoryRead from the memory kind's flat config keys (``similarity``, ``write``,
+    ``tau_start``, ...: memvae's MemoryOptions) as a config builds it, plus the constructor's
+    own speed settings; ValueError for what a config would refuse."""
+    import dataclasses
+
+    from memvae.bottlenecks.memory import MemoryOptions, MemoryRead, memory_parts
+
+    b = dataclasses.replace(MemoryOptions(slots=num_slots), **keys)
+    b.check()
+    addressing, write = memory_parts(b)
+    return MemoryRead(num_slots, dim, addressing, write, train_read=b.train_read, read_mode=b.read_mode, impl=impl,
+                      init=init, fused_threshold=fused_threshold, chunk=chunk)
+
+
 def _data_dir() -> Path:
     env = os.environ.get("MEMVAE_DATA_DIR")
     return Path(env).resolve() if env else REPO.parent / "shared" / "data"

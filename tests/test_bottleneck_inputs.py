@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from memvae.bottlenecks import REGISTRY, bottleneck_class
+from tests.conftest import memory_read
 
 K, D = 64, 8
 # Variants whose buffers move in training mode, beside each kind's defaults.
 EXTRA = {
-    "memory_discrete": lambda: bottleneck_class("memory")(K, D, temperature="relative", write="hard_ema",
+    "memory_discrete": lambda: memory_read(K, D, temperature="relative", write="hard_ema",
                                                           encoder_gradient="straight_through", reseed_fraction=0.25),
     "vq_ema_reseed": lambda: bottleneck_class("vq_ema")(K, D, reseed_fraction=0.25),
-    "memory_top_k": lambda: bottleneck_class("memory")(K, D, top_k=8, write="soft_ema", encoder_gradient="straight_through"),
+    "memory_top_k": lambda: memory_read(K, D, top_k=8, write="soft_ema", encoder_gradient="straight_through"),
 }
 MAKERS = {**{kind: (lambda kind=kind: bottleneck_class(kind)(K, D)) for kind in REGISTRY}, **EXTRA}
 

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 
 from memvae.bottlenecks import REGISTRY, MemoryRead, VectorQuantizer, VectorQuantizerEMA, bottleneck_class
 from memvae.bottlenecks.functional import perplexity_from_counts
+from tests.conftest import memory_read
 
 K, D = 32, 8
 
 
 def make(kind: str, **kw):
     if kind == "memory_cosine":
-        return MemoryRead(K, D, similarity="cosine", **kw)
+        return memory_read(K, D, similarity="cosine", **kw)
     if kind == "fsq":  # K = 32 is no cube: its levels say how
         return bottleneck_class(kind)(K, D, levels=(4, 4, 2), **kw)
     return bottleneck_class(kind)(K, D, **kw)
@@ -97,7 +98,7 @@ def test_vq_output_is_nearest_slot_and_losses_follow_eq3():
 
 @pytest.mark.parametrize("similarity", ["l2", "cosine"])
 def test_memory_weights_are_a_distribution_and_read_is_their_mixture(similarity):
-    bottleneck = MemoryRead(K, D, similarity=similarity, impl="dense")
+    bottleneck = memory_read(K, D, similarity=similarity, impl="dense")
     z = torch.randn(2, D, 3, 3)
     out = bottleneck(z)
     w = out.weights
@@ -119,7 +120,7 @@ def test_memory_weights_are_a_distribution_and_read_is_their_mixture(similarity)
 def test_l2_read_with_large_beta_equals_vq_read():
     torch.manual_seed(1)
     vq = VectorQuantizer(K, D)
-    memory = MemoryRead(K, D, beta_init=1e5).eval()
+    memory = memory_read(K, D, beta_init=1e5).eval()
     memory.memory.data.copy_(torch.randn(K, D))
     vq.memory.data.copy_(memory.memory.data)
     z = torch.randn(2, D, 4, 4)
@@ -129,7 +130,7 @@ def test_l2_read_with_large_beta_equals_vq_read():
 
 
 def test_cosine_read_unchanged_when_z_is_scaled():
-    bottleneck = MemoryRead(K, D, similarity="cosine", beta_init=5.0)
+    bottleneck = memory_read(K, D, similarity="cosine", beta_init=5.0)
     z = torch.randn(2, D, 3, 3)
     a, b = bottleneck(z), bottleneck(z * 7.5)
     assert torch.allclose(a.quantized, b.quantized, atol=1e-5)
@@ -137,7 +138,7 @@ def test_cosine_read_unchanged_when_z_is_scaled():
 
 
 def test_hard_read_mode_reads_the_argmax_slot():
-    bottleneck = MemoryRead(K, D).eval()
+    bottleneck = memory_read(K, D).eval()
     z = torch.randn(2, D, 3, 3)
     soft = bottleneck(z)
     bottleneck.read_mode = "hard"
@@ -147,7 +148,7 @@ def test_hard_read_mode_reads_the_argmax_slot():
 
 
 def test_beta_is_positive_and_learned_through_exp():
-    bottleneck = MemoryRead(K, D, beta_init=3.0)
+    bottleneck = memory_read(K, D, beta_init=3.0)
     assert math.isclose(float(bottleneck.beta().detach()), 3.0, rel_tol=1e-6)
     bottleneck.log_beta.data.fill_(-50.0)
     assert float(bottleneck.beta().detach()) > 0
@@ -155,7 +156,7 @@ def test_beta_is_positive_and_learned_through_exp():
 
 @pytest.mark.parametrize("kind", ["vq_ema", "memory_write"])
 def test_ema_slots_move_in_training_mode_and_never_in_eval_mode(kind):
-    bottleneck = VectorQuantizerEMA(K, D) if kind == "vq_ema" else MemoryRead(K, D, write="soft_ema", beta_init=50.0)
+    bottleneck = VectorQuantizerEMA(K, D) if kind == "vq_ema" else memory_read(K, D, write="soft_ema", beta_init=50.0)
     z = torch.randn(4, D, 4, 4)
     bottleneck.train()
     bottleneck(z)  # first call: data initialisation
@@ -193,7 +194,7 @@ def test_soft_write_with_one_hot_weights_equals_vq_ema_update():
     """With β huge the read weights are one-hot, so the soft write must be vq_ema's update."""
     torch.manual_seed(3)
     ema = VectorQuantizerEMA(K, D, decay=0.95, init="random")
-    soft = MemoryRead(K, D, write="soft_ema", decay=0.95, beta_init=1e6, init="random", impl="dense")
+    soft = memory_read(K, D, write="soft_ema", decay=0.95, beta_init=1e6, init="random", impl="dense")
     soft.memory.copy_(ema.memory)
     soft.embed_sum.copy_(ema.embed_sum)
     z = torch.randn(2, D, 4, 4)
@@ -206,7 +207,7 @@ def test_soft_write_with_one_hot_weights_equals_vq_ema_update():
 
 
 def test_soft_write_memory_gets_no_gradient_and_commitment_loss_is_present():
-    bottleneck = MemoryRead(K, D, write="soft_ema", beta_init=20.0)
+    bottleneck = memory_read(K, D, write="soft_ema", beta_init=20.0)
     z = torch.randn(2, D, 3, 3, requires_grad=True)
     out = bottleneck.train()(z)
     assert out.loss > 0

@@ -15,15 +15,15 @@ from memvae.runs import load_run
 from memvae.train import train
 
 from tests.cli_util import strip_times
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, memory_read
 
 K, D = 32, 8
 
 
 def discrete(**kw) -> MemoryRead:
     options = dict(temperature="relative", write="hard_ema", encoder_gradient="straight_through", read_mode="hard",
-                   tau=(1.0, 0.02))
-    return MemoryRead(K, D, **{**options, **kw})
+                   tau_start=1.0, tau_end=0.02)
+    return memory_read(K, D, **{**options, **kw})
 
 
 # ---------------------------------------------------------------- statistics without one-hot
@@ -89,7 +89,7 @@ def test_q_bar_is_the_moving_average_of_the_nearest_distance():
 
 
 def test_tau_schedule_is_geometric_over_its_updates_then_held():
-    read = discrete(tau=(1.0, 0.01), tau_anneal=100)
+    read = discrete(tau_start=1.0, tau_end=0.01, tau_anneal_updates=100)
     for updates, expected in ((0, 1.0), (50, 0.1), (100, 0.01), (700, 0.01)):
         read.updates.fill_(updates)
         assert float(read.tau()) == pytest.approx(expected)
@@ -98,7 +98,7 @@ def test_tau_schedule_is_geometric_over_its_updates_then_held():
 def test_tau_advances_in_a_plain_training_loop_with_nothing_to_call():
     """A library user's own loop: τ reaches its end after tau_anneal training forwards;
     evaluation forwards do not move it."""
-    read = discrete(tau=(1.0, 0.01), tau_anneal=20).train()
+    read = discrete(tau_start=1.0, tau_end=0.01, tau_anneal_updates=20).train()
     for _ in range(10):
         read(torch.randn(2, D, 4, 4))
     assert float(read.tau()) == pytest.approx(0.1)
@@ -114,7 +114,7 @@ def test_tau_advances_in_a_plain_training_loop_with_nothing_to_call():
 def test_as_tau_goes_to_zero_the_soft_read_is_the_hard_read():
     torch.manual_seed(2)
     z = torch.randn(3, D, 4, 4)
-    read = discrete(tau=(1.0, 1e-6), train_read="soft", write="hard_ema").train()
+    read = discrete(tau_start=1.0, tau_end=1e-6, train_read="soft", write="hard_ema").train()
     read.initialized.fill_(True)
     read.updates.fill_(read.tau_anneal)
     memory = read.memory.clone()
@@ -127,7 +127,7 @@ def test_hard_read_at_test_equals_the_last_training_reads():
     """Trained with τ ending near 0, the training read of a batch and the evaluation read of
     the same batch (with the slots as they were) give the decoder the same vectors."""
     torch.manual_seed(4)
-    read = discrete(tau=(1.0, 1e-6)).train()
+    read = discrete(tau_start=1.0, tau_end=1e-6).train()
     z = torch.randn(4, D, 4, 4)
     for step in range(10):
         read(torch.randn(4, D, 4, 4))
@@ -169,7 +169,7 @@ def test_rotation_trick_forwards_the_target_and_rotates_the_gradient():
 
 def test_straight_through_without_a_moving_average_write_is_refused():
     with pytest.raises(ValueError, match="moving-average write"):
-        MemoryRead(K, D, encoder_gradient="straight_through")
+        memory_read(K, D, encoder_gradient="straight_through")
 
 
 # ---------------------------------------------------------------- re-seeding
@@ -242,9 +242,9 @@ def test_fsq_gradient_reaches_z():
 VARIANTS = {  # every registered bottleneck at its defaults, and the variants that read or write differently
     **{kind: (lambda kind=kind: bottleneck_class(kind)(K, D)) for kind in REGISTRY if kind != "fsq"},
     "vq_ema_reseed": lambda: VectorQuantizerEMA(K, D, reseed_fraction=0.25),
-    "memory": lambda: MemoryRead(K, D),
-    "memory_fused": lambda: MemoryRead(K, D, impl="fused"),
-    "memory_cosine": lambda: MemoryRead(K, D, similarity="cosine"),
+    "memory": lambda: memory_read(K, D),
+    "memory_fused": lambda: memory_read(K, D, impl="fused"),
+    "memory_cosine": lambda: memory_read(K, D, similarity="cosine"),
     "memory_discrete": lambda: discrete(train_read="soft", reseed_fraction=0.25),
     "fsq": lambda: FSQ(64, D, levels=(4, 4, 4)),
 }
@@ -284,7 +284,7 @@ def test_memory_read_as_a_layer_in_a_sequence_model_learns():
     torch.manual_seed(7)
     x = torch.randn(16, 10, 12)
     target = torch.randn(16, 10, 12)
-    model = torch.nn.ModuleDict({"inp": torch.nn.Linear(12, D), "read": MemoryRead(K, D), "out": torch.nn.Linear(D, 12)})
+    model = torch.nn.ModuleDict({"inp": torch.nn.Linear(12, D), "read": memory_read(K, D), "out": torch.nn.Linear(D, 12)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
@@ -334,3 +334,46 @@ def test_fsq_config_rejects_levels_that_do_not_make_the_slots():
         load_config(CONFIGS / "fsq.toml", ["bottleneck.levels=8,8,4"])
 
 
+
+
+# ---------------------------------------------------------------- the options in parts
+def test_the_parts_build_the_read_the_config_builds():
+    """memory_discrete from its packaged config and from the parts a user writes: one read."""
+    from memvae.bottlenecks.memory import Addressing, MovingAverageWrite, RelativeTemperature
+
+    cfg = load_config(CONFIGS / "memory_discrete.toml", ["bottleneck.slots=32"])
+    torch.manual_seed(0)
+    from_config = MemoryRead.from_config(cfg.bottleneck, D)
+    torch.manual_seed(0)
+    by_hand = MemoryRead(K, D, Addressing("l2", RelativeTemperature(1.0, 0.02, anneal=2000)),
+                         MovingAverageWrite("hard", reseed_fraction=0.25, encoder_gradient="straight_through"),
+                         read_mode="hard")
+    z = torch.randn(4, D, 4, 4)
+    for module in (from_config, by_hand):
+        module.train()
+        torch.manual_seed(1)
+        module(z)
+    for (key, a), b in zip(from_config.state_dict().items(), by_hand.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert torch.equal(from_config.eval()(z).quantized, by_hand.eval()(z).quantized)
+
+
+@pytest.mark.parametrize("build, said", [
+    (lambda p: p.Addressing("dot"), "similarity must be one of"),
+    (lambda p: p.Addressing(temperature=0.5), "temperature must be a LearnedTemperature or a RelativeTemperature"),
+    (lambda p: p.LearnedTemperature(0.0), "beta_init must be > 0"),
+    (lambda p: p.RelativeTemperature(anneal=0), "tau_anneal must be a number of updates >= 1"),
+    (lambda p: p.MovingAverageWrite("medium"), "weights must be 'soft' or 'hard'"),
+    (lambda p: p.MovingAverageWrite(decay=1.0), r"decay must be in \(0, 1\)"),
+    (lambda p: p.MovingAverageWrite(encoder_gradient="detach"), "encoder_gradient must be one of"),
+    (lambda p: p.MemoryRead(K, D, write="hard_ema"), "write must be a GradientWrite or a MovingAverageWrite"),
+    (lambda p: p.MemoryRead(K, D, p.Addressing(top_k=K + 1)), "top_k must be between 0"),
+])
+def test_a_part_that_cannot_work_cannot_be_built(build, said):
+    """Each part checks its values when built; the encoder's gradient is an option of the
+    moving-average write only, so the gradient write cannot be given one."""
+    from memvae.bottlenecks import memory as parts
+
+    with pytest.raises(ValueError, match=said):
+        build(parts)
+    assert not hasattr(parts.GradientWrite(), "encoder_gradient")

@@ -13,6 +13,7 @@ from memvae.config import load_config
 from memvae.metrics import read_metrics
 from memvae.runs import load_run
 from memvae.train import train
+from tests.conftest import memory_read
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,8 @@ def brute_force_nearest(z: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- straight-through
 def test_straight_through_reads_the_argmax_slot_and_passes_the_soft_gradient():
     torch.manual_seed(0)
-    st = MemoryRead(16, 8, beta_init=2.0, train_read="straight_through").train()
-    soft = MemoryRead(16, 8, beta_init=2.0, train_read="soft").train()
+    st = memory_read(16, 8, beta_init=2.0, train_read="straight_through").train()
+    soft = memory_read(16, 8, beta_init=2.0, train_read="soft").train()
     soft.load_state_dict(st.state_dict())
     z = torch.randn(3, 8, 4, 5)
     upstream = torch.randn(3, 8, 4, 5)
@@ -60,7 +61,7 @@ def test_straight_through_reads_the_argmax_slot_and_passes_the_soft_gradient():
 
 def test_straight_through_is_the_hard_read_in_eval_mode_when_asked():
     torch.manual_seed(1)
-    read = MemoryRead(16, 8, train_read="straight_through", read_mode="hard").eval()
+    read = memory_read(16, 8, train_read="straight_through", read_mode="hard").eval()
     z = torch.randn(2, 8, 3, 3)
     with torch.no_grad():
         out = read(z)

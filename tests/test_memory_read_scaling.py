@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memvae.bottlenecks.memory import MemoryRead
+from tests.conftest import memory_read
 
 # N = 64·8·8 = 4096 queries against K = 1100 slots: N·K ≈ 4.5M > 2^22, so "auto" fuses.
 B, H, W, K, D = 64, 8, 8, 1100, 8
@@ -36,7 +37,7 @@ def make_inputs(seed: int = 0, b: int = B, k: int = K, d: int = D) -> tuple[torc
 
 
 def make_read(memory: torch.Tensor, impl: str, **kwargs) -> MemoryRead:
-    read = MemoryRead(memory.shape[0], memory.shape[1], impl=impl, **kwargs)
+    read = memory_read(memory.shape[0], memory.shape[1], impl=impl, **kwargs)
     with torch.no_grad():
         read.memory.copy_(memory)
         if read.write == "soft_ema":
@@ -73,16 +74,19 @@ def brute_force(z: torch.Tensor, memory: torch.Tensor, beta: float, similarity: 
 
 def assert_as_accurate(fused: torch.Tensor, dense: torch.Tensor, exact: torch.Tensor, what: str) -> None:
     """The fused result's error against the float64 answer is within float32 rounding:
-    at most 4× the dense float32 result's own error, or 1e-4 of the answer's scale.
+    at most 4× the dense float32 result's own error, or 2e-4 of the answer's scale.
 
     (The dense result is not the reference: for the gradient to log β, a sum of N·K
-    terms, its own relative error reaches 1e-3 where the fused one is ten times smaller.)
+    terms, its own relative error reaches 1e-3 where the fused one is ten times smaller,
+    or, on an AVX-512 Xeon whose attention kernel sums in another order, 10× larger: the
+    fused gradient to log β at l2, β = 4 was 1.15e-4 of its value there against 1.2e-5
+    for the dense one; float32 sums of N·K = 2·10⁶ terms round at about √(N·K)·6e-8 ≈ 1e-4.)
     """
     scale = float(exact.abs().max())
     fused_error = float((fused.detach().double() - exact).abs().max())
     dense_error = float((dense.detach().double() - exact).abs().max())
     assert dense_error <= 2e-3 * scale, f"{what}: the dense read itself is off ({dense_error:.3g} of {scale:.3g})"
-    assert fused_error <= max(4 * dense_error, 1e-4 * scale), (
+    assert fused_error <= max(4 * dense_error, 2e-4 * scale), (
         f"{what}: fused error {fused_error:.3g} against dense {dense_error:.3g} (scale {scale:.3g})"
     )
 

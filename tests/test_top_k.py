@@ -24,13 +24,13 @@ from memvae.metrics import MetricsLog
 from memvae.model import build_bottleneck
 from memvae.train import train
 from tests.cli_util import strip_times
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, memory_read
 
 K, D = 48, 8
 SETTINGS = {
     "l2_learned": dict(beta_init=0.5),
     "cosine_learned": dict(similarity="cosine", beta_init=4.0),
-    "l2_relative_soft_ema": dict(temperature="relative", write="soft_ema", tau=(1.0, 0.5)),
+    "l2_relative_soft_ema": dict(temperature="relative", write="soft_ema", tau_start=1.0, tau_end=0.5),
     "l2_chunked": dict(beta_init=0.5, impl="fused", fused_threshold=5 * K, chunk=7),
 }
 
@@ -39,8 +39,8 @@ def pair(name: str, k: int, **extra) -> tuple[MemoryRead, MemoryRead]:
     """(dense read, top-k read) of the same slots and β, in training mode."""
     options = {**SETTINGS[name], **extra}
     torch.manual_seed(1)
-    dense = MemoryRead(K, D, init="random", **{**options, "impl": "dense"})
-    top = MemoryRead(K, D, init="random", top_k=k, **options)
+    dense = memory_read(K, D, init="random", **{**options, "impl": "dense"})
+    top = memory_read(K, D, init="random", top_k=k, **options)
     top.load_state_dict(dense.state_dict())
     return dense.train(), top.train()
 
@@ -119,8 +119,8 @@ def test_small_k_reads_the_renormalised_top_weights_within_the_outside_mass(name
 def test_at_the_end_of_the_schedule_a_few_slots_hold_almost_all_the_mass():
     """The discrete memory's setting (relative temperature, τ = 0.02): with k = 8 the read
     matches the dense one to the outside mass, which is tiny."""
-    read = MemoryRead(K, D, temperature="relative", tau=(1.0, 0.02), tau_anneal=1, top_k=8, init="random").train()
-    dense = MemoryRead(K, D, temperature="relative", tau=(1.0, 0.02), tau_anneal=1, init="random").train()
+    read = memory_read(K, D, temperature="relative", tau_start=1.0, tau_end=0.02, tau_anneal_updates=1, top_k=8, init="random").train()
+    dense = memory_read(K, D, temperature="relative", tau_start=1.0, tau_end=0.02, tau_anneal_updates=1, init="random").train()
     dense.load_state_dict(read.state_dict())
     z, _ = inputs()
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_repeatable_at_two_threads():
 
 def test_top_k_is_refused_outside_zero_to_the_slots():
     with pytest.raises(ValueError, match="top_k"):
-        MemoryRead(K, D, top_k=K + 1)
+        memory_read(K, D, top_k=K + 1)
     with pytest.raises(MemvaeError, match="top_k"):
         C.load_config(CONFIGS / "memory_discrete.toml", ["bottleneck.slots=64", "bottleneck.top_k=65"])
     with pytest.raises(MemvaeError, match="top_k"):

@@ -3,11 +3,13 @@
 The public names, for use in your own models (everything else is internal)::
 
     from memvae import MemoryRead
-    read = MemoryRead(num_slots=512, dim=64, similarity="l2")
+    read = MemoryRead(num_slots=512, dim=64)   # the study's read: l2, learned β, gradient write
     out = read(z)            # z: B×D×H×W maps or B×N×D sequences
     out.quantized, out.loss, out.codes, out.weights, out.metrics
 
-Bottlenecks: :class:`VectorQuantizer`, :class:`VectorQuantizerEMA`, :class:`MemoryRead`,
+Bottlenecks: :class:`VectorQuantizer`, :class:`VectorQuantizerEMA`, :class:`MemoryRead`
+(its options in parts: :class:`Addressing` with a :class:`LearnedTemperature` or
+:class:`RelativeTemperature`, and a :class:`GradientWrite` or :class:`MovingAverageWrite`),
 :class:`FSQ`, :class:`ResidualVQ`, each returning a :class:`BottleneckOutput`. The image model:
 :class:`Autoencoder`, built from a :class:`Config` (:func:`load_config` reads one from a
 TOML file; ``memvae configs`` lists the packaged ones). The package is typed (PEP 561).
@@ -25,6 +27,11 @@ _PUBLIC = {
     "MemoryRead": "memvae.bottlenecks", "VectorQuantizer": "memvae.bottlenecks",
     "VectorQuantizerEMA": "memvae.bottlenecks", "FSQ": "memvae.bottlenecks", "ResidualVQ": "memvae.bottlenecks",
     "BottleneckOutput": "memvae.bottlenecks",
+    "Addressing": "memvae.bottlenecks.memory",
+    "LearnedTemperature": "memvae.bottlenecks.memory",
+    "RelativeTemperature": "memvae.bottlenecks.memory",
+    "GradientWrite": "memvae.bottlenecks.memory",
+    "MovingAverageWrite": "memvae.bottlenecks.memory",
     "Autoencoder": "memvae.model", "Config": "memvae.config", "load_config": "memvae.config",
 }
 __all__ = list(_PUBLIC)
@@ -42,5 +49,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from memvae.bottlenecks import FSQ, BottleneckOutput, MemoryRead, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
+    from memvae.bottlenecks.memory import Addressing, GradientWrite, LearnedTemperature, MovingAverageWrite, RelativeTemperature
     from memvae.config import Config, load_config
     from memvae.model import Autoencoder

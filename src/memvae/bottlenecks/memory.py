@@ -22,13 +22,101 @@ ENCODER_GRADIENTS = ("read", "straight_through", "rotation")
 IMPLS = ("auto", "dense", "fused")
 
 
-def check_combination(num_slots: int, write: str, encoder_gradient: str, reseed_fraction: float, top_k: int) -> None:
-    """The rules across options (for the constructor and the config alike): ValueError."""
-    if not 0 <= top_k <= num_slots:
-        raise ValueError(f"top_k must be between 0 (dense) and the {num_slots} slots, got {top_k}")
-    if write == "gradient" and (encoder_gradient != "read" or reseed_fraction > 0):
-        raise ValueError(f"encoder_gradient={encoder_gradient!r} and reseed_fraction need a moving-average write "
-                         "(write='soft_ema' or 'hard_ema'): with the gradient write the slots get no gradient")
+# The options of MemoryRead in three parts: how a query addresses the slots (similarity and
+# temperature, and how many slots it reads), how the slots are written, and, with a
+# moving-average write only, which gradient the encoder gets. Each part checks its values
+# when built, so a combination that cannot work cannot be built.
+def _need(ok: bool, text: str) -> None:
+    if not ok:
+        raise ValueError(text)
+
+
+@dataclass(frozen=True)
+class LearnedTemperature:
+    """β = exp(log β), learned from ``beta_init`` (the study's model)."""
+
+    beta_init: float = 1.0
+
+    def __post_init__(self):
+        _need(self.beta_init > 0, f"beta_init must be > 0, got {self.beta_init}")
+
+
+@dataclass(frozen=True)
+class RelativeTemperature:
+    """β = 1/(τ·q̄): q̄ the moving average (γ = ``decay``) of the squared distance to the
+    nearest slot, τ annealed geometrically from ``start`` to ``end`` over ``anneal``
+    training updates, then held."""
+
+    start: float = 1.0
+    end: float = 0.1
+    anneal: int = 2000
+    decay: float = 0.99
+
+    def __post_init__(self):
+        _need(self.start > 0 and self.end > 0, f"tau must be > 0, got ({self.start}, {self.end})")
+        _need(self.anneal >= 1, f"tau_anneal must be a number of updates >= 1, got {self.anneal}")
+        _need(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass(frozen=True)
+class Addressing:
+    """How each query addresses the K slots: ``similarity`` "l2" or "cosine", the
+    ``temperature`` that sharpens it, and ``top_k`` (k > 0: only each query's k largest
+    logits are read; 0: all K)."""
+
+    similarity: str = "l2"
+    temperature: LearnedTemperature | RelativeTemperature = LearnedTemperature()
+    top_k: int = 0
+
+    def __post_init__(self):
+        _need(self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        _need(isinstance(self.temperature, (LearnedTemperature, RelativeTemperature)),
+              f"temperature must be a LearnedTemperature or a RelativeTemperature, got {self.temperature!r}")
+        _need(self.top_k >= 0, f"top_k must be >= 0 (0: the dense read), got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class GradientWrite:
+    """M is a parameter trained through the read (the study's model); the encoder gets the
+    read's own gradient."""
+
+
+@dataclass(frozen=True)
+class MovingAverageWrite:
+    """M is a buffer moved toward the encoder vectors that read each slot: ``weights``
+    "soft" (by their read weights) or "hard" (one-hot on the slot read most: vq_ema's
+    write); γ = ``decay``; the loss gains ``commitment``·‖z − sg(r)‖²; slots whose count
+    falls below ``reseed_fraction`` of the mean count N/K are re-seeded (0: never). As M
+    gets no gradient, the encoder's may be the read's ("read"), z + sg(r − z)
+    ("straight_through") or the rotation trick ("rotation")."""
+
+    weights: str = "hard"
+    decay: float = 0.99
+    commitment: float = 0.25
+    reseed_fraction: float = 0.0
+    encoder_gradient: str = "read"
+
+    def __post_init__(self):
+        _need(self.weights in ("soft", "hard"), f"weights must be 'soft' or 'hard', got {self.weights!r}")
+        _need(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
+        _need(self.commitment >= 0, f"commitment must be >= 0, got {self.commitment}")
+        _need(self.reseed_fraction >= 0, f"reseed_fraction must be >= 0, got {self.reseed_fraction}")
+        _need(self.encoder_gradient in ENCODER_GRADIENTS,
+              f"encoder_gradient must be one of {ENCODER_GRADIENTS}, got {self.encoder_gradient!r}")
+
+
+def memory_parts(b: "MemoryOptions") -> tuple[Addressing, GradientWrite | MovingAverageWrite]:
+    """A config's flat memory keys -> (addressing, write); ValueError for values or a
+    combination that cannot work (encoder_gradient or reseed_fraction with the gradient write)."""
+    if b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
+        raise ValueError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need a "
+                         "moving-average write (bottleneck.write = 'soft_ema' or 'hard_ema'): with the gradient write "
+                         "the slots get no gradient")
+    temperature = (RelativeTemperature(b.tau_start, b.tau_end, b.tau_anneal_updates, b.decay) if b.temperature == "relative"
+                   else LearnedTemperature(b.beta_init))
+    write = GradientWrite() if b.write == "gradient" else MovingAverageWrite(
+        b.write.removesuffix("_ema"), b.decay, b.commitment, b.reseed_fraction, b.encoder_gradient)
+    return Addressing(b.similarity, temperature, b.top_k), write
 
 
 @dataclass
@@ -59,7 +147,8 @@ class MemoryOptions(SlotOptions):
 
     def check(self) -> None:
         super().check()
-        check_combination(self.slots, self.write, self.encoder_gradient, self.reseed_fraction, self.top_k)
+        memory_parts(self)
+        _need(self.top_k <= self.slots, f"top_k must be between 0 (dense) and the {self.slots} slots, got {self.top_k}")
 
 
 class MemoryRead(Bottleneck):
@@ -129,28 +218,23 @@ class MemoryRead(Bottleneck):
 
     Args:
         num_slots: K.  dim: D.
-        similarity: "l2" or "cosine".
-        beta_init: initial β.
-        read_mode: read in eval mode ("soft" or "hard"); may be changed after training.
-        train_read: read in training mode (see above).
-        tau: (start, end) of the relative temperature's annealed τ.
-        tau_anneal: training updates (forward passes in training mode) over which τ goes
-            from start to end.
-        write: "gradient", "soft_ema" or "hard_ema".  decay: γ of the moving averages
-            (slots and q̄).
-        commitment: weight of the commitment term of the moving-average writes.
-        temperature: "learned" or "relative".
-        encoder_gradient: "read", "straight_through" or "rotation".
-        reseed_fraction: a slot is dead when its moving-average count is below this
-            fraction of N/K, the mean count of a batch of N positions (0 = off).
+        addressing: :class:`Addressing`: the similarity, the temperature
+            (:class:`LearnedTemperature` β, or :class:`RelativeTemperature` 1/(τ·q̄) with τ's
+            schedule) and ``top_k``.
+        write: :class:`GradientWrite` (M a parameter) or :class:`MovingAverageWrite` (M a
+            buffer; its decay, commitment, re-seeding and the encoder's gradient).
+        train_read: the read in training mode ("soft" or "straight_through").
+        read_mode: the read in eval mode ("soft" or "hard"); may be changed after training.
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
-        chunk: queries per chunk when statistics are computed without the full matrix
-            (fewer when chunk·K would exceed ``fused_threshold``).
-        top_k: read each query's k largest logits only (see above); 0 = all K (dense).
         init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
             the gradient write, "data" for the moving-average writes, whose N(0, 1) slots collapse
             onto the few of smallest norm (measured: 3 slots in use after 300 updates).
+        chunk: queries per chunk when statistics are computed without the full matrix
+            (fewer when chunk·K would exceed ``fused_threshold``).
+
+    The config's flat keys (``bottleneck.similarity``, ``write``, ``tau_start``, ...: the
+    :class:`MemoryOptions`) become these parts in :func:`memory_parts`.
     """
 
     Options = MemoryOptions
@@ -159,67 +243,53 @@ class MemoryRead(Bottleneck):
         self,
         num_slots: int,
         dim: int,
-        similarity: str = "l2",
-        beta_init: float = 1.0,
-        read_mode: str = "soft",
+        addressing: Addressing = Addressing(),
+        write: GradientWrite | MovingAverageWrite = GradientWrite(),
         train_read: str = "soft",
-        tau: tuple[float, float] = (1.0, 0.1),
-        write: str = "gradient",
-        decay: float = 0.99,
-        commitment: float = 0.25,
+        read_mode: str = "soft",
         impl: str = "auto",
+        init: str | None = None,
         fused_threshold: int = 1 << 22,
         chunk: int = 4096,
-        init: str | None = None,
-        temperature: str = "learned",
-        encoder_gradient: str = "read",
-        reseed_fraction: float = 0.0,
-        tau_anneal: int = 2000,
-        top_k: int = 0,
     ):
         super().__init__()
-        for name, value, allowed in (
-            ("similarity", similarity, SIMILARITIES),
-            ("read_mode", read_mode, READ_MODES),
-            ("train_read", train_read, TRAIN_READS),
-            ("write", write, WRITES),
-            ("impl", impl, IMPLS),
-            ("temperature", temperature, TEMPERATURES),
-            ("encoder_gradient", encoder_gradient, ENCODER_GRADIENTS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if beta_init <= 0:
-            raise ValueError(f"beta_init must be > 0, got {beta_init}")
-        if min(tau) <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if not tau_anneal >= 1:
-            raise ValueError(f"tau_anneal must be a number of updates >= 1, got {tau_anneal}")
-        if reseed_fraction < 0:
-            raise ValueError(f"reseed_fraction must be >= 0, got {reseed_fraction}")
-        check_combination(num_slots, write, encoder_gradient, reseed_fraction, top_k)
+        for name, value, allowed in (("read_mode", read_mode, READ_MODES), ("train_read", train_read, TRAIN_READS),
+                                     ("impl", impl, IMPLS)):
+            _need(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
+        _need(isinstance(addressing, Addressing), f"addressing must be an Addressing, got {addressing!r}")
+        _need(isinstance(write, (GradientWrite, MovingAverageWrite)),
+              f"write must be a GradientWrite or a MovingAverageWrite, got {write!r}")
+        _need(addressing.top_k <= num_slots, f"top_k must be between 0 (dense) and the {num_slots} slots, got {addressing.top_k}")
         self.num_slots, self.dim = num_slots, dim
-        self.similarity, self.read_mode, self.train_read = similarity, read_mode, train_read
-        self.tau_range = tuple(tau)
-        self.tau_anneal = tau_anneal
-        self.temperature, self.encoder_gradient, self.reseed_fraction = temperature, encoder_gradient, reseed_fraction
-        self.write, self.decay, self.commitment = write, decay, commitment
+        self.addressing, self.write_rule = addressing, write
+        self.read_mode, self.train_read = read_mode, train_read
         self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
-        self.top_k = top_k
+        # The parts as the read uses them (flat, so that forward reads one attribute each).
+        t, ema = addressing.temperature, isinstance(write, MovingAverageWrite)
+        relative = isinstance(t, RelativeTemperature)
+        self.similarity, self.top_k = addressing.similarity, addressing.top_k
+        self.temperature = "relative" if relative else "learned"
+        self.tau_range, self.tau_anneal = ((t.start, t.end), t.anneal) if relative else ((1.0, 0.1), 1)
+        self.distortion_decay = t.decay if relative else 0.99
+        self.write = f"{write.weights}_ema" if ema else "gradient"
+        self.decay, self.commitment = (write.decay, write.commitment) if ema else (0.99, 0.0)
+        self.reseed_fraction = write.reseed_fraction if ema else 0.0
+        self.encoder_gradient = write.encoder_gradient if ema else "read"
+        beta_init = 1.0 if relative else t.beta_init
         memory = torch.randn(num_slots, dim)
-        if write == "gradient":
+        if not ema:
             self.memory = nn.Parameter(memory)
         else:
             self.register_buffer("memory", memory)
             self.register_buffer("cluster_size", torch.zeros(num_slots))
             self.register_buffer("embed_sum", memory.clone())
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
-        if temperature == "relative":
+        if relative:
             # q̄; 0 until the first training batch sets it.
             self.register_buffer("distortion", torch.zeros(()))
         # Training forward passes so far: the τ schedule's clock, on the device (no host read).
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
-        self._setup_init(init or ("random" if write == "gradient" else "data"))
+        self._setup_init(init or ("data" if ema else "random"))
 
     reads = ("soft", "hard")
     logged_metrics = ("beta", "entropy_bits", "max_weight", "outside_mass")  # outside_mass: top-k only
@@ -228,10 +298,8 @@ class MemoryRead(Bottleneck):
 
     @classmethod
     def from_config(cls, b, dim: int) -> "MemoryRead":
-        return cls(b.slots, dim, similarity=b.similarity, beta_init=b.beta_init, read_mode=b.read_mode,
-                   train_read=b.train_read, tau=(b.tau_start, b.tau_end), tau_anneal=b.tau_anneal_updates,
-                   write=b.write, decay=b.decay, commitment=b.commitment, impl=b.impl, temperature=b.temperature,
-                   encoder_gradient=b.encoder_gradient, reseed_fraction=b.reseed_fraction, top_k=b.top_k,
+        addressing, write = memory_parts(b)
+        return cls(b.slots, dim, addressing, write, train_read=b.train_read, read_mode=b.read_mode, impl=b.impl,
                    **cls._init_option(b))
 
     def evaluation_constants(self) -> dict[str, float]:
@@ -301,7 +369,7 @@ class MemoryRead(Bottleneck):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(batch)
             batch = batch / torch.distributed.get_world_size()
-        moved = self.decay * self.distortion + (1 - self.decay) * batch
+        moved = self.distortion_decay * self.distortion + (1 - self.distortion_decay) * batch
         self.distortion.copy_(torch.where(self.distortion > 0, moved, batch))
 
     def logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
