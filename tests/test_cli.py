@@ -64,7 +64,8 @@ def test_configs_lists_each_packaged_config_on_one_line_and_prints_one_by_name()
         assert len(description) > 10 and opening.startswith(description), path.name
     shown = memvae("configs", "vq_ema").stdout  # the file's opening comment, then every key resolved
     assert shown.startswith((CONFIGS / "vq_ema.toml").read_text().split("\nname")[0])
-    assert 'kind = "vq_ema"' in shown and "tau_anneal_updates = " in shown
+    assert 'kind = "vq_ema"' in shown and "reseed_fraction = " in shown  # every key of its kind, defaults included
+    assert "tau_anneal_updates" not in shown  # and no other kind's
 
 
 def test_train_by_config_name_from_another_folder(tmp_path, data_dir):

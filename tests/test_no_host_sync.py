@@ -45,7 +45,7 @@ FORBIDDEN = {"bincount", "nonzero", "unique", "_unique", "_unique2", "unique_dim
              "unique_dim_consecutive", "masked_select", "_local_scalar_dense"}
 INDEXING = ("index", "gather", "scatter", "take", "embedding", "put")
 MASKABLE = {"index", "index_put", "index_put_", "_index_put_impl_"}  # take a list of index tensors, which may be masks
-SMOKE = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "bottleneck.slots=64",
+SMOKE = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16",
          "data.eval_images=32", "train.steps=12", "train.log_every=4", "train.eval_every=12",
          "train.checkpoint_every=12", "train.batch_size=8", f"train.device={DEVICE}", "train.threads=1"]
 EXTRA = {"fsq": ["bottleneck.levels=4,4,4"]}
@@ -56,7 +56,9 @@ VARIANTS["memory_l2_top_k"] = [*SMOKE, "bottleneck.top_k=8"]
 
 
 def config(name: str) -> C.Config:
-    return C.load_config(CONFIGS / f"{name.removesuffix('_top_k')}.toml", VARIANTS[name])
+    path = CONFIGS / f"{name.removesuffix('_top_k')}.toml"
+    small = ["bottleneck.slots=64"] if "slots" in C.to_dict(C.load_config(path))["bottleneck"] else []  # none has no slots
+    return C.load_config(path, [*small, *VARIANTS[name]])
 
 
 def from_adam_step_count(stack: list[traceback.FrameSummary]) -> bool:

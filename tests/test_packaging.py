@@ -83,6 +83,7 @@ def test_public_api_is_stated_typed_and_documented_with_shapes():
     assert sorted(memvae.__all__) == sorted([
         "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "FSQ", "ResidualVQ", "BottleneckOutput", "Autoencoder",
         "Config", "load_config",
+        "Addressing", "LearnedTemperature", "RelativeTemperature", "GradientWrite", "MovingAverageWrite",  # MemoryRead's parts
     ])
     assert (resources.files("memvae") / "py.typed").is_file()
     for name in memvae.__all__:

@@ -16,21 +16,35 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from memvae import config as C
+from memvae.bottlenecks import REGISTRY
 from memvae.data import _read_cifar_batch, load_image_folder
 from memvae.errors import MemvaeError
 
 SETTINGS = settings(deadline=None, max_examples=100, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-KEYS = C.all_keys()
+def _config_of(kind: str) -> C.Config:
+    """The default config with the bottleneck ``kind`` (its own keys at their defaults)."""
+    cfg = C.Config()
+    cfg.bottleneck = C.bottleneck_options(kind)
+    return cfg
+
+
+KINDS = sorted(REGISTRY)
+KEYS = sorted({k for kind in KINDS for k in C.all_keys(_config_of(kind))})  # every kind's keys
 BARE = sorted({k.split(".")[-1] for k in KEYS})
+# Choices of every key, the bottleneck's from each kind's options.
+CHOICES = {**C.CHOICES, "bottleneck.kind": tuple(KINDS),
+           **{f"bottleneck.{k}": v for kind in KINDS for k, v in REGISTRY[kind].Options.CHOICES.items()}}
 
 
-def _field(key: str):
+def _field(key: str, kind: str | None = None):
     if key == "name":
         return "str"
     section, name = key.split(".")
-    kind = {f.name: f.type for f in dataclasses.fields(getattr(C.Config(), section))}[name]
-    return kind if isinstance(kind, str) else kind.__name__
+    configs = [_config_of(kind)] if kind else [_config_of(k) for k in KINDS]
+    types = {f.name: f.type for cfg in configs for f in dataclasses.fields(getattr(cfg, section))}
+    found = types[name]
+    return found if isinstance(found, str) else found.__name__
 
 
 # ------------------------------------------------------------------ config
@@ -45,7 +59,7 @@ text_values = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["nan", "inf", "-inf", "1e400", "1_000", "0x10", "true", "false", "yes", "0", "", " ", "١٢"]),
-    st.sampled_from(sum(C.CHOICES.values(), ())),
+    st.sampled_from(sum(CHOICES.values(), ())),
 )
 
 
@@ -67,7 +81,7 @@ def _edge_text(key: str):
     elif kind == "bool":
         edge = st.sampled_from(["true", "False", "YES", "1", "0", "on", "2"])
     else:
-        edge = st.one_of(st.text(max_size=20), st.sampled_from(C.CHOICES.get(key, ("",))))
+        edge = st.one_of(st.text(max_size=20), st.sampled_from(CHOICES.get(key, ("",))))
     return st.one_of(edge, text_values)
 
 
@@ -118,7 +132,7 @@ def _edge_value(key: str):
         return st.one_of(st.integers(-(2**70), 2**70), st.integers(-(2**2000), 2**2000), st.booleans(), st.floats())
     if kind == "bool":
         return st.one_of(st.booleans(), st.integers(0, 1))
-    return st.one_of(st.text(max_size=20), st.sampled_from(C.CHOICES.get(key, ("",))))
+    return st.one_of(st.text(max_size=20), st.sampled_from(CHOICES.get(key, ("",))))
 
 
 @st.composite
@@ -150,31 +164,43 @@ def test_any_parsed_file_gives_a_valid_config_or_memvae_error(raw):
     assert _round_trip(cfg) == cfg
 
 
-def _valid_value(key: str):
-    """A strategy for values the key accepts."""
-    if key == "bottleneck.kind":  # fsq ties slots to levels: its own tests cover that rule
-        return st.sampled_from([k for k in C.CHOICES[key] if k != "fsq"])
-    if key in C.CHOICES:
-        return st.sampled_from(C.CHOICES[key])
-    kind = _field(key)
+def _valid_value(key: str, kind: str):
+    """A strategy for values the key accepts in a config of bottleneck ``kind``."""
+    options = REGISTRY[kind].Options
+    name = key.removeprefix("bottleneck.")
+    choices = options.CHOICES if key.startswith("bottleneck.") else C.CHOICES
+    positive = name in options.POSITIVE if key.startswith("bottleneck.") else key in C.POSITIVE
+    if (name if key.startswith("bottleneck.") else key) in choices:
+        return st.sampled_from(choices[name if key.startswith("bottleneck.") else key])
+    field_type = _field(key, kind)
     if key == "name":
         return st.text(min_size=1, max_size=30).filter(lambda s: "/" not in s and "\\" not in s)
-    if key == "bottleneck.decay":
+    if key.startswith("bottleneck.") and name in options.OPEN_UNIT:
         return st.floats(min_value=1e-6, max_value=1 - 1e-6)
-    if kind == "int":
-        low = 1 if key in C.POSITIVE else 0
-        return st.integers(low, 2**62)
-    if kind == "float":
-        return st.floats(min_value=1e-300 if key in C.POSITIVE else 0.0, max_value=1e300, allow_nan=False)
-    if kind == "bool":
+    if key == "bottleneck.top_k":  # at most the slots: its own tests cover that rule
+        return st.integers(0, 64)
+    if field_type == "int":
+        return st.integers(1 if positive else 0, 2**62)
+    if field_type == "float":
+        return st.floats(min_value=1e-300 if positive else 0.0, max_value=1e300, allow_nan=False)
+    if field_type == "bool":
         return st.booleans()
     return st.text(max_size=30)
 
 
 @st.composite
 def valid_configs(draw):
-    chosen = draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=len(KEYS)))
-    return {key: draw(_valid_value(key)) for key in chosen}
+    """The keys of one kind (fsq ties slots to levels: its own tests cover that rule), with
+    values each accepts; the kind itself among them when it is not the default's."""
+    kind = draw(st.sampled_from([k for k in KINDS if k != "fsq"]))
+    keys = [k for k in C.all_keys(_config_of(kind)) if k != "bottleneck.kind"]
+    chosen = draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))
+    values = {key: draw(_valid_value(key, kind)) for key in chosen}
+    if kind != "vq" or draw(st.booleans()):
+        values = {"bottleneck.kind": kind, **values}
+    if "bottleneck.slots" in values and "bottleneck.top_k" in values:
+        values["bottleneck.top_k"] = min(values["bottleneck.top_k"], values["bottleneck.slots"])
+    return values
 
 
 @SETTINGS
