@@ -177,7 +177,9 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
             "model_step": int(state["step"]),
         }, step)
 
-    nll_sum, updates, seconds = 0.0, 0, 0.0
+    # The interval's NLL is summed on the device in float64 (as Python floats would sum it)
+    # and read at log records only: no update waits for the device.
+    nll_sum, updates, seconds = torch.zeros((), dtype=torch.float64, device=device), 0, 0.0
     for step in range(1, options.steps + 1):
         prior.train()
         started = time.perf_counter()
@@ -187,14 +189,15 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
         loss.backward()
         optimizer.step()
         seconds += time.perf_counter() - started
-        nll_sum += float(loss.detach())
+        nll_sum += loss.detach().double()
         updates += 1
         if step % options.log_every == 0 or step == options.steps:
-            record = {"kind": "train", "step": step, "train_bits_per_index": bits(nll_sum / updates), "train_seconds": seconds}
+            record = {"kind": "train", "step": step, "train_bits_per_index": bits(float(nll_sum) / updates),
+                      "train_seconds": seconds}
             log.append(record)
             if progress:
                 progress(record)
-            nll_sum, updates = 0.0, 0
+            nll_sum, updates = nll_sum.zero_(), 0
         if (options.eval_every and step % options.eval_every == 0) or step == options.steps:
             record = {"kind": "eval", "step": step, "eval_bits_per_index": nll_bits(prior, eval_codes, device=device)}
             log.append(record)
