@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -310,6 +310,12 @@ def cifar_batches(draw):
 
 @settings(SETTINGS, max_examples=200)
 @given(cifar_batches())
+# Found by this test on CI: one changed byte made a pickle frame 2⁶³ bytes long (OverflowError).
+@example(data=b'\x80\x04\x95\xa2\x00\x00\x00\x00\x00\x00\x80}\x94(\x8c\x04data\x94\x8c\x16numpy._core.multiarray\x94'
+              b'\x8c\x0c_reconstruct\x94\x93\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94\x87'
+              b'\x94R\x94(K\x01K\x00M\x00\x0c\x86\x94h\x05\x8c\x05dtype\x94\x93\x94\x8c\x02u1\x94\x89\x88\x87\x94R\x94'
+              b'(K\x03\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b\x89C\x00\x94t\x94b\x8c\x06labels'
+              b'\x94]\x94u.')
 def test_damaged_cifar_batch_loads_or_raises_memvae_error(data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data_batch_1"

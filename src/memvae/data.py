@@ -105,7 +105,8 @@ def safe_unpickle(path: Path) -> object:
             return RestrictedUnpickler(f, encoding="latin1").load()
     except ForbiddenGlobal as exc:
         raise MemvaeError(f"refusing to load {path}: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError,
+            OverflowError) as exc:  # OverflowError: a damaged frame length beyond any size
         # Only a missing folder triggers a download (a missing file is an error): say so.
         detail = " ".join(str(exc).split())  # some pickle messages span two lines
         raise MemvaeError(
