@@ -75,6 +75,8 @@ def test_a_sweep_continues_beside_its_collected_small_files(tmp_path, data_dir, 
     assert not list(kept.glob("runs/*/checkpoints"))
     again = compare(kept, seeds=1, report_only=True, **run)
     assert again["models"] == trained["models"]
+    # No model here to draw: the grid collected with the runs stays as it was.
+    assert (kept / "reconstructions.png").read_bytes() == (tmp_path / "trained" / "reconstructions.png").read_bytes()
     capsys.readouterr()
     both = compare(kept, seeds=1, first_seed=1, **run)  # seed 1 trains here, seed 0 stays as it was
     assert {m: len(r["seeds"]) for m, r in both["models"].items()} == {"fsq-k64": 1, "none": 1}

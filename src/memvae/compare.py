@@ -470,7 +470,8 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
     seeds = max(map(len, by_model.values()))  # report_only may find fewer for some models
     title = f"CIFAR-10, {steps} updates, {seeds} seed{'s' if seeds > 1 else ''}"
     convergence_figure(curves, out / "convergence.png", title=title)
-    reconstruction_grid(grid, out / "reconstructions.png", title=f"test images 0..{images_shown - 1}, {steps} updates")
+    if len(grid) > 1:  # collected runs (no model here) leave a grid drawn earlier in place
+        reconstruction_grid(grid, out / "reconstructions.png", title=f"test images 0..{images_shown - 1}, {steps} updates")
     results = {
         "steps": steps,
         "seeds": seeds,
