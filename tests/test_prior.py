@@ -279,3 +279,66 @@ def test_the_prior_table_script_ends_on_one_line(run_dir, tmp_path, case):
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert ("holds no checkpoint" if case == "no run" else "has no eval.json") in result.stderr
+
+
+# ---------------------------------------------------------------- the prior on the engine's loop
+def records_without_time(folder: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in MetricsLog(folder / "metrics.jsonl").read()]
+
+
+def test_a_stopped_prior_resumes_exactly(run_dir, fitted, tmp_path, data_dir):
+    """Stopped at update 75 (between checkpoints 50 and 100) and resumed: the same log,
+    weights and test NLL as the unbroken fit of the fixture."""
+    folder = tmp_path / "prior"
+    assert train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder, stop_after=75) == {"stopped_at": 75}
+    assert not (folder / "eval.json").exists()
+    resumed = train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder, resume=True)
+    assert resumed["bits_per_index"] == fitted["bits_per_index"]
+    assert records_without_time(folder) == records_without_time(run_dir / "prior")
+    ours, theirs = load_prior(run_dir, prior=folder)[0].state_dict(), load_prior(run_dir)[0].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_prior_resumes_only_with_its_own_options(run_dir, fitted, tmp_path, data_dir):
+    folder = tmp_path / "prior"
+    shutil.copytree(run_dir / "prior", folder)
+    other = PriorOptions(**{**OPTIONS.__dict__, "lr": 1e-3, "width": 16})
+    with pytest.raises(MemvaeError, match=r"fitted with other options \(lr 0.002 -> 0.001, width 32 -> 16\)"):
+        train_prior(run_dir, other, data_dir=data_dir, out=folder, resume=True)
+    with pytest.raises(MemvaeError, match="--resume to continue it"):
+        train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder)
+
+
+class NaNAt:
+    """Patches GatedPixelCNN.nll so that its ``at``-th call (from 1) returns NaN."""
+
+    def __init__(self, monkeypatch, at: int):
+        real, calls = GatedPixelCNN.nll, [0]
+
+        def nll(prior, codes):
+            calls[0] += 1
+            loss = real(prior, codes)
+            return loss * float("nan") if calls[0] == at else loss
+
+        monkeypatch.setattr(GatedPixelCNN, "nll", nll)
+
+
+def test_a_nonfinite_prior_loss_stops_keeping_the_last_checkpoint(run_dir, fitted, tmp_path, data_dir, monkeypatch):
+    folder = tmp_path / "prior"
+    NaNAt(monkeypatch, at=60)
+    with pytest.raises(MemvaeError, match=r"^the prior's loss is nan at update 60; stopped \(its last checkpoint in .* is kept\)"):
+        train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder)
+    saved = load_prior(run_dir, prior=folder)[1]
+    assert saved["step"] == 50 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_a_skipped_nonfinite_prior_update_is_undone_and_counted(run_dir, fitted, tmp_path, data_dir, monkeypatch):
+    """In skip mode the NaN update is undone on the device and counted; the fit goes on finite."""
+    import dataclasses
+
+    folder = tmp_path / "prior"
+    NaNAt(monkeypatch, at=30)
+    result = train_prior(run_dir, dataclasses.replace(OPTIONS, on_nonfinite="skip"), data_dir=data_dir, out=folder)
+    assert result["skipped_updates"] == 1 and math.isfinite(result["bits_per_index"])
+    skipped = {r["step"]: r["skipped"] for r in MetricsLog(folder / "metrics.jsonl").read() if r["kind"] == "train"}
+    assert skipped == {25: 0, 50: 1, 75: 0, 100: 0, 125: 0, 150: 0}

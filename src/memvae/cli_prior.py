@@ -49,6 +49,7 @@ def cmd_prior(args, extra: list[str]) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, width=args.width,
         layers=args.layers, kernel=args.kernel, log_every=args.log_every, eval_every=args.eval_every,
         train_images=args.train_images, test_images=args.test_images, device=args.device, threads=args.threads,
+        on_nonfinite=args.on_nonfinite,
     )
 
     from memvae.metrics import duration_text, rate_since
@@ -67,7 +68,7 @@ def cmd_prior(args, extra: list[str]) -> None:
             print(f"update {record['step']}: test subset {record['eval_bits_per_index']:.4f} bits/index", flush=True)
 
     result = train_prior(args.run_dir, options, data_dir=args.data_dir, overwrite=args.overwrite,
-                         progress=None if args.quiet else show, out=args.out)
+                         progress=None if args.quiet else show, out=args.out, resume=args.resume)
     h, w = result["map_shape"]
     print(
         f"test NLL over {result['test_maps']} maps: {result['bits_per_index']:.4f} bits per index, "
@@ -120,6 +121,11 @@ def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
     p.add_argument("--out", help="the prior's folder (default RUN_DIR/prior/): a second prior beside the first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the prior in RUN_DIR/prior/ (or --out) from its newest checkpoint, exactly; "
+                        "--steps may grow, the options that shape the fit must be its own")
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite,
+                   help=f"a NaN/Inf loss stops the fit (its last checkpoint kept) or skips the update (default {d.on_nonfinite})")
     p.add_argument("--quiet", action="store_true", help="print only the final result")
     p.set_defaults(func=cmd_prior)
 

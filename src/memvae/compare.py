@@ -28,7 +28,7 @@ from memvae import config as C, presets
 from memvae.checkpoint import latest_checkpoint
 from memvae.data import ImageData, load_array_images, load_data
 from memvae.errors import MemvaeError, os_error
-from memvae.evaluate import evaluate_model, reads_of, reconstructions
+from memvae.evaluate import evaluate_model, is_gap, reads_of, reconstructions
 from memvae.model import Autoencoder
 from memvae.metrics import progress_line, rate_since, read_metrics
 from memvae.plots import convergence_figure, rate_distortion_figure, reconstruction_grid
@@ -510,7 +510,7 @@ def results_table(results: dict) -> str:
     # The bottlenecks' own numbers (entropy, β, ...) follow the common ones, as they appear.
     common = {"images", "mse", "nmse", "psnr", "perplexity", "slots_used"}
     extra = list({key: None for m in results["models"].values() for read, metrics in m["summary"]["test"].items()
-                  if read != "hard_gap" for key in metrics if key not in common})
+                  if not is_gap(read) for key in metrics if key not in common})
     header = ["model", "seeds", "read", "test NMSE", "PSNR dB", "perplexity", "slots used"] + [k.replace("_", " ") for k in extra]
     header += [f"updates to {x}" for x in levels] + ["s / update"]
     has_lossless = any("lossless" in m["summary"] for m in results["models"].values())
@@ -520,7 +520,7 @@ def results_table(results: dict) -> str:
     for name, model in results["models"].items():
         summary = model["summary"]
         for read, metrics in summary["test"].items():
-            if read == "hard_gap":
+            if is_gap(read):
                 continue
             first_read = read == next(iter(summary["test"]))
             row = [name, str(len(model["seeds"])) if first_read else "", read, _fmt(metrics.get("nmse")), _fmt(metrics.get("psnr")), _fmt(metrics.get("perplexity"), 3),

@@ -3,11 +3,14 @@
     Distributed      rank, world size and the few collectives the loop needs (torchrun)
     repeatable       the settings under which a run gives the same numbers every time
     choose_threads   the CPU thread count, kept from the checkpoint on resume
+    NonfiniteGuard   a non-finite loss undone on the device, read only at log points
     Trainer          model, Adam, batch order and update count; one update; evaluation;
                      checkpoint state; the mark a non-finite update is undone back to
     IntervalMeter    the training measures summed on the device between log records
     StopRequest      SIGINT/SIGTERM turned into a flag the loop reads
     RunLog           what rank 0 writes as it goes: metrics.jsonl, TensorBoard, the bar
+    run_updates      the loop itself: update, and at due updates log, evaluate, save, stop;
+                     the autoencoder's (:mod:`memvae.train`) and the prior's (:mod:`memvae.prior`)
 
 No update reads a value back from the device. The non-finite check, the interval's sums
 and the update's own measures stay on the device; the loop reads them only when it logs,
@@ -53,6 +56,13 @@ class Distributed:
     Every rank walks the same permutation and takes its share ``batch[rank::world]`` of
     each global batch; only rank 0 writes the run directory. ``device`` is this rank's.
     """
+
+    @classmethod
+    def single(cls, device: torch.device) -> "Distributed":
+        """This process alone on ``device``, whatever torchrun set (e.g. the prior's fit)."""
+        self = cls.__new__(cls)
+        self.rank, self.world, self.device = 0, 1, device
+        return self
 
     def __init__(self, device_name: str = "auto"):
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -239,12 +249,12 @@ class NonfiniteGuard:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Distributed, stop: bool):
         self.model, self.optimizer, self.ranks, self.stop = model, optimizer, ranks, stop
         self.clean = torch.ones((), dtype=torch.bool, device=ranks.device)  # no bad update yet (stop mode)
-        self.pending: list[tuple] = []  # (update, ok, loss, recon_mse, bottleneck loss, batch indices) since the last read
+        self.pending: list[tuple] = []  # (update, ok, {name: measure}, batch indices) since the last read
         self._saved: list[torch.Tensor] = []  # weights and Adam's state before the current step
 
-    def ok(self, out: AutoencoderOutput) -> torch.Tensor:
-        """Device bool: apply this update (finite loss on every rank; in stop mode, and no bad one before)."""
-        ok = torch.isfinite(out.loss.detach())
+    def ok(self, loss: torch.Tensor) -> torch.Tensor:
+        """Device bool: apply this update (``loss`` finite on every rank; in stop mode, and no bad one before)."""
+        ok = torch.isfinite(loss.detach())
         if self.ranks.world > 1:
             ok = self.ranks.min_(ok.to(torch.int32)).bool()
         if self.stop:
@@ -275,22 +285,23 @@ class NonfiniteGuard:
         for b, old in zip(self.model.buffers(), buffers):
             torch.where(ok, b, old, out=b)
 
-    def remember(self, update: int, ok: torch.Tensor, out: AutoencoderOutput, indices: torch.Tensor) -> None:
-        self.pending.append((update, ok, out.loss.detach(), out.recon_mse.detach(), out.bottleneck.loss.detach(), indices))
+    def remember(self, update: int, ok: torch.Tensor, measures: dict[str, torch.Tensor], indices: torch.Tensor) -> None:
+        """Keep update ``update``'s flag, its ``measures`` (device scalars: the loss and its
+        parts) and batch indices until the next :meth:`first_bad`, unread."""
+        self.pending.append((update, ok, {k: v.detach() for k, v in measures.items()}, indices))
 
     def first_bad(self) -> dict | None:
         """Read the flags of the updates since the last read (one host sync) -> the first
-        update not applied (its number, loss, reconstruction MSE, bottleneck loss, batch
-        indices), or None."""
+        update not applied ({"step", each remembered measure as a float, "batch_indices"}),
+        or None."""
         pending, self.pending = self.pending, []
         if not pending:
             return None
         oks = torch.stack([p[1] for p in pending]).tolist()
         if all(oks):
             return None
-        update, _, loss, recon, bottleneck, indices = pending[oks.index(False)]
-        return {"step": update, "loss": float(loss), "recon_mse": float(recon), "bottleneck_loss": float(bottleneck),
-                "batch_indices": indices}
+        update, _, measures, indices = pending[oks.index(False)]
+        return {"step": update, **{k: float(v) for k, v in measures.items()}, "batch_indices": indices}
 
 
 # ------------------------------------------------------------------ one update, and its state
@@ -333,9 +344,6 @@ class Trainer:
             self.model.encoder.compile()
             self.model.decoder.compile()
 
-    def due(self, every: int) -> bool:
-        return self.step % every == 0 or self.step == self.cfg.train.steps
-
     def update(self) -> AutoencoderOutput:
         """One update: draw a batch, forward, backward, Adam step (undone on the device
         when the loss is not finite). Reads nothing back from the device."""
@@ -347,13 +355,14 @@ class Trainer:
         buffers = self.guard.buffers()
         with self.autocast:
             out = self.networks(x)
-        ok = self.guard.ok(out)
+        ok = self.guard.ok(out.loss)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.guard.step(ok, buffers)
         self.meter.add(out, ok)
         self.step += 1
-        self.guard.remember(self.step, ok, out, indices)
+        self.guard.remember(self.step, ok, {"loss": out.loss, "recon_mse": out.recon_mse,
+                                            "bottleneck_loss": out.bottleneck.loss}, indices)
         self.last = out
         return out
 
@@ -369,6 +378,14 @@ class Trainer:
     def resume_clock(self) -> None:
         """Start timing updates again (evaluation and checkpoints are not training time)."""
         self._since = time.perf_counter()
+
+    def record(self) -> dict:
+        """The "train" log record of the interval ending now (after :meth:`settle`)."""
+        return self.meter.record(self.step, self.variance, self.ranks, self.last, self.train_seconds,
+                                 self.model.bottleneck.logged_metrics)
+
+    def save(self, final: bool) -> None:
+        save(self, final)
 
     def evaluate(self) -> dict:
         """The eval record: the model's read on the fixed held-out subset of the test set."""
@@ -506,10 +523,9 @@ class StopRequest:
             return self.signal is not None
         return due and ranks.any(self.signal is not None)
 
-    def interrupt(self, step: int, run_dir: Path) -> KeyboardInterrupt:
+    def interrupt(self, step: int, resume_command: str) -> KeyboardInterrupt:
         name = signal.Signals(self.signal).name if self.signal is not None else "a signal to another process"
-        return KeyboardInterrupt(f"{name}: stopped at update {step}, checkpoint saved; resume with "
-                                 f"memvae train --run-dir {run_dir} --resume")
+        return KeyboardInterrupt(f"{name}: stopped at update {step}, checkpoint saved; resume with {resume_command}")
 
 
 # ------------------------------------------------------------------ what rank 0 writes
@@ -546,6 +562,10 @@ class RunLog:
         if self.is_main and resume and step:
             print(f"{cfg.name}: resuming {run_dir} from update {step} of {cfg.train.steps}", flush=True)
 
+    def advance(self) -> None:
+        """One update done (the bar)."""
+        self.bar.update(1)
+
     def train(self, record: dict) -> dict:
         if self.is_main:
             self.metrics.append(record)
@@ -569,3 +589,50 @@ class RunLog:
         self.bar.close()
         if self.writer:
             self.writer.close()
+
+
+# ------------------------------------------------------------------ the loop
+def run_updates(t, log, ranks: Distributed, steps: int, every: tuple[int, int, int], stop_after: int | None,
+                resume_command: str) -> dict:
+    """Update ``t`` until update ``steps``; returns the last "train" record.
+
+    ``t`` is a :class:`Trainer` or anything with its loop methods (``step``, ``update``,
+    ``settle``, ``record``, ``evaluate``, ``save(final)``, ``resume_clock``), such as the
+    prior's (:class:`memvae.prior.PriorTrainer`); ``log`` has ``advance``, ``train``,
+    ``eval`` and ``close`` (:class:`RunLog`). ``every`` = (log, evaluation, checkpoint)
+    intervals in updates (0: only at the last update, which always does all three).
+
+    Only at those updates, and at a stop (SIGINT/SIGTERM, ``stop_after``), does the loop
+    read anything from the device (:meth:`Trainer.settle`): the updates between run ahead.
+    A stop saves a checkpoint and raises KeyboardInterrupt naming ``resume_command``
+    (a signal) or returns (``stop_after``).
+    """
+    def due(interval: int) -> bool:
+        return t.step == steps or (interval > 0 and t.step % interval == 0)
+
+    last_record: dict = {}
+    with StopRequest() as stop:
+        t.resume_clock()
+        while t.step < steps:
+            t.update()
+            log.advance()
+            logging, evaluating, saving = (due(interval) for interval in every)
+            signalled = stop.agreed(ranks, due=logging or evaluating or saving)
+            stopping = signalled or (stop_after is not None and stop_after <= t.step < steps)
+            if not (logging or evaluating or saving or stopping):
+                continue  # nothing reads the weights: no host sync
+            t.settle()  # the one host sync: a non-finite update in stop mode ends the run here
+            if logging:
+                last_record = log.train(t.record())
+            if evaluating:
+                log.eval(t.evaluate())
+            if saving or stopping:
+                t.save(final=stopping or t.step == steps)
+            if stopping:
+                log.close()
+                if signalled:
+                    raise stop.interrupt(t.step, resume_command)
+                return last_record
+            t.resume_clock()
+    log.close()
+    return last_record

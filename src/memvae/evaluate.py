@@ -80,15 +80,23 @@ def read_mode(model: Autoencoder, read: str):
 
 @torch.no_grad()
 def evaluate_model(model: Autoencoder, images: torch.Tensor, train_variance: float, batch_size: int = 500, device="cpu") -> dict:
-    """{read: evaluate_read(...)} for every read of the model; memory models also get
-    ``hard_gap`` = hard NMSE − soft NMSE. The model's read mode is restored afterwards."""
+    """{read: evaluate_read(...)} for every read of the model, and for each read after the
+    bottleneck's own one ``READ_gap`` = its NMSE − the own read's (the memory's
+    ``hard_gap``: what reading one slot costs a model trained on the soft read). The
+    model's read mode is restored afterwards."""
+    reads = reads_of(model)
     results = {}
-    for read in reads_of(model):
+    for read in reads:
         with read_mode(model, read):
             results[read] = evaluate_read(model, images, train_variance, batch_size, device)
-    if "hard" in results:
-        results["hard_gap"] = results["hard"]["nmse"] - results["soft"]["nmse"]
+    for read in reads[1:]:
+        results[f"{read}_gap"] = results[read]["nmse"] - results[reads[0]]["nmse"]
     return results
+
+
+def is_gap(key: str) -> bool:
+    """Whether ``key`` of :func:`evaluate_model`'s result is a read's gap, not a read."""
+    return key.endswith("_gap")
 
 
 @torch.no_grad()

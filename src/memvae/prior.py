@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memvae.checkpoint import load_latest, save_checkpoint
+from memvae.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from memvae.data import load_data, to_input, to_uint8
+from memvae.engine import Distributed, NonfiniteGuard, repeatable, resolve_device, run_updates
 from memvae.errors import MemvaeError
 from memvae.metrics import MetricsLog
 from memvae.model import Autoencoder
@@ -40,12 +41,6 @@ from memvae.runlock import run_lock
 from memvae.runs import load_run
 
 PRIOR_DIR = "prior"
-
-
-def _device(name: str) -> torch.device:
-    from memvae.train import resolve_device  # train imports much; only needed here
-
-    return resolve_device(name)
 
 
 def bits(nats: float) -> float:
@@ -109,37 +104,51 @@ def train_prior(
     overwrite: bool = False,
     progress=None,
     out: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict:
     """Fit a gated PixelCNN to the slot maps of a trained run, then evaluate it.
 
     Writes ``RUN_DIR/prior/`` (metrics.jsonl, checkpoints/, eval.json; see the module
-    docstring) and returns the evaluation (the contents of eval.json).
+    docstring) and returns the evaluation (the contents of eval.json). The updates run on
+    the autoencoder's loop (:func:`memvae.engine.run_updates`): no host read between log
+    records, a non-finite loss undone on the device (``options.on_nonfinite``), SIGINT or
+    SIGTERM saving a checkpoint, and ``resume`` continuing it exactly.
 
     Args:
         run_dir: a run directory with a checkpoint (see :func:`memvae.runs.load_run`).
         options: see :class:`PriorOptions` (None: the defaults).
         data_dir: overrides the run's data directory.
-        overwrite: replace an existing prior; without it an existing one is refused.
+        overwrite: replace an existing prior; without it (or ``resume``) an existing one is refused.
         progress: optional callable taking each log record (e.g. to print it).
         out: the prior's directory instead of RUN_DIR/prior (e.g. a second prior of other
             options beside the first); sample from it with ``memvae sample --prior OUT``.
+        resume: continue the prior in the folder from its newest checkpoint (same options
+            but for those in :data:`RESUMABLE`; ``steps`` may grow).
+        stop_after: stop with a checkpoint after this many updates in total, as on
+            SIGTERM (for tests); returns ``{"stopped_at": update}`` then.
     """
     options = dataclasses.replace(options or PriorOptions()).validate()
     # RUN_DIR/prior has one writer, and the run does not train on meanwhile (memvae.runlock).
     with run_lock(run_dir, create=False):
-        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out))
+        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out), resume, stop_after)
+
+
+# Options a resumed prior may change: they change when it logs, stops or where it runs, not what it fits.
+RESUMABLE = ("steps", "log_every", "eval_every", "eval_maps", "extract_batch", "device", "threads", "on_nonfinite")
 
 
 def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: str | os.PathLike | None,
-                 overwrite: bool, progress, out_dir: Path) -> dict:
+                 overwrite: bool, progress, out_dir: Path, resume: bool, stop_after: int | None) -> dict:
     """:func:`train_prior`, with the run directory locked."""
     exists = out_dir.exists() and any(out_dir.iterdir())
-    if exists and not overwrite:
-        raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again")
+    if exists and not (overwrite or resume):
+        raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again, or --resume to continue it")
     if options.threads:
         torch.set_num_threads(options.threads)
-    device = _device(options.device)
+    device = resolve_device(options.device)
     model, cfg, state = load_run(run_dir, device)
+    saved = _prior_to_resume(out_dir, options, int(state["step"]), device) if resume else None
     data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     train_images = data.train[: options.train_images or None]
     test_images = data.test[: options.test_images or None]
@@ -152,61 +161,29 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     train_codes = extract_codes(model, train_images, options.extract_batch, device)
     test_codes = extract_codes(model, test_images, options.extract_batch, device)
     num_slots, map_shape = model.bottleneck.num_slots, list(train_codes.shape[1:])
-    say({"kind": "stage", "text": f"fitting the PixelCNN prior: {options.steps} updates of {options.batch_size} maps"})
+    first = 0 if saved is None else int(saved["step"])
+    say({"kind": "stage", "text": f"fitting the PixelCNN prior: updates {first + 1} to {options.steps} of {options.batch_size} maps"})
 
-    if exists:  # only now: a failure while loading leaves the old prior in place
+    if exists and not resume:  # only now: a failure while loading leaves the old prior in place
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out_dir / "metrics.jsonl")
     torch.manual_seed(options.seed)
-    prior = GatedPixelCNN(num_slots, options.width, options.layers, options.kernel).to(device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr)
-    # The batch order has its own generator, so it depends on the seed alone.
-    order = torch.Generator().manual_seed(options.seed)
-    train_codes_dev = train_codes.to(device)
-    eval_codes = test_codes[: options.eval_maps or None]
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(out_dir / "checkpoints", {
-            "model": prior.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "options": dataclasses.asdict(options),
-            "num_slots": num_slots,
-            "map_shape": map_shape,
-            "model_step": int(state["step"]),
-        }, step)
-
-    # The interval's NLL is summed on the device in float64 (as Python floats would sum it)
-    # and read at log records only: no update waits for the device.
-    nll_sum, updates, seconds = torch.zeros((), dtype=torch.float64, device=device), 0, 0.0
-    for step in range(1, options.steps + 1):
-        prior.train()
-        started = time.perf_counter()
-        batch = train_codes_dev[torch.randint(len(train_codes_dev), (options.batch_size,), generator=order).to(device)]
-        loss = prior.nll(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seconds += time.perf_counter() - started
-        nll_sum += loss.detach().double()
-        updates += 1
-        if step % options.log_every == 0 or step == options.steps:
-            record = {"kind": "train", "step": step, "train_bits_per_index": bits(float(nll_sum) / updates),
-                      "train_seconds": seconds}
-            log.append(record)
-            if progress:
-                progress(record)
-            nll_sum, updates = nll_sum.zero_(), 0
-        if (options.eval_every and step % options.eval_every == 0) or step == options.steps:
-            record = {"kind": "eval", "step": step, "eval_bits_per_index": nll_bits(prior, eval_codes, device=device)}
-            log.append(record)
-            if progress:
-                progress(record)
-            checkpoint(step)
+    ranks = Distributed.single(device)
+    t = PriorTrainer(GatedPixelCNN(num_slots, options.width, options.layers, options.kernel).to(device), options,
+                     train_codes, test_codes[: options.eval_maps or None], out_dir, ranks,
+                     {"num_slots": num_slots, "map_shape": map_shape, "model_step": int(state["step"])})
+    if saved is not None:
+        t.load_state_dict(saved)
+    log = PriorLog(out_dir / "metrics.jsonl", t.step, progress)
+    every = (options.log_every, options.eval_every, options.eval_every)  # a checkpoint at each evaluation
+    resume_command = f"memvae prior {run_dir}{'' if out_dir == prior_dir(run_dir) else f' --out {out_dir}'} --resume"
+    with repeatable(device):
+        run_updates(t, log, ranks, options.steps, every, stop_after, resume_command)
+    if t.step < options.steps:
+        return {"stopped_at": t.step}
 
     say({"kind": "stage", "text": f"evaluating the prior on all {len(test_codes)} test maps"})
-    per_index = nll_bits(prior, test_codes, device=device)
+    per_index = nll_bits(t.prior, test_codes, device=device)
     positions = map_shape[0] * map_shape[1]
     result = {
         "run_dir": str(run_dir),
@@ -220,10 +197,142 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
         "bits_per_image": positions * per_index,
         "uniform_bits_per_index": math.log2(num_slots),
         "unigram_bits_per_index": unigram_bits(train_codes, test_codes, num_slots),
+        "skipped_updates": t.skipped,
         "options": dataclasses.asdict(options),
     }
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _prior_to_resume(out_dir: Path, options: PriorOptions, model_step: int, device: torch.device) -> dict | None:
+    """The newest checkpoint of the prior in ``out_dir`` to continue, checked against
+    ``options`` and the run's update ``model_step``; None (a fresh start) when there is none."""
+    found = latest_checkpoint(out_dir / "checkpoints")
+    if found is None:
+        print(f"no prior checkpoint in {out_dir}: starting from update 0")
+        return None
+    saved = load_checkpoint(*found, map_location=device)
+    if "order" not in saved:
+        raise MemvaeError(f"the prior checkpoint {found[0]} predates resumable priors; fit it again with --overwrite")
+    if int(saved["model_step"]) != model_step:
+        raise MemvaeError(f"the prior in {out_dir} was fitted to the model at update {saved['model_step']}, but the run "
+                          f"is now at update {model_step}; fit it again with --overwrite")
+    current = dataclasses.asdict(options)
+    changed = [f"{k} {saved['options'].get(k)!r} -> {current[k]!r}" for k in current
+               if k not in RESUMABLE and saved["options"].get(k) != current[k]]
+    if changed:
+        raise MemvaeError(f"the prior in {out_dir} was fitted with other options ({', '.join(changed)}); resume it with "
+                          "its own, or fit it again with --overwrite")
+    return saved
+
+
+class PriorTrainer:
+    """The prior's side of :func:`memvae.engine.run_updates`: the PixelCNN, Adam, the batch
+    order, the interval's NLL sums, and the non-finite guard, the autoencoder's own
+    (:class:`memvae.engine.NonfiniteGuard`). No update reads from the device.
+
+    ``codes``: int64 N×h×w training maps (moved to the prior's device once); ``eval_codes``:
+    the test maps of the "eval" records; ``meta``: num_slots, map_shape, model_step, kept in
+    every checkpoint.
+    """
+
+    def __init__(self, prior: GatedPixelCNN, options: PriorOptions, codes: torch.Tensor, eval_codes: torch.Tensor,
+                 out_dir: Path, ranks: Distributed, meta: dict):
+        self.prior, self.options, self.out_dir, self.ranks, self.meta = prior, options, out_dir, ranks, meta
+        self.device = ranks.device
+        self.codes, self.eval_codes = codes.to(self.device), eval_codes
+        self.optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr, capturable=self.device.type == "cuda")
+        # The batch order has its own generator, so it depends on the seed alone.
+        self.order = torch.Generator().manual_seed(options.seed)
+        self.guard = NonfiniteGuard(prior, self.optimizer, ranks, stop=options.on_nonfinite == "stop")
+        # float64 [NLL, applied updates, skipped updates] since the last record, as Python floats would sum them.
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._counts = torch.tensor([1.0, 0.0], dtype=torch.float64, device=self.device)
+        self._skipped = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=self.device)
+        self.step, self.train_seconds, self.skipped = 0, 0.0, 0
+        self._since = time.perf_counter()
+
+    def update(self) -> None:
+        """One Adam step on a batch of maps drawn with replacement (undone when its loss is not finite)."""
+        self.prior.train()
+        # Drawn on the CPU generator (the same order on every device), copied without waiting.
+        indices = torch.randint(len(self.codes), (self.options.batch_size,), generator=self.order)
+        indices = indices.to(self.device, non_blocking=True)
+        buffers = self.guard.buffers()
+        loss = self.prior.nll(self.codes[indices])
+        ok = self.guard.ok(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.guard.step(ok, buffers)
+        self.sums += torch.where(ok, torch.cat([loss.detach().double().reshape(1), self._counts]), self._skipped)
+        self.step += 1
+        self.guard.remember(self.step, ok, {"loss": loss}, indices)
+
+    def settle(self) -> None:
+        """Read the updates' flags (the one host sync, at log, checkpoint and stop updates);
+        in stop mode a non-finite loss ends the fit here, the last checkpoint kept."""
+        bad = self.guard.first_bad()
+        self.train_seconds += time.perf_counter() - self._since
+        if bad is not None and self.options.on_nonfinite == "stop":
+            raise MemvaeError(f"the prior's loss is {bad['loss']} at update {bad['step']}; stopped (its last checkpoint in "
+                              f"{self.out_dir / 'checkpoints'} is kept); lower --lr, or pass --on-nonfinite skip")
+
+    def resume_clock(self) -> None:
+        self._since = time.perf_counter()
+
+    def record(self) -> dict:
+        nll, updates, skipped = self.sums.tolist()
+        self.sums.zero_()
+        self.skipped += int(skipped)
+        return {"kind": "train", "step": self.step, "train_bits_per_index": bits(nll / updates) if updates else float("nan"),
+                "skipped": int(skipped), "train_seconds": self.train_seconds}
+
+    def evaluate(self) -> dict:
+        record = {"kind": "eval", "step": self.step, "eval_bits_per_index": nll_bits(self.prior, self.eval_codes, device=self.device)}
+        self.prior.train()
+        return record
+
+    def state_dict(self) -> dict:
+        return {"model": self.prior.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "options": dataclasses.asdict(self.options), **self.meta, "order": self.order.get_state(),
+                "interval": self.sums.tolist(), "train_seconds": self.train_seconds, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prior.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.order.set_state(state["order"].cpu())
+        self.sums = torch.tensor(state["interval"], dtype=torch.float64, device=self.device)
+        self.step, self.train_seconds, self.skipped = int(state["step"]), float(state["train_seconds"]), int(state["skipped"])
+
+    def save(self, final: bool) -> None:
+        """A checkpoint of this update; a disk that refuses ends the fit with one line (a
+        prior is minutes of work: unlike a long run's, its checkpoints are not optional)."""
+        try:
+            save_checkpoint(self.out_dir / "checkpoints", self.state_dict(), self.step)
+        except OSError as exc:
+            raise MemvaeError(f"could not save the prior's checkpoint of update {self.step} in {self.out_dir} ({exc})") from None
+
+
+class PriorLog:
+    """The prior's metrics.jsonl (records after ``step`` dropped when resuming) and the
+    ``progress`` callable, in the shape :func:`memvae.engine.run_updates` writes to."""
+
+    def __init__(self, path: Path, step: int, progress=None):
+        self.metrics, self.progress = MetricsLog(path), progress or (lambda record: None)
+        self.metrics.truncate_after(step)
+
+    def advance(self) -> None:
+        pass
+
+    def train(self, record: dict) -> dict:
+        self.metrics.append(record)
+        self.progress(record)
+        return record
+
+    eval = train
+
+    def close(self) -> None:
+        pass
 
 
 def load_prior(run_dir: str | os.PathLike, device: str | torch.device = "cpu",

@@ -28,6 +28,8 @@ class PriorOptions:
         extract_batch: images per batch when extracting codes.
         device: "auto", "cpu", "cuda", ...
         threads: CPU threads for torch (0: torch's default).
+        on_nonfinite: a NaN/Inf loss "stop"s the fit (the last checkpoint kept) or is
+            "skip"ped (the update undone, counted in the log), as ``train.on_nonfinite``.
     """
 
     steps: int = 5000
@@ -45,6 +47,7 @@ class PriorOptions:
     extract_batch: int = 500
     device: str = "auto"
     threads: int = 0
+    on_nonfinite: str = "stop"
 
     def validate(self) -> "PriorOptions":
         for name in ("steps", "batch_size", "width", "layers", "log_every", "extract_batch"):
@@ -55,6 +58,8 @@ class PriorOptions:
                 raise MemvaeError(f"prior option {name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise MemvaeError(f"prior option lr must be > 0, got {self.lr!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise MemvaeError(f"prior option on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.kernel < 3 or self.kernel % 2 == 0:
             raise MemvaeError(f"prior option kernel must be odd and >= 3, got {self.kernel!r}")
         return self

@@ -16,7 +16,7 @@ import torch
 from memvae import config as C
 from memvae.checkpoint import latest_checkpoint, load_checkpoint
 from memvae.data import ImageData, load_data
-from memvae.engine import Distributed, RunLog, StopRequest, Trainer, choose_threads, repeatable, resolve_device, save
+from memvae.engine import Distributed, RunLog, Trainer, choose_threads, repeatable, resolve_device, run_updates
 from memvae.errors import MemvaeError
 from memvae.runlock import run_lock
 from memvae.runs import prepare_run_dir
@@ -80,33 +80,9 @@ def _train(cfg: C.Config, run_dir: Path, ranks: Distributed, resume: bool, overw
     t.wrap()
     log = RunLog(run_dir, cfg, ranks, t.step, resume, thread_history, show_progress)
 
-    last_record: dict = {}
-    with StopRequest() as stop, repeatable(ranks.device, tc.deterministic):
-        t.resume_clock()
-        while t.step < tc.steps:
-            t.update()
-            log.bar.update(1)
-            logging, evaluating, saving = t.due(tc.log_every), t.due(tc.eval_every), t.due(tc.checkpoint_every)
-            signalled = stop.agreed(ranks, due=logging or evaluating or saving)
-            stopping = signalled or (stop_after is not None and stop_after <= t.step < tc.steps)
-            if not (logging or evaluating or saving or stopping):
-                continue  # nothing reads the weights: no host sync
-            t.settle()  # the one host sync: a non-finite update in stop mode ends the run here
-            if logging:
-                last_record = log.train(t.meter.record(t.step, t.variance, ranks, t.last, t.train_seconds,
-                                                        t.model.bottleneck.logged_metrics))
-            if evaluating:
-                log.eval(t.evaluate())
-            if saving or stopping:
-                save(t, final=stopping or t.step == tc.steps)
-            if stopping:
-                log.close()
-                if signalled:
-                    raise stop.interrupt(t.step, run_dir)
-                return last_record
-            t.resume_clock()
-    log.close()
-    return last_record
+    with repeatable(ranks.device, tc.deterministic):
+        return run_updates(t, log, ranks, tc.steps, (tc.log_every, tc.eval_every, tc.checkpoint_every), stop_after,
+                           f"memvae train --run-dir {run_dir} --resume")
 
 
 def _checkpoint_to_resume(run_dir: Path, resume: bool, ranks: Distributed) -> tuple[Path | None, dict | None]:
