@@ -427,20 +427,17 @@ class MemoryRead(Bottleneck):
         return torch.cat(codes), stats, counts, sums
 
     def _top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """N×K logits -> (the k largest per row, N×k, in no order, with the gradient of the
+        """N×K logits -> (the k largest per row, N×k, largest first, with the gradient of the
         logits they are; their slots, N×k int64; the dense softmax's mass outside them, N).
-
-        Unsorted: nothing downstream needs the order, and PyTorch's CPU top-k sorts each
-        row's k after selecting them, about as long again at K = 512 (docs/benchmarks.md).
 
         The outside mass is summed over the K − k slots left out (their exp shifted by the
         row's largest logit), not taken as 1 − Σ inside: the logits run to thousands at the
         end of the τ schedule, where 1 − Σ would leave only the rounding of the sum. Logits
         that need no gradient are overwritten.
         """
-        top, slots = logits.topk(self.top_k, dim=1, sorted=False)
+        top, slots = logits.topk(self.top_k, dim=1)
         with torch.no_grad():
-            peak = top.detach().amax(1, keepdim=True)
+            peak = top.detach()[:, :1]
             # Without a graph the logits are needed no more: shifted in place (a fresh N×K
             # tensor costs its page faults, as much as the exp at K = 4,096).
             shifted = logits.detach() - peak if logits.requires_grad else logits.sub_(peak)
