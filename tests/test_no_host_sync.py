@@ -193,3 +193,24 @@ def test_batch_indices_live_on_the_data_device_in_todays_order():
     resumed = EpochBatcher(10, 4, seed=3, device="cpu")
     resumed.load_state_dict(default.state_dict())
     assert all(torch.equal(default.next(), resumed.next()) for _ in range(7))
+
+
+def test_prior_updates_run_no_host_read(tmp_path):
+    """The prior's updates (memvae.prior.PriorTrainer, on the engine's loop) on random maps."""
+    from memvae.pixelcnn import GatedPixelCNN
+    from memvae.prior import PriorOptions, PriorTrainer
+
+    options = PriorOptions(steps=8, batch_size=4, width=8, layers=2, device=DEVICE)
+    codes = torch.randint(16, (20, 8, 8), generator=torch.Generator().manual_seed(0))
+    ranks = engine.Distributed.single(torch.device(DEVICE))
+    trainer = PriorTrainer(GatedPixelCNN(16, 8, 2).to(DEVICE), options, codes, codes[:4], tmp_path, ranks,
+                           {"num_slots": 16, "map_shape": [8, 8], "model_step": 0})
+    trainer.update()  # the first: Adam creates its state
+    recorder = OpRecorder()
+    with recorder:
+        for _ in range(5):
+            trainer.update()
+    assert recorder.ops["convolution"] or recorder.ops["mkldnn_convolution"] or recorder.ops["cudnn_convolution"]
+    assert not recorder.problems, dict(recorder.problems)
+    trainer.settle()
+    assert trainer.record()["step"] == 6
