@@ -38,7 +38,11 @@ product alone (N×64 times 64×K, 2·N·K·64 FLOPs, in chunks of 2²² products
 one reused buffer), which gives the matmul rate the lower bound of a row is computed from: FLOPs of memvae's update (counted by
 ``torch.utils.flop_counter``, with the CPU flash-attention kernels added) divided by that
 rate. A row whose peer time over 3 is below this bound cannot be 3× faster than the peer
-without doing less arithmetic.
+without doing less arithmetic. When a row reads the top k slots (``top_k``), the same rounds
+also time the selection alone (``top_k_select``: ``torch.topk`` of N×K negative squared distances, k per
+row, in the same chunks, into reused outputs), the part of that row which no arithmetic
+bound sees; its ratios to the top-k row and to ``vq_ema_reseed`` are tabulated beside the
+targets.
 
 Peak extra memory: each contestant again in its own fresh subprocess, with the helpers of
 ``benchmarks/memory_read.py``: the peak resident set of two updates above the resident set
@@ -86,6 +90,10 @@ RATIO_TARGETS = (
     ("memory_discrete:top_k=16", "vq_ema_reseed", 1.3),    # issue 20: the top-k read at VQ's cost
     ("vq_ema", "distance_matmul", 3.0),                    # issue 20: VQ near its N×K×D floor
 )
+# Time ratios without a ceiling: what bounds the top-k row. The selection alone (torch.topk of
+# the N×K logits, k per row, in the distance product's chunks) against the row it is part of
+# and against the VQ row that row is held to.
+BOUND_RATIOS = (("top_k_select", "memory_discrete:top_k=16"), ("top_k_select", "vq_ema_reseed"))
 
 
 # ---------------------------------------------------------------- rows and their peers
@@ -175,6 +183,19 @@ def _build(contestant: dict, n: int, k: int, seed: int):
                 torch.mm(part, m.t(), out=buffer[: part.shape[0]])
 
         return products, None
+    if contestant["side"] == "select":
+        # torch.topk of N×K logits (negative squared distances of random queries to random
+        # slots, as the memory's l2 addressing gives), k per row, in the same chunks, into
+        # reused outputs.
+        x, m = torch.randn(n, DIM, generator=gen), torch.randn(k, DIM, generator=gen)
+        logits, rows = -torch.cdist(x, m).square(), max(1, MATMUL_CHUNK // k)
+        values, slots = torch.empty(rows, contestant["top_k"]), torch.empty(rows, contestant["top_k"], dtype=torch.long)
+
+        def select() -> None:
+            for part in logits.split(rows):
+                torch.topk(part, contestant["top_k"], dim=1, out=(values[: part.shape[0]], slots[: part.shape[0]]))
+
+        return select, None
     b = n // (SIDE * SIDE)
     z = torch.randn(b, DIM, SIDE, SIDE, generator=gen).requires_grad_(True)
     upstream = torch.randn(b, DIM, SIDE, SIDE, generator=gen)
@@ -302,6 +323,9 @@ def plan_rows(row_names: list[str], k: int, config_dir: Path, positions: int) ->
         rows.append({"row": name, "config": cfg, "peer": peer, "peer_spec": spec})
     if contestants:
         contestants["distance_matmul"] = {"name": "distance_matmul", "side": "matmul"}
+    top_k = [row["config"]["top_k"] for row in rows if row.get("config", {}).get("top_k")]
+    if top_k:  # the selection alone, at the first top-k row's k (see BOUND_RATIOS)
+        contestants["top_k_select"] = {"name": "top_k_select", "side": "select", "top_k": top_k[0]}
     return rows, list(contestants.values())
 
 
@@ -352,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             rows, contestants = plan_rows(row_names, k, config_dir, b * SIDE * SIDE)
             memory = {}
             for c in contestants:
-                if c["side"] == "matmul":
+                if c["side"] in ("matmul", "select"):
                     continue
                 spec = {"mode": "memory", "n": n, "k": k, "threads": thread_counts[0], "seed": args.seed,
                         "memory_limit": int(args.memory_limit * GIB), "contestant": c}
@@ -404,10 +428,13 @@ def assemble(b: int, k: int, threads: int, rows: list[dict], timed: dict, memory
             out["bound_seconds"] = flops[mine] / rate if rate else None
         entry["rows"].append(out)
     seconds = {r["row"]: r["memvae_seconds"] for r in entry["rows"] if "memvae_seconds" in r}
-    if matmul:
-        seconds["distance_matmul"] = matmul
+    for name in ("distance_matmul", "top_k_select"):
+        if name in median:
+            seconds[name] = median[name]
+    entry["top_k_select_seconds"] = median.get("top_k_select")
     entry["ratios"] = [{"row": row, "against": against, "ratio": seconds[row] / seconds[against], "ceiling": ceiling}
-                       for row, against, ceiling in RATIO_TARGETS if row in seconds and against in seconds]
+                       for row, against, ceiling in RATIO_TARGETS + tuple((*pair, None) for pair in BOUND_RATIOS)
+                       if row in seconds and against in seconds]
     return entry
 
 
@@ -431,7 +458,7 @@ def tables(results: list[dict]) -> str:
                           None if r["bound_seconds"] is None else 1e3 * r["bound_seconds"]])
         for r in e.get("ratios", []):
             ratios.append([f"{r['row']} / {r['against']}", e["batch"], e["k"], e["threads"], r["ratio"], r["ceiling"],
-                             r["ratio"] <= r["ceiling"]])
+                           None if r["ceiling"] is None else r["ratio"] <= r["ceiling"]])
         for failed in [e.get("failed")] if e.get("failed") else []:
             lines.append(["(all)", e["batch"], e["k"], e["threads"], None, failed] + [None] * 7)
     text = markdown(header, lines)
