@@ -5,7 +5,8 @@
    moving-average write, in one piece and chunk by chunk.
 2. Small k: the read is the dense weights renormalised over the k largest (recomputed by
    brute force), ``outside_mass`` is the dense mass outside them, and the read is within
-   2·outside·max‖M‖ of the dense read at every position.
+   2·outside·max‖M‖ of the dense read at every position; in training, above
+   OUTSIDE_MASS_ROWS queries, the outside mass is that of every s-th query.
 3. Repeatable: the same update twice at two threads gives the same bits, and a short
    training run (smoke networks) gives the same metrics and checkpoint twice, and when
    stopped and resumed.
@@ -114,6 +115,30 @@ def test_small_k_reads_the_renormalised_top_weights_within_the_outside_mass(name
     largest = top.memory.detach().double().norm(dim=1).max()
     assert torch.allclose(reference, dense_read, atol=1e-5)
     assert ((got - reference).norm(dim=1) <= 2 * outside * largest + 1e-5).all()
+
+
+def test_in_training_the_outside_mass_is_that_of_every_s_th_query():
+    """Above OUTSIDE_MASS_ROWS queries a training update measures the outside mass on every
+    s-th query only (s = ⌈N / OUTSIDE_MASS_ROWS⌉); evaluation measures it on all of them.
+    The read itself uses every query's k slots either way."""
+    from memvae.bottlenecks.memory import OUTSIDE_MASS_ROWS
+
+    dense, top = pair("l2_learned", 4)
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(7, D, 10, 10, generator=gen)  # N = 700 queries
+    n = z.shape[0] * 100
+    step = -(-n // OUTSIDE_MASS_ROWS)
+    assert step > 1
+    _, read_k, outside, codes = brute_force(top, z, 4)
+    with torch.no_grad():
+        trained = top.train()(z)
+        evaluated = top.eval()(z)
+    assert abs(float(trained.metrics["outside_mass"]) - float(outside[::step].mean())) < 1e-5
+    assert abs(float(evaluated.metrics["outside_mass"]) - float(outside.mean())) < 1e-5
+    assert abs(float(outside[::step].mean()) - float(outside.mean())) > 1e-5  # the two differ: the test tells them apart
+    got = trained.quantized.permute(0, 2, 3, 1).reshape(-1, D).double()
+    assert torch.allclose(got, read_k, atol=1e-5)
+    assert torch.equal(trained.codes.reshape(-1), codes)
 
 
 def test_at_the_end_of_the_schedule_a_few_slots_hold_almost_all_the_mass():

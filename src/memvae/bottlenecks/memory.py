@@ -151,6 +151,10 @@ class MemoryOptions(SlotOptions):
         _need(self.top_k <= self.slots, f"top_k must be between 0 (dense) and the {self.slots} slots, got {self.top_k}")
 
 
+# In training, the top-k read's outside mass is measured on at most this many queries.
+OUTSIDE_MASS_ROWS = 256
+
+
 class MemoryRead(Bottleneck):
     """Content-addressed soft read of a memory M (K×D), as in the Neural Turing Machine.
 
@@ -203,18 +207,22 @@ class MemoryRead(Bottleneck):
     below that fraction of the mean count N/K take recent encoder vectors far from every
     slot (:func:`~memvae.bottlenecks.functional.reseed_dead_slots`).
 
-    Top-k read (``top_k`` = k > 0; product-key memories, Lample et al. 2019): the N×K
-    logits l are computed as for the dense read (the product VQ computes too), and only
-    each query's k largest enter the read:
+    Top-k read (``top_k`` = k > 0; product-key memories, Lample et al. 2019): each query's
+    k largest logits l, and only those enter the read:
         T_n = the k slots of largest l_nk,   w_nj = softmax_{j ∈ T_n}(l_nj),   r_n = Σ_{j ∈ T_n} w_nj M_j
-    Gradients reach z, M and β only through those k logits and k slots; the softmax, the
-    read and its backward cost N·k, not N·K, and the N×K weights are never held (``weights``
-    is None). ``outside_mass`` (a metric, mean over positions) is the weight the dense
-    softmax puts outside T_n, 1 − Σ_{j ∈ T_n} softmax_K(l_n)_j: the read differs from the
-    dense one by at most twice that mass times the largest slot norm. The statistics
-    (entropy, max weight, codes = the slot of largest weight) are those of the k weights
-    the read uses; with k = K the read is the dense one. The soft write, with top-k, moves
-    each slot by the k weights (counts and sums by ``index_add_``).
+    T_n comes from the β-free scores (one N×K×D product, chunked, as VQ computes; β > 0
+    does not change the order), which also give the relative temperature its nearest
+    distances. Gradients reach z, M and β only through the k logits, recomputed from the k
+    gathered slots; the softmax, the read and its backward cost N·k, not N·K, and the N×K
+    weights are never held (``weights`` is None). ``outside_mass`` (a metric, mean over
+    positions) is the weight the dense softmax puts outside T_n,
+    1 − Σ_{j ∈ T_n} softmax_K(l_n)_j: the read differs from the dense one by at most twice
+    that mass times the largest slot norm. It takes a second N×K product, so a training
+    update measures it on every s-th query only (at most ``OUTSIDE_MASS_ROWS``);
+    evaluation on every query. The statistics (entropy, max weight, codes = the slot of
+    largest weight) are those of the k weights the read uses; with k = K the read is the
+    dense one. The soft write, with top-k, moves each slot by the k weights (counts and
+    sums by ``index_add_``).
 
     Args:
         num_slots: K.  dim: D.
@@ -346,18 +354,17 @@ class MemoryRead(Bottleneck):
             x, memory = F.normalize(x.float(), dim=1), F.normalize(memory.float(), dim=1)
         return Fn.nearest_distances(x, memory)[1]
 
-    def scores(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, memory: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """s(x, M) up to a per-row constant, without β: N×D -> N×K (float32), 2x·m − ‖m‖² for
-        l2 (−‖x − m‖² + ‖x‖²), x̂·m̂ for cosine."""
+        l2 (−‖x − m‖² + ‖x‖²), x̂·m̂ for cosine; written into ``out`` (N×K) when given."""
         x, memory = x.float(), memory.float()
         if self.similarity == "l2":
-            return torch.addmm(-memory.pow(2).sum(1), x, 2.0 * memory.t())
-        return F.normalize(x, dim=1) @ F.normalize(memory, dim=1).t()
+            return torch.addmm(-memory.pow(2).sum(1), x, 2.0 * memory.t(), out=out)
+        return torch.mm(F.normalize(x, dim=1), F.normalize(memory, dim=1).t(), out=out)
 
     @torch.no_grad()
-    def _distances_from_scores(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """:meth:`_distances` from :meth:`scores` already computed: N."""
-        best = scores.max(1).values
+    def _distances_from_scores(self, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+        """:meth:`_distances` from each query's largest :meth:`scores`, N, already computed: N."""
         if self.similarity == "l2":
             return (x.float().pow(2).sum(1) - best).clamp_min(0.0)
         return (2.0 - 2.0 * best).clamp_min(0.0)
@@ -426,44 +433,72 @@ class MemoryRead(Bottleneck):
                 sums += w.t() @ part.float()
         return torch.cat(codes), stats, counts, sums
 
-    def _top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """N×K logits -> (the k largest per row, N×k, largest first, with the gradient of the
-        logits they are; their slots, N×k int64; the dense softmax's mass outside them, N).
+    @torch.no_grad()
+    def _top_k_scores(self, x: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's k largest β-free scores (:meth:`scores`), N×k largest first, and
+        their slots, N×k int64: one N×K×D product, chunk by chunk (at most
+        ``fused_threshold`` scores at a time, into one buffer reused by every chunk).
 
-        The outside mass is summed over the K − k slots left out (their exp shifted by the
-        row's largest logit), not taken as 1 − Σ inside: the logits run to thousands at the
-        end of the τ schedule, where 1 − Σ would leave only the rounding of the sum. Logits
-        that need no gradient are overwritten.
+        β > 0 scales every score of a row alike, so these are the slots of the k largest
+        logits whatever β turns out to be: the relative temperature's β, which needs the
+        nearest distances (the largest scores) first, costs no second product.
         """
-        top, slots = logits.topk(self.top_k, dim=1)
-        with torch.no_grad():
-            peak = top.detach()[:, :1]
-            # Without a graph the logits are needed no more: shifted in place (a fresh N×K
-            # tensor costs its page faults, as much as the exp at K = 4,096).
-            shifted = logits.detach() - peak if logits.requires_grad else logits.sub_(peak)
-            rest = shifted.exp_().scatter_(1, slots, 0.0).sum(1)
-            inside = (top.detach() - peak).exp().sum(1)
-            outside = rest / (rest + inside)
-        return top, slots, outside
+        rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots, x.shape[0]))
+        buffer = x.new_empty(rows, self.num_slots, dtype=torch.float32)
+        parts = [self.scores(part, memory, out=buffer[: part.shape[0]]).topk(self.top_k, dim=1) for part in x.split(rows)]
+        return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
-    def _top_k_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, logits: torch.Tensor | None,
-                    mode: str, want_write: bool):
-        """The top-k read of N×D queries (see the class docstring), from their N×K ``logits``,
-        or, when None, from logits computed chunk by chunk (at most ``fused_threshold`` at a
-        time, as :meth:`_chunked_statistics`), of which only the N×k largest are kept.
+    def _top_logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, top_scores: torch.Tensor,
+                    slots: torch.Tensor) -> torch.Tensor:
+        """The N×k logits of the selected slots: β times their scores, or, when a gradient
+        is wanted, recomputed from the N×k×D gathered slots, so that z, M and β get theirs
+        through these k logits only (N·k·D, not the N×K product's backward)."""
+        if not torch.is_grad_enabled():
+            return beta * top_scores
+        n, k = slots.shape
+        m = memory.float().index_select(0, slots.reshape(-1)).view(n, k, -1)
+        q = x.float()[:, :, None]
+        if self.similarity == "l2":
+            return beta * (2.0 * torch.bmm(m, q).squeeze(2) - m.pow(2).sum(2))
+        return beta * torch.bmm(F.normalize(m, dim=2), F.normalize(q, dim=1)).squeeze(2)
+
+    @torch.no_grad()
+    def _outside_mass(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, top: torch.Tensor,
+                      slots: torch.Tensor) -> torch.Tensor:
+        """The dense softmax's mass outside each query's k slots, N (from N×D queries and
+        their N×k logits and slots): a second N×K product, chunked as :meth:`_top_k_scores`.
+
+        Summed over the K − k slots left out (their exp shifted by the row's largest
+        logit), not taken as 1 − Σ inside: the logits run to thousands at the end of the τ
+        schedule, where 1 − Σ would leave only the rounding of the sum.
+        """
+        rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots, x.shape[0]))
+        out = []
+        for part, part_top, part_slots in zip(x.split(rows), top.split(rows), slots.split(rows)):
+            peak = part_top[:, :1]
+            rest = self.logits(part, memory, beta).sub_(peak).exp_().scatter_(1, part_slots, 0.0).sum(1)
+            inside = (part_top - peak).exp().sum(1)
+            out.append(rest / (rest + inside))
+        return torch.cat(out)
+
+    def _top_k_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, top_scores: torch.Tensor,
+                    slots: torch.Tensor, mode: str, want_write: bool):
+        """The top-k read of N×D queries (see the class docstring) from their k largest
+        β-free scores and slots (:meth:`_top_k_scores`).
 
         Returns (codes N, stats dict of sums over N with ``outside_mass``, read N×D, and
         the soft write's counts K and sums K×D from the k weights, or None, None).
         """
-        if logits is None:
-            rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots))
-            parts = [self._top_k(self.logits(part, memory, beta)) for part in x.split(rows)]
-            top, slots, outside = (torch.cat(t) for t in zip(*parts))
-        else:
-            top, slots, outside = self._top_k(logits)
+        top = self._top_logits(x, memory, beta, top_scores, slots)
         w = top.softmax(1)
         stats, best = Fn.weight_statistics(top, w)
-        stats["outside_mass"] = outside.sum()
+        n = x.shape[0]
+        # In training the outside mass, a diagnostic, is measured on every s-th query only
+        # (at most OUTSIDE_MASS_ROWS): on all N it would cost a second N×K product, as much
+        # as the read itself. Evaluation measures it on every query.
+        step = -(-n // OUTSIDE_MASS_ROWS) if self.training else 1
+        outside = self._outside_mass(x[::step], memory, beta, top.detach()[::step], slots[::step])
+        stats["outside_mass"] = outside.mean() * n
         idx = slots.gather(1, best[:, None]).squeeze(1)
         if mode == "hard":
             read = memory.index_select(0, idx)
@@ -499,25 +534,28 @@ class MemoryRead(Bottleneck):
         track = torch.is_grad_enabled() and self.encoder_gradient == "read"
         # The relative temperature needs each query's nearest distance before β is known: in
         # the dense path it comes from the β-free scores, which then become the logits (one
-        # N×K×D product, not two).
-        with torch.set_grad_enabled(track):
-            scores = self.scores(x, memory) if self.temperature == "relative" and not use_fused else None
+        # N×K×D product, not two); in the top-k read from the k largest scores.
+        top_scores = slots = scores = None
+        if self.top_k:
+            top_scores, slots = self._top_k_scores(x, memory)
+        else:
+            with torch.set_grad_enabled(track):
+                scores = self.scores(x, memory) if self.temperature == "relative" and not use_fused else None
         distances = None
         if self.training and (self.temperature == "relative" or self.reseed_fraction > 0):
-            distances = self._distances(x, memory) if scores is None else self._distances_from_scores(x, scores)
+            if top_scores is not None:
+                distances = self._distances_from_scores(x, top_scores[:, 0])
+            elif scores is not None:
+                distances = self._distances_from_scores(x, scores.detach().max(1).values)
+            else:
+                distances = self._distances(x, memory)
             if self.temperature == "relative":
                 self._track_distortion(distances)
         beta = self.beta()
 
         with torch.set_grad_enabled(track):
             if self.top_k:
-                if use_fused:
-                    logits = None
-                elif scores is None:
-                    logits = self.logits(x, memory, beta)
-                else:  # the scores are used no more: scaled in place when no graph needs them
-                    logits = beta * scores if scores.requires_grad else scores.mul_(beta)
-                idx, stats, read, counts, sums = self._top_k_read(x, memory, beta, logits, mode, soft_sums)
+                idx, stats, read, counts, sums = self._top_k_read(x, memory, beta, top_scores, slots, mode, soft_sums)
             elif use_fused:
                 idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
                 read = memory.index_select(0, idx) if mode == "hard" else self._fused_read(x, memory, beta)
