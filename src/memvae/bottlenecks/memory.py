@@ -410,6 +410,11 @@ class MemoryRead(Bottleneck):
         q, k, v = (F.pad(t, (0, width - t.shape[1]))[None, None] for t in (q, k, memory))
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)[0, 0, :, : memory.shape[1]]
 
+    def _chunk_rows(self, n: int) -> int:
+        """Queries per chunk when N×K scores are taken chunk by chunk: at most ``chunk``, and
+        at most ``fused_threshold`` scores at a time, however large K is (at least 1, at most N)."""
+        return max(1, min(self.chunk, self.fused_threshold // self.num_slots, n))
+
     @torch.no_grad()
     def _chunked_statistics(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, want_write: bool):
         """Codes, weight statistics and (optionally) soft-write sums, chunk by chunk.
@@ -419,8 +424,7 @@ class MemoryRead(Bottleneck):
         codes, stats = [], {}
         counts = torch.zeros(self.num_slots, device=x.device) if want_write else None
         sums = torch.zeros(self.num_slots, self.dim, device=x.device) if want_write else None
-        # At most fused_threshold logits at a time, however large K is.
-        rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots))
+        rows = self._chunk_rows(x.shape[0])
         for part in x.split(rows):
             logits = self.logits(part, memory, beta)
             w = logits.softmax(1)
@@ -443,7 +447,7 @@ class MemoryRead(Bottleneck):
         logits whatever β turns out to be: the relative temperature's β, which needs the
         nearest distances (the largest scores) first, costs no second product.
         """
-        rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots, x.shape[0]))
+        rows = self._chunk_rows(x.shape[0])
         buffer = x.new_empty(rows, self.num_slots, dtype=torch.float32)
         parts = [self.scores(part, memory, out=buffer[: part.shape[0]]).topk(self.top_k, dim=1) for part in x.split(rows)]
         return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
@@ -472,7 +476,7 @@ class MemoryRead(Bottleneck):
         logit), not taken as 1 − Σ inside: the logits run to thousands at the end of the τ
         schedule, where 1 − Σ would leave only the rounding of the sum.
         """
-        rows = max(1, min(self.chunk, self.fused_threshold // self.num_slots, x.shape[0]))
+        rows = self._chunk_rows(x.shape[0])
         out = []
         for part, part_top, part_slots in zip(x.split(rows), top.split(rows), slots.split(rows)):
             peak = part_top[:, :1]
