@@ -16,6 +16,15 @@ module that does the same job:
     memory_discrete:  the same with the top-k read  the same peer
       top_k=16        of 16 slots per query
     fsq               FSQ                           FSQ(levels, dim=64): the same levels, with projections
+    simvq             SimVQ                         SimVQ(dim=64, rotation_trick=False): frozen basis, learned
+                                                    linear map, codebook + 0.25·commitment loss on both sides
+    lfq               LFQ                           LFQ(dim=64, codebook_size=K, entropy_loss_weight=0.1,
+                                                    commitment_loss_weight=0.25), called with inv_temperature 100
+    bsq               LFQ(spherical=True)           LFQ(spherical=True, ..., commitment_loss_weight=0), called
+                                                    with inv_temperature 1 (BSQ's τ = 1)
+    ibq               IBQ                           no peer (vector-quantize-pytorch has no IBQ): its time is
+                                                    set beside memvae's dense memory read, ``memory_l2:impl=dense``,
+                                                    which computes the same N×K softmax and read (BOUND_RATIOS)
 
 Every VectorQuantize gets dim=64, codebook_size=K, commitment_weight=0.25,
 accept_image_fmap=True and ``rotation_trick=False``: memvae's reads pass the
@@ -82,7 +91,8 @@ MATMUL_CHUNK = 1 << 22  # distances per chunk, as memvae.bottlenecks.functional.
 
 # Rows: packaged config names (src/memvae/configs); each row is that config's [bottleneck]
 # section with slots set to K.
-ROWS = ("vq", "vq_ema", "vq_ema_reseed", "memory_l2", "memory_discrete", "memory_discrete:top_k=16", "fsq")
+ROWS = ("vq", "vq_ema", "vq_ema_reseed", "memory_l2", "memory_discrete", "memory_discrete:top_k=16", "fsq",
+        "simvq", "lfq", "bsq", "ibq", "memory_l2:impl=dense")
 TARGET_SPEEDUP = 3.0
 # Time ratios with a ceiling: (row, against: another row or the distance product alone, ceiling).
 RATIO_TARGETS = (
@@ -93,7 +103,9 @@ RATIO_TARGETS = (
 # Time ratios without a ceiling: what bounds the top-k row. The selection alone (torch.topk of
 # the N×K logits, k per row, in the distance product's chunks) against the row it is part of
 # and against the VQ row that row is held to.
-BOUND_RATIOS = (("top_k_select", "memory_discrete:top_k=16"), ("top_k_select", "vq_ema_reseed"))
+BOUND_RATIOS = (("top_k_select", "memory_discrete:top_k=16"), ("top_k_select", "vq_ema_reseed"),
+                # IBQ (no peer) against the read of the same softmax over all K codes (issue 34).
+                ("ibq", "memory_l2:impl=dense"))
 
 
 # ---------------------------------------------------------------- rows and their peers
@@ -139,11 +151,21 @@ def fsq_levels(cfg: dict) -> list[int]:
     return [int(v) for v in cfg["levels"].split(",")]
 
 
-def peer_spec(cfg: dict, k: int, positions: int) -> dict:
+def peer_spec(cfg: dict, k: int, positions: int) -> dict | None:
     """The vector-quantize-pytorch module that does the same work as the memvae config, for
-    batches of ``positions`` rows (its dead-code threshold is a count, memvae's a fraction of N/K)."""
+    batches of ``positions`` rows (its dead-code threshold is a count, memvae's a fraction of N/K);
+    None for a kind it does not have (IBQ). ``call``: keyword arguments of its forward."""
     if cfg["kind"] == "fsq":
         return {"class": "FSQ", "kwargs": {"levels": fsq_levels(cfg), "dim": DIM, "channel_first": True}}
+    if cfg["kind"] == "ibq":
+        return None
+    if cfg["kind"] == "simvq":
+        return {"class": "SimVQ", "kwargs": {"dim": DIM, "codebook_size": k, "channel_first": True, "rotation_trick": False,
+                                             "input_to_quantize_commit_loss_weight": cfg["commitment"]}}
+    if cfg["kind"] == "lfq":
+        return {"class": "LFQ", "kwargs": {"dim": DIM, "codebook_size": k, "entropy_loss_weight": cfg["entropy_penalty"],
+                                           "commitment_loss_weight": cfg["commitment"], "spherical": cfg["spherical"]},
+                "call": {"inv_temperature": 1.0 / cfg["entropy_temperature"]}}
     kwargs = {"dim": DIM, "codebook_size": k, "commitment_weight": cfg.get("commitment", 0.25),
               "accept_image_fmap": True, "rotation_trick": False}
     gradient_write = cfg["kind"] == "vq" or (cfg["kind"] == "memory" and cfg.get("write", "gradient") == "gradient")
@@ -159,6 +181,8 @@ def peer_spec(cfg: dict, k: int, positions: int) -> dict:
 def peer_name(spec: dict) -> str:
     """A short readable name of a peer module, used as its key in the results."""
     kw = spec["kwargs"]
+    if spec["class"] in ("SimVQ", "LFQ"):
+        return "LFQ(spherical=True)" if kw.get("spherical") else spec["class"]
     if spec["class"] == "FSQ":
         return "FSQ(levels=[" + ",".join(map(str, kw["levels"])) + "])"
     if kw.get("learnable_codebook"):
@@ -197,6 +221,7 @@ def _build(contestant: dict, n: int, k: int, seed: int):
 
         return select, None
     b = n // (SIDE * SIDE)
+    memvae = contestant["side"] == "memvae"
     z = torch.randn(b, DIM, SIDE, SIDE, generator=gen).requires_grad_(True)
     upstream = torch.randn(b, DIM, SIDE, SIDE, generator=gen)
     if contestant["side"] == "memvae":
@@ -208,18 +233,18 @@ def _build(contestant: dict, n: int, k: int, seed: int):
         import vector_quantize_pytorch as vqp
 
         module = getattr(vqp, contestant["peer"]["class"])(**contestant["peer"]["kwargs"])
+    call = {} if memvae else contestant["peer"].get("call", {})
     module.train()
     params = list(module.parameters())
-    memvae = contestant["side"] == "memvae"
 
     def update() -> None:
         z.grad = None
         for p in params:
             p.grad = None
-        out = module(z)
+        out = module(z, **call)
         if memvae:
             quantized, aux = out.quantized, out.loss
-        else:  # VectorQuantize: (quantized, indices, loss); FSQ: (quantized, indices)
+        else:  # VectorQuantize, SimVQ, LFQ: (quantized, indices, loss); FSQ: (quantized, indices)
             quantized, aux = out[0], (out[2] if len(out) > 2 else None)
         loss = (quantized * upstream).sum()
         if aux is not None:
@@ -317,8 +342,11 @@ def plan_rows(row_names: list[str], k: int, config_dir: Path, positions: int) ->
             rows.append({"row": name, "skipped": why})
             continue
         spec = peer_spec(cfg, k, positions)
-        peer = peer_name(spec)
         contestants[f"memvae:{name}"] = {"name": f"memvae:{name}", "side": "memvae", "config": cfg}
+        if spec is None:  # timed alone, for the time ratios
+            rows.append({"row": name, "config": cfg, "peer": None})
+            continue
+        peer = peer_name(spec)
         contestants.setdefault(f"peer:{peer}", {"name": f"peer:{peer}", "side": "peer", "peer": spec})
         rows.append({"row": name, "config": cfg, "peer": peer, "peer_spec": spec})
     if contestants:
@@ -418,7 +446,11 @@ def assemble(b: int, k: int, threads: int, rows: list[dict], timed: dict, memory
     entry["distance_matmul_seconds"], entry["matmul_flops_per_second"] = matmul, rate
     for row in rows:
         out = {key: row[key] for key in ("row", "skipped", "config", "peer", "peer_spec") if key in row}
-        if "skipped" not in row and median:
+        if "skipped" not in row and median and row["peer"] is None:
+            mine = f"memvae:{row['row']}"
+            out.update(memvae_seconds=median[mine], memvae_flops=flops[mine], memvae_peak_bytes=memory[mine].get("peak_bytes"),
+                       bound_seconds=flops[mine] / rate if rate else None)
+        elif "skipped" not in row and median:
             mine, theirs = f"memvae:{row['row']}", f"peer:{row['peer']}"
             out.update(memvae_seconds=median[mine], peer_seconds=median[theirs],
                        speedup=median[theirs] / median[mine], memvae_flops=flops[mine], peer_flops=flops[theirs],

@@ -38,6 +38,20 @@ if os.environ.get("MEMVAE_DATA_DIR"):
     os.environ["MEMVAE_DATA_DIR"] = str(_data_dir())
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (real trainings, torchrun, compare, prior fits; CI runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: a real training, torchrun, compare or prior fit (run with --run-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = _data_dir()

@@ -63,7 +63,7 @@ def test_gradients_reach_encoder_output_and_trained_memory(kind):
     assert z.grad is not None and z.grad.abs().sum() > 0
     for name, param in bottleneck.named_parameters():  # slots trained by gradient get one (EMA slots are buffers)
         assert param.grad is not None and param.grad.abs().sum() > 0, name
-    if kind.startswith("memory"):
+    if kind.startswith("memory") and isinstance(getattr(bottleneck, "log_beta", None), torch.nn.Parameter):
         assert bottleneck.log_beta.grad is not None and bottleneck.log_beta.grad.abs() > 0
 
 
@@ -147,11 +147,24 @@ def test_hard_read_mode_reads_the_argmax_slot():
     assert torch.allclose(hard.quantized, bottleneck.decode_codes(hard.codes))
 
 
-def test_beta_is_positive_and_learned_through_exp():
+def test_beta_is_exp_of_its_parameter_and_exists_only_where_trained():
+    """β = exp(log β): positive however far the gradient pushes log β (a linear β would
+    cross zero and flip the read to the farthest slot), with dβ/dlog β = β. A relative
+    temperature (β from q̄ and τ) or a straight-through encoder gradient leaves nothing to
+    train log β, so it is no parameter there (DDP stops on a parameter without a gradient)."""
     bottleneck = memory_read(K, D, beta_init=3.0)
     assert math.isclose(float(bottleneck.beta().detach()), 3.0, rel_tol=1e-6)
     bottleneck.log_beta.data.fill_(-50.0)
-    assert float(bottleneck.beta().detach()) > 0
+    beta = bottleneck.beta()
+    beta.backward()
+    assert float(beta.detach()) == pytest.approx(math.exp(-50.0), rel=1e-6)
+    assert float(bottleneck.log_beta.grad) == pytest.approx(float(beta), rel=1e-6)
+    assert "log_beta" in dict(bottleneck.named_parameters())
+    relative = memory_read(K, D, temperature="relative", write="hard_ema")
+    assert not hasattr(relative, "log_beta")
+    straight = memory_read(K, D, write="hard_ema", encoder_gradient="straight_through", beta_init=4.0)
+    assert "log_beta" not in dict(straight.named_parameters())
+    assert float(straight.beta()) == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("kind", ["vq_ema", "memory_write"])
@@ -237,7 +250,7 @@ def test_perplexity_counts():
 def test_registry_rejects_unknown_names_with_the_known_ones():
     with pytest.raises(ValueError, match="vq, vq_ema"):
         bottleneck_class("nearest")
-    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq", "none", "residual_vq"}
+    assert set(REGISTRY) == {"vq", "vq_ema", "memory", "fsq", "none", "residual_vq", "mixture", "simvq", "ibq", "lfq"}
 
 
 @pytest.mark.parametrize("shape", [(3, D, 5, 4), (3, 20, D)])
@@ -252,3 +265,38 @@ def test_none_passes_z_through_with_no_loss_and_no_codes(shape):
     assert not bottleneck.discrete and bottleneck.reads == ("continuous",)
     with pytest.raises(ValueError, match="width D = 8"):
         bottleneck(torch.randn(2, D + 1, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["vq_ema", "memory_ema", "residual_vq"])
+def test_random_slots_start_moving_averages_that_agree_with_them(kind):
+    """init="random": one training forward leaves every slot that no vector chose where it
+    was (up to the Laplace smoothing, relative 1e-4) and moves each chosen slot toward the
+    mean of its vectors, by 1 − γ of the way (its count was 1). Counts of 0 beside sums
+    equal to the slots once divided unchosen slots by about ε (norm 10 became 985,666)."""
+    from memvae.bottlenecks import ResidualVQ
+
+    if kind == "vq_ema":
+        bottleneck = VectorQuantizerEMA(512, 64, init="random")
+    elif kind == "memory_ema":
+        bottleneck = memory_read(512, 64, init="random", temperature="relative", write="hard_ema",
+                                 encoder_gradient="straight_through")
+    else:
+        bottleneck = ResidualVQ(512, 64, stages=2, init="random")
+    layer = bottleneck.layers[0] if kind == "residual_vq" else bottleneck
+    before = layer.memory.clone()
+    z = torch.randn(32, 64, 8, 8)
+    codes = bottleneck.train()(z).codes
+    codes = codes[..., 0] if kind == "residual_vq" else codes
+    x = z.permute(0, 2, 3, 1).reshape(-1, 64)
+    chosen = torch.unique(codes.reshape(-1))
+    unchosen = torch.ones(512, dtype=torch.bool)
+    unchosen[chosen] = False
+    assert unchosen.any() and chosen.numel() > 10
+    torch.testing.assert_close(layer.memory[unchosen], before[unchosen], rtol=1e-4, atol=1e-6)
+    for slot in chosen[:20].tolist():
+        vectors = x[codes.reshape(-1) == slot]
+        # m ← (γ·m + (1−γ)·Σx) / (γ + (1−γ)·n): the moving average of one earlier count and these n
+        n, gamma = vectors.shape[0], 0.99
+        expected = (gamma * before[slot] + (1 - gamma) * vectors.sum(0)) / (gamma + (1 - gamma) * n)
+        torch.testing.assert_close(layer.memory[slot], expected, rtol=1e-3, atol=1e-4)
+    assert layer.memory.norm(dim=1).max() <= before.norm(dim=1).max() * 1.01

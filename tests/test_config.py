@@ -80,7 +80,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         ("train.compile=maybe", "expects bool"),
         ("train.lr=-0.001", "must be > 0"),
         ("bottleneck.slots=0", "must be > 0"),
-        ("bottleneck.kind=nearest", "must be one of fsq, memory, none, residual_vq, vq, vq_ema"),
+        ("bottleneck.kind=nearest", "must be one of fsq, ibq, lfq, memory, mixture, none, residual_vq, simvq, vq, vq_ema"),
         ("bottleneck.kind=memory,bottleneck.similarity=dot", "'bottleneck.similarity' must be one of l2, cosine"),
         ("bottleneck.kind=vq_ema,bottleneck.decay=1.5", r"'bottleneck.decay' must be in \(0, 1\)"),
         ("bottleneck.kind=memory,bottleneck.top_k=600", "top_k must be between 0 .dense. and the 512 slots"),

@@ -24,30 +24,93 @@ from memvae import config as C
 from memvae.checkpoint import load_latest
 from memvae.metrics import MetricsLog
 
+pytestmark = pytest.mark.slow  # a torchrun launch of two processes and every packaged config
+
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "src" / "memvae" / "configs"
 STEPS = 6
 COMMON = [
     f"train.steps={STEPS}", "train.log_every=2", f"train.eval_every={STEPS}", "train.checkpoint_every=3",
     "train.batch_size=32", "train.lr=1e-3", "train.threads=1", "train.device=cpu", "data.eval_images=100",
 ]
-RUNS = {
-    "vq": ["bottleneck.kind=vq"],
-    # Random slots: the data initialisation draws them from rank 0's share of the batch
-    # only (see test_data_initialisation_matches_one_process).
-    "vq_ema": ["bottleneck.kind=vq_ema", "bottleneck.init=random"],
-    "memory": ["bottleneck.kind=memory", "bottleneck.beta_init=2.0"],
+SMALL = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16"]
+# Every packaged config as it is (its bottleneck, slots and options), on small networks;
+# the list grows with the packaged configs by itself.
+PACKAGED = sorted(path.stem for path in CONFIGS.glob("*.toml"))
+EXTRA = {
+    "vq_ema_random": ["bottleneck.kind=vq_ema", "bottleneck.init=random"],
     "vq_ema_data": ["bottleneck.kind=vq_ema", "bottleneck.init=data"],
 }
-RESUMED = "vq_ema"  # the case also run as stop at update 3 + resume
+RUNS = [*PACKAGED, *EXTRA]
+RESUMED = "memory_discrete"  # the case also run as stop at update 3 + resume
+RESEEDED = ("bottleneck.memory", "bottleneck.embed_sum", "bottleneck.cluster_size")  # see test_two_processes_match_one
+BAD_UPDATE = 3  # the update whose gradient is made infinite on rank 1 only
 
 
-def config(name: str) -> C.Config:
-    return C.load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", [*COMMON, *RUNS[name], f"name={name}"])
+def config(name: str, *more: str) -> C.Config:
+    if name in EXTRA:
+        return C.load_config(CONFIGS / "smoke.toml", [*COMMON, *EXTRA[name], f"name={name}", *more])
+    return C.load_config(CONFIGS / f"{name}.toml", [*COMMON, *SMALL, f"name={name}", *more])
+
+
+COLLECTIVE = ("vq_ema_reseed", "memory_discrete", "residual_vq")  # re-seed from the global batch
+SHARES = ("split", "empty")  # rank r holds images r, r + 2, ...; or rank 1 holds none
+
+
+def collective_bottlenecks() -> dict:
+    """Bottlenecks that join collectives in training (moving averages, re-seeding, q̄), small."""
+    from memvae.bottlenecks import bottleneck_class
+
+    made = {}
+    for name in COLLECTIVE:
+        b = C.load_config(CONFIGS / f"{name}.toml", ["bottleneck.slots=64"]).bottleneck
+        made[name] = bottleneck_class(b.kind).from_config(b, 16).train()
+    return made
+
+
+def batches(share: str, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """Six training batches of 8×8 maps (spread like early encoder outputs), this rank's share."""
+    out = []
+    for i in range(6):
+        z = 0.3 * torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(i))
+        out.append(z[rank::world] if share == "split" else (z if rank == 0 else z[:0]))
+    return out
+
+
+def run_collective(out: Path, rank: int, world: int) -> None:
+    """Each collective bottleneck trained on its shares; rank 0 saves the state."""
+    for share in SHARES:
+        torch.manual_seed(0)
+        for name, bottleneck in collective_bottlenecks().items():
+            for z in batches(share, rank, world):
+                bottleneck(z)
+            if rank == 0:
+                torch.save(bottleneck.state_dict(), out / f"{share}-{name}.pt")
+
+
+def infinite_gradient_on_rank_one(rank: int):
+    """Patch the encoder so that rank 1's gradient is infinite at update BAD_UPDATE (its loss finite)."""
+    from memvae.nets import Encoder
+
+    real, calls = Encoder.forward, {"n": 0}
+
+    def forward(self, x):
+        z = real(self, x)
+        if self.training:
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == BAD_UPDATE:
+                z.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return z
+
+    Encoder.forward = forward
+    return lambda: setattr(Encoder, "forward", real)
 
 
 def worker(out: Path) -> None:
-    """What each torchrun process does: every case on two processes, then the resume."""
+    """What each torchrun process does: every case on two processes, the resume, an empty
+    share on one rank, an infinite gradient on one rank."""
     from memvae.data import load_cifar10
+    from memvae.errors import MemvaeError
     from memvae.train import train
 
     data = load_cifar10(download=False)  # $MEMVAE_DATA_DIR, set by the test
@@ -56,6 +119,17 @@ def worker(out: Path) -> None:
     cfg = config(RESUMED)
     train(cfg, out / "resumed-ddp", show_progress=False, stop_after=3, data=data)
     train(cfg, out / "resumed-ddp", resume=True, show_progress=False, data=data)
+    rank = torch.distributed.get_rank()
+    run_collective(out, rank, torch.distributed.get_world_size())
+    restore = infinite_gradient_on_rank_one(rank)
+    try:
+        train(config("vq_ema_reseed"), out / "inf-grad-ddp", show_progress=False, data=data)
+        message = "trained on"
+    except MemvaeError as exc:
+        message = str(exc)
+    finally:
+        restore()
+    (out / f"inf-grad-rank{rank}.txt").write_text(message)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +143,9 @@ def runs(tmp_path_factory, data_dir, cifar) -> Path:
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--worker", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (out / "torchrun.log").write_text(proc.stdout + proc.stderr)
 
     from memvae.train import train
 
@@ -93,7 +168,8 @@ def records(run_dir: Path) -> list[dict]:
     return MetricsLog(run_dir / "metrics.jsonl").read()
 
 
-def assert_same_model(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, max_fraction: float = 0.01) -> None:
+def assert_same_model(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, max_fraction: float = 0.01,
+                      skip: tuple[str, ...] = ()) -> None:
     """Two checkpoints' models agree: at most ``max_fraction`` of all parameter and buffer
     entries differ by more than atol + rtol·|b|.
 
@@ -110,6 +186,8 @@ def assert_same_model(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, 
     differing, total, worst = 0, 0, []
     for key, tensor in a["model"].items():
         other = b["model"][key]
+        if any(key.endswith(name) for name in skip):
+            continue
         if not tensor.is_floating_point():
             assert torch.equal(tensor, other), key
         else:
@@ -137,24 +215,45 @@ def assert_written_once(run_dir: Path) -> None:
     assert json.loads((run_dir / "meta.json").read_text())["world_size"] == 2
 
 
-@pytest.mark.parametrize("name", ["vq", "vq_ema", "memory"])
+@pytest.mark.parametrize("name", RUNS)
 def test_two_processes_match_one(runs, name):
+    """Same networks, same log. A model that re-seeds slots draws them with probability ∝
+    distance, which is not continuous in the encoder outputs: Adam turns float rounding
+    into differences of 1e-4 in a few weights, and then a draw near a boundary of the
+    cumulative distribution takes another vector (measured: about 156 of memory_discrete's
+    512 slots differ after six updates, while its NMSE agrees to 1e-5). Its slot buffers are left out here; that the draw
+    is the one a single process makes, fed the same vectors, is
+    test_collective_bottlenecks_match_one_process."""
     ddp, single = runs / f"{name}-ddp", runs / f"{name}-single"
     assert_written_once(ddp)
-    assert_same_model(final_state(ddp), final_state(single))
+    if getattr(config(name).bottleneck, "reseed_fraction", 0) > 0:
+        # Other slots then give the networks other gradients (measured: 5.8 % of
+        # memory_discrete's and 2.7 % of vq_ema_reseed's network entries off by > 1e-4).
+        assert_same_model(final_state(ddp), final_state(single), max_fraction=0.1, skip=RESEEDED)
+    else:
+        assert_same_model(final_state(ddp), final_state(single))
     assert_same_log(records(ddp), records(single), rtol=1e-4)
 
 
-def test_training_moved_the_model(runs):
-    """The comparisons mean something: six updates changed the weights and the slots."""
+def test_no_warning_from_ddp(runs):
+    """DDP's gradient buckets match the parameters' strides (no copy per update)."""
+    log = (runs / "torchrun.log").read_text()
+    assert "Grad strides do not match bucket view strides" not in log
+    assert "find_unused_parameters" not in log
+
+
+def test_training_moved_the_model_and_kept_it_bounded(runs):
+    """The comparisons mean something: six updates changed the weights and the slots, and
+    no slot ran away (random slots once left vq_ema's moving averages dividing by ε)."""
     from memvae.model import Autoencoder
 
-    for name in ("vq_ema", "memory"):
+    for name in ("vq_ema_random", "memory_discrete", "vq_ema_reseed"):
         torch.manual_seed(config(name).train.seed)
         start = Autoencoder.from_config(config(name)).state_dict()
         end = final_state(runs / f"{name}-ddp")["model"]
-        for key in ("encoder.net.0.weight", "bottleneck.memory"):
-            assert (end[key] - start[key]).abs().max() > 1e-3, (name, key)
+        assert (end["encoder.net.0.weight"] - start["encoder.net.0.weight"]).abs().max() > 1e-3, name
+        assert (end["bottleneck.memory"] - start["bottleneck.memory"]).abs().max() > 1e-3, name
+        assert end["bottleneck.memory"].norm(dim=1).max() < 2 * max(1.0, float(start["bottleneck.memory"].norm(dim=1).max())), name
 
 
 def test_resume_on_two_processes(runs):
@@ -162,13 +261,40 @@ def test_resume_on_two_processes(runs):
     resumed = runs / "resumed-ddp"
     assert_written_once(resumed)
     assert_same_model(final_state(resumed), final_state(runs / f"{RESUMED}-ddp"), atol=1e-6, rtol=1e-6, max_fraction=0)
-    assert_same_model(final_state(resumed), final_state(runs / f"{RESUMED}-single"))
+    assert_same_model(final_state(resumed), final_state(runs / f"{RESUMED}-single"), max_fraction=0.1, skip=RESEEDED)
     assert_same_log(records(resumed), records(runs / f"{RESUMED}-single"), rtol=1e-4)
 
 
-def test_data_initialisation_matches_one_process(runs):
-    ddp, single = runs / "vq_ema_data-ddp", runs / "vq_ema_data-single"
-    assert_same_model(final_state(ddp), final_state(single))
+@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("name", COLLECTIVE)
+def test_collective_bottlenecks_match_one_process(runs, name, share):
+    """Fed the same vectors, two processes keep the moving averages, re-seeded slots and q̄
+    of one process reading the whole batch, to float rounding: re-seeding draws from the
+    gathered global batch. "empty": rank 1 held no positions at all, and neither hung (the
+    torchrun finished) nor changed what rank 0's positions alone give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the draw ∝ distance must see the same rounding
+    try:
+        torch.manual_seed(0)
+        made = collective_bottlenecks()  # built in the workers' order: the same random slots
+        for other, bottleneck in made.items():
+            for z in batches(share):
+                bottleneck(z)
+            if other == name:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    ddp = torch.load(runs / f"{share}-{name}.pt", weights_only=True)
+    for key, value in bottleneck.state_dict().items():
+        torch.testing.assert_close(ddp[key], value, msg=key)
+
+
+def test_an_infinite_gradient_on_one_rank_stops_both(runs):
+    """Rank 1's gradient alone was infinite at update 3 (the loss finite): both ranks saw it
+    through DDP's reduction and stopped there, naming the update."""
+    for rank in (0, 1):
+        message = (runs / f"inf-grad-rank{rank}.txt").read_text()
+        assert f"a gradient is not finite" in message and f"at update {BAD_UPDATE}; stopped" in message, message
 
 
 if __name__ == "__main__":

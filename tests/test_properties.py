@@ -177,6 +177,10 @@ def _valid_value(key: str, kind: str):
         return st.text(min_size=1, max_size=30).filter(lambda s: "/" not in s and "\\" not in s)
     if key.startswith("bottleneck.") and name in options.OPEN_UNIT:
         return st.floats(min_value=1e-6, max_value=1 - 1e-6)
+    if key == "bottleneck.slots" and kind == "lfq":  # K = 2^L: its own tests cover that rule
+        return st.integers(1, 62).map(lambda bits: 2 ** bits)
+    if kind == "mixture" and name in ("k", "levels", "slots"):  # k ≤ K and the code count: tests/test_mixture.py
+        return {"k": st.integers(1, 4), "levels": st.integers(1, 64), "slots": st.integers(4, 2**20)}[name]
     if key == "bottleneck.top_k":  # at most the slots: its own tests cover that rule
         return st.integers(0, 64)
     if field_type == "int":

@@ -527,6 +527,48 @@ def test_a_skipped_update_leaves_no_trace(tmp_path, small_cifar, nan_at_update, 
     assert any(not torch.equal(final["model"][k], after["model"][k]) for k in after["model"])
 
 
+@pytest.fixture
+def inf_gradient_at_update(monkeypatch):
+    """Make the encoder output's gradient infinite at training forward number ``n``, its
+    loss staying finite (an overflow in the backward pass): returns a setter."""
+    real = Encoder.forward
+    target = {"n": None, "calls": 0}
+
+    def forward(self, x):
+        z = real(self, x)
+        if self.training:
+            target["calls"] += 1
+            if target["calls"] == target["n"]:
+                z.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return z
+
+    monkeypatch.setattr(Encoder, "forward", forward)
+    return lambda n: target.update(n=n, calls=0)
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_not_applied(tmp_path, small_cifar, inf_gradient_at_update):
+    """The guard checks the gradients too: update 8's loss is finite, its gradient is not;
+    skip mode leaves weights, Adam's state and moving averages as after update 7, and stop
+    mode names the update and the gradient."""
+    cfg = smoke("train.steps=8", "train.log_every=4", "train.eval_every=8", "train.checkpoint_every=100",
+                "bottleneck.kind=vq_ema", "train.on_nonfinite=skip")
+    inf_gradient_at_update(None)
+    train(cfg, tmp_path / "seven", show_progress=False, data=small_cifar, stop_after=7)
+    inf_gradient_at_update(8)
+    train(cfg, tmp_path / "skip8", show_progress=False, data=small_cifar)
+    before, after = load_latest(tmp_path / "seven" / "checkpoints"), load_latest(tmp_path / "skip8" / "checkpoints")
+    assert after["step"] == 8
+    for key in before["model"]:
+        assert torch.equal(before["model"][key], after["model"][key]), key
+    assert [r["skipped"] for r in read_metrics(tmp_path / "skip8") if r["kind"] == "train"] == [0, 1]
+
+    inf_gradient_at_update(5)
+    stop = smoke("train.steps=8", "train.checkpoint_every=4", "bottleneck.kind=vq_ema")
+    with pytest.raises(MemvaeError, match=r"a gradient is not finite \(loss [0-9.]+\) at update 5; stopped"):
+        train(stop, tmp_path / "stop", show_progress=False, data=small_cifar)
+    assert load_latest(tmp_path / "stop" / "checkpoints")["step"] == 4
+
+
 def test_a_nan_in_stop_mode_names_the_update_and_keeps_the_checkpoint(tmp_path, small_cifar, nan_at_update):
     nan_at_update(7)
     cfg = smoke("train.steps=16", "train.checkpoint_every=5", "bottleneck.kind=vq_ema")

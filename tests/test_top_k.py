@@ -53,7 +53,8 @@ def update(read: MemoryRead, z: torch.Tensor, upstream: torch.Tensor):
     out = read(z)
     ((out.quantized * upstream).sum() + out.loss).backward()
     memory_grad = read.memory.grad if isinstance(read.memory, torch.nn.Parameter) else None
-    return out, z.grad, memory_grad, read.log_beta.grad
+    beta_grad = read.log_beta.grad if isinstance(getattr(read, "log_beta", None), torch.nn.Parameter) else None
+    return out, z.grad, memory_grad, beta_grad
 
 
 def inputs(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ evaluates, saves a checkpoint or stops (see :meth:`Trainer.settle`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -36,7 +37,7 @@ from memvae.errors import MemvaeError
 from memvae.evaluate import evaluate_read
 from memvae.metrics import MetricsLog, nmse, progress_line
 from memvae.model import Autoencoder, AutoencoderOutput
-from memvae.runs import config_mismatch, environment, with_update_count
+from memvae.runs import config_mismatch, environment, with_update_count, without_untrained_parameters
 
 
 def resolve_device(name: str) -> torch.device:
@@ -234,7 +235,7 @@ class NonfiniteGuard:
     Each update takes its backward pass and Adam step whatever the loss; then, in place,
     ``torch.where(ok, new, old)`` puts back the weights, Adam's state and the buffers the
     forward pass wrote (moving-average slots, data initialisation) wherever ``ok`` (the
-    loss finite on every rank) is false. A finite update is untouched, to the bit. In stop
+    loss and the gradients finite on every rank) is false. A finite update is untouched, to the bit. In stop
     mode (``train.on_nonfinite = "stop"``) ``ok`` stays false after the first bad update,
     so the model stays as it was before it until the loop reads the flags
     (:meth:`first_bad`, at the next log, evaluation, checkpoint or stop) and stops.
@@ -253,8 +254,14 @@ class NonfiniteGuard:
         self._saved: list[torch.Tensor] = []  # weights and Adam's state before the current step
 
     def ok(self, loss: torch.Tensor) -> torch.Tensor:
-        """Device bool: apply this update (``loss`` finite on every rank; in stop mode, and no bad one before)."""
+        """Device bool, after the backward pass: apply this update (``loss`` and every gradient
+        finite on every rank; in stop mode, and no bad one before). The gradients are checked
+        by one reduction of their norms on the device: a finite loss can still give an
+        infinite gradient (an overflow in the backward pass)."""
         ok = torch.isfinite(loss.detach())
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         if self.ranks.world > 1:
             ok = self.ranks.min_(ok.to(torch.int32)).bool()
         if self.stop:
@@ -304,6 +311,15 @@ class NonfiniteGuard:
         return {"step": update, **{k: float(v) for k, v in measures.items()}, "batch_indices": indices}
 
 
+def _in_parameter_layout(p: torch.Tensor):
+    """A gradient hook giving ``p``'s gradient ``p``'s strides. The convolution backward
+    gives a 1×1 kernel's weight gradient strides (8, 1, 8, 8) where the weight has
+    (8, 1, 1, 1): the same layout to autograd (the strides of size-1 dimensions do not
+    count), a mismatch to DDP's buckets, which copy it and warn at every run."""
+    strides = p.stride()
+    return lambda g: g if g.stride() == strides else g.clone(memory_format=torch.contiguous_format)
+
+
 # ------------------------------------------------------------------ one update, and its state
 class Trainer:
     """What changes as training goes (model, Adam, batch order, update count, interval
@@ -339,7 +355,11 @@ class Trainer:
     def wrap(self) -> None:
         """DDP and torch.compile, after any restore (DDP broadcasts rank 0's weights)."""
         if self.ranks.world > 1:
-            self.networks = torch.nn.parallel.DistributedDataParallel(self.model)
+            # No buffer broadcast: the bottlenecks keep their buffers equal on every rank
+            # themselves (moving averages summed, draws from the global batch).
+            self.networks = torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+            for p in self.model.parameters():
+                p.register_hook(_in_parameter_layout(p))
         if self.cfg.train.compile:
             self.model.encoder.compile()
             self.model.decoder.compile()
@@ -355,9 +375,9 @@ class Trainer:
         buffers = self.guard.buffers()
         with self.autocast:
             out = self.networks(x)
-        ok = self.guard.ok(out.loss)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        ok = self.guard.ok(out.loss)
         self.guard.step(ok, buffers)
         self.meter.add(out, ok)
         self.step += 1
@@ -388,7 +408,10 @@ class Trainer:
         save(self, final)
 
     def evaluate(self) -> dict:
-        """The eval record: the model's read on the fixed held-out subset of the test set."""
+        """The eval record: the model's read on the fixed held-out subset of the test set,
+        on rank 0 only (the others, which write nothing, get the bare record)."""
+        if not self.ranks.is_main:
+            return {"kind": "eval", "step": self.step}
         result = evaluate_read(self.model, self.eval_images, self.variance, device=self.device)
         self.model.train()
         return {"kind": "eval", "step": self.step, **{f"eval_{k}": v for k, v in result.items()}}
@@ -417,8 +440,9 @@ class Trainer:
         problem = config_mismatch(state["config"], self.cfg)
         if problem:
             raise MemvaeError(f"checkpoint {path} is from a different model configuration ({problem})")
-        self.model.load_state_dict(with_update_count(state["model"], self.model, int(state["step"])))
-        self.optimizer.load_state_dict(state["optimizer"])
+        weights, optimizer = without_untrained_parameters(state, self.model)
+        self.model.load_state_dict(with_update_count(weights, self.model, int(state["step"])))
+        self.optimizer.load_state_dict(optimizer)
         for group in self.optimizer.param_groups:  # the config's rate, not the saved one: a resumed
             group["lr"] = self.cfg.train.lr  # run may change train.lr, and config.toml says it did
         self.batcher.load_state_dict(state["batcher"])
@@ -448,8 +472,9 @@ class Trainer:
                 where = f"; the model before this update and the batch are in {path}"
             except (OSError, RuntimeError):  # a full disk must not hide the message below
                 path.unlink(missing_ok=True)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"a gradient is not finite (loss {loss:.4g})"
         raise MemvaeError(
-            f"loss is {loss} at update {step}; stopped (the last good checkpoint is kept{where}); "
+            f"{what} at update {step}; stopped (the last good checkpoint is kept{where}); "
             "lower train.lr, or set train.on_nonfinite=skip to skip such updates"
         )
 

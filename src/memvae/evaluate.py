@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
-from memvae.bottlenecks.functional import code_counts, perplexity_from_counts
+from memvae.bottlenecks.functional import perplexity_from_counts
 from memvae.data import to_input, to_uint8
 from memvae.metrics import nmse, psnr
 from memvae.model import Autoencoder
@@ -25,7 +25,7 @@ def evaluate_read(
     """
     model.eval()
     k = model.bottleneck.num_slots
-    counts = torch.zeros(max(k, 1) * model.bottleneck.stages, dtype=torch.int64, device=device)
+    counts = None  # the bottleneck's slot counts (S·K for S stages of K slots), summed over batches
     sq_error, pixels, positions = 0.0, 0, 0
     sums: dict[str, float] = {}
     for batch in images.split(batch_size):
@@ -36,9 +36,8 @@ def evaluate_read(
         if out.bottleneck.codes is None:  # the continuous control: no codes to count
             continue
         codes = out.bottleneck.codes
-        if codes.dim() == x.dim():  # B×h×w×S: S stages of K slots each, counted as S·K slots
-            codes = codes + torch.arange(codes.shape[-1], device=codes.device) * k
-        counts += code_counts(codes, counts.numel())
+        batch_counts = model.bottleneck.slot_counts(codes)
+        counts = batch_counts if counts is None else counts + batch_counts
         n = codes.numel()
         positions += n
         for key in model.bottleneck.averaged_metrics:
@@ -52,6 +51,7 @@ def evaluate_read(
         "psnr": psnr(mse),
     }
     if k:
+        counts = counts if counts is not None else torch.zeros(1, dtype=torch.int64)  # no images: no slot read
         result["perplexity"] = float(perplexity_from_counts(counts))
         result["slots_used"] = int((counts > 0).sum())
     for key, name in model.bottleneck.averaged_metrics.items():

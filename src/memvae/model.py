@@ -63,5 +63,7 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """B×h×w slot indices -> B×3×H×W images (each position reads its slot's row)."""
+        """The bottleneck's codes -> B×3×H×W images: B×h×w slot indices (each position reads
+        its slot's row), or B×h×w×S (residual VQ's S stages; a mixture's k slot indices and
+        grid index), decoded by the bottleneck's own ``decode_codes``."""
         return self.decoder(self.bottleneck.decode_codes(codes))

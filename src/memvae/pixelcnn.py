@@ -97,9 +97,15 @@ class GatedPixelCNN(nn.Module):
             as many columns to the left; 8×8 maps need about 8 layers with k = 3 for
             every position to see all its predecessors.
         kernel: odd kernel size k of the masked convolutions.
+        symbol_ranges: None (every index may take any of the K values), or, for maps whose
+            columns hold S kinds of symbol in turn (column j holds kind j mod S), S pairs
+            (first, size): kind s takes the values [first, first + size) of the K. The logits
+            of the other values are −∞ there, so the likelihood puts no mass on indices a
+            column cannot hold (a mixture's slot indices and grid index, memvae.prior).
     """
 
-    def __init__(self, num_slots: int, width: int = 64, layers: int = 8, kernel: int = 3):
+    def __init__(self, num_slots: int, width: int = 64, layers: int = 8, kernel: int = 3,
+                 symbol_ranges: list[tuple[int, int]] | None = None):
         super().__init__()
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
@@ -109,6 +115,15 @@ class GatedPixelCNN(nn.Module):
         self.embed = nn.Embedding(num_slots, width)
         self.layers = nn.ModuleList(GatedLayer(width, kernel, first=(i == 0)) for i in range(layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(), nn.Conv2d(width, num_slots, 1))
+        self.symbol_ranges = None if symbol_ranges is None else [(int(a), int(b)) for a, b in symbol_ranges]
+        if self.symbol_ranges is not None:
+            if any(first < 0 or size < 1 or first + size > num_slots for first, size in self.symbol_ranges):
+                raise ValueError(f"symbol_ranges must lie in [0, {num_slots}), got {symbol_ranges}")
+            allowed = torch.zeros(len(self.symbol_ranges), num_slots, dtype=torch.bool)
+            for kind, (first, size) in enumerate(self.symbol_ranges):
+                allowed[kind, first:first + size] = True
+            # Not saved: it follows from symbol_ranges, which a prior's checkpoint keeps.
+            self.register_buffer("allowed", allowed, persistent=False)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: B×h×w int64 in [0, K) -> logits B×K×h×w, where the logits at (i, j)
@@ -117,7 +132,11 @@ class GatedPixelCNN(nn.Module):
         v, h = x, x
         for layer in self.layers:
             v, h = layer(v, h)
-        return self.head(h)
+        logits = self.head(h)
+        if self.symbol_ranges is None:
+            return logits
+        kinds = torch.arange(codes.shape[2], device=codes.device) % len(self.symbol_ranges)
+        return logits.masked_fill(~self.allowed[kinds].t()[None, :, None, :], float("-inf"))  # K×w -> 1×K×1×w
 
     def nll(self, codes: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood in nats per index of B×h×w codes (scalar)."""

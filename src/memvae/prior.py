@@ -10,7 +10,8 @@ Layout inside a run directory::
     prior/metrics.jsonl    "train" records (bits per index) and "eval" records (on
                            the first ``eval_maps`` test maps)
     prior/checkpoints/     memvae.checkpoint files: {"model", "optimizer", "step",
-                           "options", "num_slots", "map_shape", "model_step"}
+                           "options", "num_slots", "map_shape", "model_step"} (and
+                           "symbol_ranges" for codes of several kinds of symbol)
     prior/eval.json        test NLL of the final prior on the test maps
 
 The prior is tied to the run's checkpoint it was fitted on (``model_step``): if the run
@@ -54,6 +55,10 @@ def extract_codes(model: Autoencoder, images: torch.Tensor, batch_size: int = 50
     side by side, so that the PixelCNN's raster order reads stage s of a position after its
     stages < s and after every earlier position (:func:`stages_from_map` undoes it).
 
+    A code whose symbols take different values (a mixture's k slot indices in [0, K) and its
+    grid index in [0, C)) is written in the prior's vocabulary (:func:`symbol_ranges`):
+    symbol s of a position shifted to its own range; :func:`codes_from_map` undoes both.
+
     The model runs in eval mode, so a memory model reads with its evaluation read; its
     codes are the argmax weights either way. The model's mode is restored afterwards.
     """
@@ -64,12 +69,45 @@ def extract_codes(model: Autoencoder, images: torch.Tensor, batch_size: int = 50
     finally:
         model.train(was_training)
     codes = torch.cat(maps)
+    ranges = symbol_ranges(model.bottleneck)
+    if ranges is not None:
+        codes = codes + torch.tensor([first for first, _ in ranges])
     return codes.flatten(2) if codes.dim() == 4 else codes
+
+
+def symbol_ranges(bottleneck) -> list[tuple[int, int]] | None:
+    """The prior's vocabulary for a bottleneck's codes: None when every symbol of a position
+    takes the same K values (one code, or residual VQ's stages: the vocabulary is K), else
+    (first, size) per symbol of a position, each symbol its own range of the vocabulary
+    Σ sizes, in order (a mixture: k ranges of K slot indices, then one of C grid indices).
+    The PixelCNN gives each column only its symbol's range, so its NLL is the cost of the
+    codes themselves, with no mass on values a symbol cannot take."""
+    sizes = bottleneck.symbol_sizes()
+    if len(set(sizes)) == 1:
+        return None
+    firsts = [sum(sizes[:s]) for s in range(len(sizes))]
+    return list(zip(firsts, sizes))
+
+
+def vocabulary(bottleneck) -> int:
+    """The number of values a prior over ``bottleneck``'s codes models (see :func:`symbol_ranges`)."""
+    ranges = symbol_ranges(bottleneck)
+    return bottleneck.num_slots if ranges is None else sum(size for _, size in ranges)
 
 
 def stages_from_map(codes: torch.Tensor, stages: int) -> torch.Tensor:
     """N×h×(w·S) -> N×h×w×S, the inverse of :func:`extract_codes`' layout (S = 1: unchanged)."""
     return codes if stages == 1 else codes.view(codes.shape[0], codes.shape[1], -1, stages)
+
+
+def codes_from_map(codes: torch.Tensor, bottleneck) -> torch.Tensor:
+    """A map in the prior's vocabulary (:func:`extract_codes`) -> the bottleneck's own codes,
+    N×h×w or N×h×w×S, ready for its ``decode_codes``."""
+    codes = stages_from_map(codes, bottleneck.stages)
+    ranges = symbol_ranges(bottleneck)
+    if ranges is not None:
+        codes = codes - torch.tensor([first for first, _ in ranges], device=codes.device)
+    return codes
 
 
 @torch.no_grad()
@@ -84,12 +122,24 @@ def nll_bits(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int = 500, d
     return bits(total / count)
 
 
-def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, num_slots: int) -> float:
+def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, num_slots: int,
+                 ranges: list[tuple[int, int]] | None = None) -> float:
     """Bits per index of the test codes under the training codes' slot frequencies
-    (add-one smoothed): the baseline a prior that models context must beat."""
-    counts = torch.bincount(train_codes.reshape(-1), minlength=num_slots).double() + 1.0
-    logp = (counts / counts.sum()).log()
-    return bits(float(-logp[test_codes.reshape(-1)].mean()))
+    (add-one smoothed): the baseline a prior that models context must beat. With
+    ``ranges`` (:func:`symbol_ranges`) each kind of symbol (column j mod S) has its own
+    frequencies over its own range."""
+    if ranges is None:
+        counts = torch.bincount(train_codes.reshape(-1), minlength=num_slots).double() + 1.0
+        logp = (counts / counts.sum()).log()
+        return bits(float(-logp[test_codes.reshape(-1)].mean()))
+    total, count = 0.0, 0
+    for kind, (first, size) in enumerate(ranges):
+        train_s = train_codes[..., kind::len(ranges)].reshape(-1) - first
+        test_s = test_codes[..., kind::len(ranges)].reshape(-1) - first
+        counts = torch.bincount(train_s, minlength=size).double() + 1.0
+        total += float(-(counts / counts.sum()).log()[test_s].sum())
+        count += test_s.numel()
+    return bits(total / count)
 
 
 def prior_dir(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
@@ -160,7 +210,11 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     say({"kind": "stage", "text": f"encoding {len(train_images)} training and {len(test_images)} test images to slot maps"})
     train_codes = extract_codes(model, train_images, options.extract_batch, device)
     test_codes = extract_codes(model, test_images, options.extract_batch, device)
-    num_slots, map_shape = model.bottleneck.num_slots, list(train_codes.shape[1:])
+    num_slots, map_shape = vocabulary(model.bottleneck), list(train_codes.shape[1:])
+    ranges = symbol_ranges(model.bottleneck)
+    meta = {"num_slots": num_slots, "map_shape": map_shape, "model_step": int(state["step"])}
+    if ranges is not None:
+        meta["symbol_ranges"] = [list(r) for r in ranges]
     first = 0 if saved is None else int(saved["step"])
     say({"kind": "stage", "text": f"fitting the PixelCNN prior: updates {first + 1} to {options.steps} of {options.batch_size} maps"})
 
@@ -169,9 +223,8 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     ranks = Distributed.single(device)
-    t = PriorTrainer(GatedPixelCNN(num_slots, options.width, options.layers, options.kernel).to(device), options,
-                     train_codes, test_codes[: options.eval_maps or None], out_dir, ranks,
-                     {"num_slots": num_slots, "map_shape": map_shape, "model_step": int(state["step"])})
+    t = PriorTrainer(GatedPixelCNN(num_slots, options.width, options.layers, options.kernel, ranges).to(device), options,
+                     train_codes, test_codes[: options.eval_maps or None], out_dir, ranks, meta)
     if saved is not None:
         t.load_state_dict(saved)
     log = PriorLog(out_dir / "metrics.jsonl", t.step, progress)
@@ -195,8 +248,11 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
         "map_shape": map_shape,
         "bits_per_index": per_index,
         "bits_per_image": positions * per_index,
-        "uniform_bits_per_index": math.log2(num_slots),
-        "unigram_bits_per_index": unigram_bits(train_codes, test_codes, num_slots),
+        # A uniform law over each symbol's own values (one vocabulary of K: log2 K).
+        "uniform_bits_per_index": (math.log2(num_slots) if ranges is None
+                                   else sum(math.log2(size) for _, size in ranges) / len(ranges)),
+        "unigram_bits_per_index": unigram_bits(train_codes, test_codes, num_slots, ranges),
+        **({"symbol_ranges": meta["symbol_ranges"]} if ranges is not None else {}),
         "skipped_updates": t.skipped,
         "options": dataclasses.asdict(options),
     }
@@ -232,7 +288,8 @@ class PriorTrainer:
     (:class:`memvae.engine.NonfiniteGuard`). No update reads from the device.
 
     ``codes``: int64 N×h×w training maps (moved to the prior's device once); ``eval_codes``:
-    the test maps of the "eval" records; ``meta``: num_slots, map_shape, model_step, kept in
+    the test maps of the "eval" records; ``meta``: num_slots, map_shape, model_step (and
+    symbol_ranges, see :func:`symbol_ranges`), kept in
     every checkpoint.
     """
 
@@ -260,9 +317,9 @@ class PriorTrainer:
         indices = indices.to(self.device, non_blocking=True)
         buffers = self.guard.buffers()
         loss = self.prior.nll(self.codes[indices])
-        ok = self.guard.ok(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ok = self.guard.ok(loss)  # after the backward pass: the loss and the gradients
         self.guard.step(ok, buffers)
         self.sums += torch.where(ok, torch.cat([loss.detach().double().reshape(1), self._counts]), self._skipped)
         self.step += 1
@@ -345,7 +402,9 @@ def load_prior(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
         out = f" --out {prior}" if prior is not None else ""
         raise MemvaeError(f"{run_dir} has no trained prior{where}; run `memvae prior {run_dir}{out}` first")
     opts = state["options"]
-    prior = GatedPixelCNN(int(state["num_slots"]), int(opts["width"]), int(opts["layers"]), int(opts["kernel"])).to(device)
+    ranges = state.get("symbol_ranges")
+    prior = GatedPixelCNN(int(state["num_slots"]), int(opts["width"]), int(opts["layers"]), int(opts["kernel"]),
+                          None if ranges is None else [tuple(r) for r in ranges]).to(device)
     try:
         prior.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -410,5 +469,5 @@ def sample_images(
             f"update {model_state['step']}; fit it again with `memvae prior {run_dir} --overwrite`"
         )
     codes = sample_codes(prior, n, tuple(state["map_shape"]), temperature, seed, device)
-    images = to_uint8(model.decode_codes(stages_from_map(codes, model.bottleneck.stages)))
+    images = to_uint8(model.decode_codes(codes_from_map(codes, model.bottleneck)))
     return images.cpu(), codes.cpu()

@@ -90,6 +90,29 @@ def with_update_count(weights: dict, model: torch.nn.Module, step: int) -> dict:
     return {**weights, **{k: torch.tensor(step, dtype=torch.int64) for k in missing}} if missing else weights
 
 
+def without_untrained_parameters(saved: dict, model: torch.nn.Module) -> tuple[dict, dict]:
+    """A checkpoint's model and optimizer state, from before parameters that nothing trains
+    were removed (the memory read's log β under a relative temperature or behind a
+    straight-through encoder gradient), in today's shape: those entries dropped from the
+    weights and Adam's state, which is renumbered. Anything else is returned unchanged."""
+    weights, optimizer = saved["model"], saved["optimizer"]
+    today = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+    dropped = {k for k in weights if k not in today and k.endswith("log_beta")}
+    if not dropped:
+        return weights, optimizer
+    # state_dict and named_parameters list the parameters in the same order, so the saved
+    # weights' parameter keys give Adam's numbering then.
+    numbered = [k for k in weights if k in params or k in dropped]
+    gone = {i for i, k in enumerate(numbered) if k in dropped}
+    renumber = {old: new for new, old in enumerate(i for i in range(len(numbered)) if i not in gone)}
+    optimizer = {
+        "state": {renumber[i]: v for i, v in optimizer["state"].items() if i not in gone},
+        "param_groups": [{**g, "params": [renumber[i] for i in g["params"] if i not in gone]} for g in optimizer["param_groups"]],
+    }
+    return {k: v for k, v in weights.items() if k not in dropped}, optimizer
+
+
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Autoencoder, C.Config, dict]:
     """The trained model of a run directory (newest checkpoint), in eval mode.
 

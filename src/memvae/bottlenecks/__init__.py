@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from memvae.bottlenecks.base import Bottleneck, BottleneckOutput
 from memvae.bottlenecks.fsq import FSQ
+from memvae.bottlenecks.ibq import IBQ
+from memvae.bottlenecks.lfq import LFQ
 from memvae.bottlenecks.memory import MemoryRead
+from memvae.bottlenecks.mixture import MixtureRead
 from memvae.bottlenecks.none import NoBottleneck
 from memvae.bottlenecks.residual_vq import ResidualVQ
+from memvae.bottlenecks.simvq import SimVQ
 from memvae.bottlenecks.vq import VectorQuantizer
 from memvae.bottlenecks.vq_ema import VectorQuantizerEMA
 
@@ -16,6 +20,10 @@ REGISTRY: dict[str, type[Bottleneck]] = {
     "fsq": FSQ,
     "none": NoBottleneck,
     "residual_vq": ResidualVQ,
+    "simvq": SimVQ,
+    "ibq": IBQ,
+    "lfq": LFQ,
+    "mixture": MixtureRead,
 }
 
 
@@ -27,4 +35,4 @@ def bottleneck_class(kind: str) -> type[Bottleneck]:
         raise ValueError(f"unknown bottleneck {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "MemoryRead", "NoBottleneck", "ResidualVQ", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]
+__all__ = ["Bottleneck", "BottleneckOutput", "FSQ", "IBQ", "LFQ", "MemoryRead", "MixtureRead", "NoBottleneck", "ResidualVQ", "SimVQ", "VectorQuantizer", "VectorQuantizerEMA", "REGISTRY", "bottleneck_class"]

@@ -103,6 +103,10 @@ class Bottleneck(nn.Module):
     reads: tuple[str, ...] = ("nearest",)
     stages: int = 1  # codes per position (residual VQ: S, its codes B×H×W×S)
     discrete: bool = True
+    # Whether a training forward joins collectives under torch.distributed (moving averages,
+    # re-seeding, q̄): then a rank with no positions still takes part, adding nothing, where
+    # returning early would leave the other ranks waiting.
+    collective: bool = False
     # Its own metrics (names in BottleneckOutput.metrics), declared here so that the training
     # log and evaluation need no list of their own: ``logged_metrics`` are recorded in each
     # training log record (from the interval's last batch) when present; ``averaged_metrics``
@@ -158,32 +162,33 @@ class Bottleneck(nn.Module):
         self._initialized_seen = False  # the loaded flag may say "not yet"
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _register_moving_averages(self, memory: torch.Tensor) -> None:
+        """Register ``memory`` (K×D) as a buffer with the moving averages of an EMA write,
+        consistent from the start: each slot counted once (``cluster_size`` 1, ``embed_sum``
+        the slot), so that m_k = s_k / n_k holds before the first write and a slot no vector
+        chooses stays where it is. (Counts of 0 with sums equal to the slots divided every
+        unchosen slot by about ε on the first write: a random slot of norm 10 became 10⁶.)"""
+        self.register_buffer("memory", memory)
+        self.register_buffer("cluster_size", torch.ones(memory.shape[0]))
+        self.register_buffer("embed_sum", memory.clone())
+
     @torch.no_grad()
     def _init_from_data(self, x: torch.Tensor, positions: int = 1) -> None:
         """With init = "data", on the first training call: slots ← K rows of x (N×D).
 
         ``positions`` is the number of rows per image (H·W). Under torch.distributed the
-        rows are drawn from the whole global batch: every rank's share is gathered in the
-        order one process sees it (rank r holds images r, r + world, ...), so any number
-        of processes starts from the slots that one process would.
+        rows are drawn from the whole global batch (:func:`~memvae.bottlenecks.functional.global_rows`),
+        so any number of processes starts from the slots that one process would.
         """
         if not self.training or self._initialized_seen:
             return
         if bool(self.initialized):  # a host read only until the flag is seen set: it then stays set
             self._initialized_seen = True
             return
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
-            world = torch.distributed.get_world_size()
-            shares = [torch.empty_like(x) for _ in range(world)]
-            torch.distributed.all_gather(shares, x.contiguous())
-            # world×(images per rank)×positions×D -> images in their global order
-            x = torch.stack(shares).view(world, -1, positions, x.shape[1]).transpose(0, 1).reshape(-1, x.shape[1])
+        x = Fn.global_rows(x, positions)
         n = x.shape[0]
         pick = torch.randperm(n, device=x.device)[: self.num_slots] if n >= self.num_slots else torch.randint(n, (self.num_slots,), device=x.device)
-        rows = x[pick].float()
-        if distributed:
-            torch.distributed.broadcast(rows, 0)  # every rank keeps rank 0's draw, whatever its RNG
+        rows = Fn.same_on_every_rank(x[pick].float())
         self.memory.data.copy_(rows)
         if hasattr(self, "embed_sum"):
             # Count each slot once, so the moving average starts at the slot itself.
@@ -197,7 +202,8 @@ class Bottleneck(nn.Module):
         One rule for every bottleneck: the maths run in float32 with autocast off (distances
         and softmax lose too much in bfloat16), and ``quantized`` comes back in z's dtype;
         ``loss`` is float32. A batch of 0 positions reads and writes nothing, in training
-        mode too. The reading itself is each bottleneck's :meth:`_forward`.
+        mode too (under torch.distributed, a bottleneck that joins collectives in training
+        still enters them, adding nothing). The reading itself is each bottleneck's :meth:`_forward`.
 
         ``mask``: B×N booleans for B×N×D sequences, True where a position is real (False:
         padding). Only the real positions are read, as the one sequence 1×M×D of the M real
@@ -211,7 +217,7 @@ class Bottleneck(nn.Module):
         Fn.check_input(z, self.dim)
         if mask is not None:
             return self._forward_masked(z, mask)
-        if z.numel() == 0:
+        if z.numel() == 0 and not (self.training and Fn.distributed() and self.collective):
             shape = Fn.position_shape(z) + ((self.stages,) if self.stages > 1 else ())
             return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32),
                                     codes=torch.zeros(shape, dtype=torch.int64, device=z.device))
@@ -247,6 +253,19 @@ class Bottleneck(nn.Module):
     def slots(self) -> torch.Tensor:
         """K×D: the slot vectors the decoder may receive (for decoding sampled codes)."""
         return self.memory
+
+    def symbol_sizes(self) -> tuple[int, ...]:
+        """How many values each of a position's ``stages`` code symbols takes (K each here;
+        a mixture's grid index takes its own number): the vocabularies a prior models."""
+        return (self.num_slots,) * self.stages
+
+    def slot_counts(self, codes: torch.Tensor) -> torch.Tensor:
+        """How often each slot is read among ``codes`` (this bottleneck's codes, any batch)
+        -> int64 counts, S·K for S stages (stage s's slots counted as slots s·K ... s·K + K − 1)."""
+        k = max(self.num_slots, 1)
+        if self.stages > 1:  # B×h×w×S
+            codes = codes + torch.arange(self.stages, device=codes.device) * k
+        return Fn.code_counts(codes, k * self.stages)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Slot indices -> slot vectors (the hard read of those codes): B×H×W -> B×D×H×W,

@@ -54,6 +54,8 @@ def nearest_distances(x: torch.Tensor, memory: torch.Tensor, max_elements: int =
     matrix never sits in memory however large N and K are."""
     with torch.no_grad():
         x, memory = x.float(), memory.float()
+        if x.shape[0] == 0:
+            return x.new_zeros(0, dtype=torch.int64), x.new_zeros(0)
         m2 = memory.pow(2).sum(1)
         rows = max(1, min(max_elements // memory.shape[0], x.shape[0]))
         # One buffer for every chunk: a fresh N×K block per chunk costs its page faults, as
@@ -109,6 +111,12 @@ def rotation_trick(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         scale = t_norm / z_norm
     rotated = scale * (z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q * (e * z).sum(1, keepdim=True))
     return target.detach() + (rotated - rotated.detach())
+
+
+def mean_squared_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean((x − y)²) as ``F.mse_loss``, and 0 for no entries (a rank with an empty batch
+    still joins the others' reductions, with nothing to add)."""
+    return torch.nn.functional.mse_loss(x, y) if x.numel() else x.new_zeros(())
 
 
 def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -185,12 +193,56 @@ def ema_write(
         memory.copy_(embed_sum / smoothed.unsqueeze(1))
 
 
-def dead_count(fraction: float, positions: int, num_slots: int) -> float:
+def distributed() -> bool:
+    """Whether torch.distributed runs (a process group is initialised)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def global_rows(x: torch.Tensor, positions: int = 1) -> torch.Tensor:
+    """N×... rows of this rank -> the rows of every rank, in the order one process holding the
+    whole batch sees them (x itself without torch.distributed).
+
+    ``positions`` is the number of rows per image (H·W). The engine gives rank r the images
+    r, r + world, ... of a batch, so equal shares are interleaved image by image; shares of
+    different sizes (a rank with no rows, a mask) are concatenated rank by rank. The ranks'
+    row counts are exchanged first: one small collective and, on a GPU, one host read.
+    """
+    if not distributed():
+        return x
+    world = torch.distributed.get_world_size()
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(shares, padded.contiguous())
+    if len(set(sizes)) == 1 and most % positions == 0:
+        # world×(images per rank)×positions×... -> images in their global order
+        stacked = torch.stack(shares).view(world, most // positions, positions, *x.shape[1:])
+        return stacked.transpose(0, 1).reshape(-1, *x.shape[1:])
+    return torch.cat([share[:size] for share, size in zip(shares, sizes)])
+
+
+def same_on_every_rank(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with rank 0's values on every rank (in place under torch.distributed): a random
+    draw made from the same gathered rows then agrees even where the ranks' generators do not."""
+    if distributed():
+        torch.distributed.broadcast(t, 0)
+    return t
+
+
+def dead_count(fraction: float, positions: int, num_slots: int, device: torch.device | str = "cpu") -> float | torch.Tensor:
     """The moving-average count below which a slot is dead: ``fraction`` of the mean count
-    per slot, N/K, for a batch of N = ``positions`` (over all processes under
-    torch.distributed, whose counts are summed) and K slots. A plain float: no host read."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        positions *= torch.distributed.get_world_size()
+    per slot, N/K, for a batch of N = ``positions`` and K slots. A plain float on one
+    process (no host read); under torch.distributed, whose counts are summed, N is summed
+    over the ranks (their shares may differ, or be empty): a device scalar, still unread."""
+    if distributed():
+        total = torch.tensor(float(positions), device=device)
+        torch.distributed.all_reduce(total)
+        return fraction * total / num_slots
     return fraction * positions / num_slots
 
 
@@ -201,25 +253,107 @@ def reseed_dead_slots(
     embed_sum: torch.Tensor,
     x: torch.Tensor,
     distances: torch.Tensor,
-    threshold: float,
+    threshold: float | torch.Tensor,
+    positions: int = 1,
 ) -> None:
     """Give every slot whose moving-average count is below ``threshold`` a recent encoder
     vector, in place (dead-code re-seeding, as vector-quantize-pytorch's
     ``threshold_ema_dead_code``, with k-means++'s choice of vectors).
 
     x: N×D recent encoder outputs; distances: N, each one's squared distance to its
-    nearest slot. Replacements are drawn with probability ∝ distance, so vectors that no
-    slot covers are the likeliest. A re-seeded slot counts ``threshold`` vectors (its
-    moving average starts at the vector itself). Candidates are drawn for all K slots and
-    kept only where a slot is dead: no host synchronisation, and the random stream does
-    not depend on how many slots died. Under torch.distributed rank 0's draw is used by
-    every rank, so all keep the same memory.
+    nearest slot; ``positions``: rows per image (H·W). Replacements are drawn with
+    probability ∝ distance, so vectors that no slot covers are the likeliest. A re-seeded
+    slot counts ``threshold`` vectors (its moving average starts at the vector itself).
+    Candidates are drawn for all K slots and kept only where a slot is dead: no host
+    synchronisation, and the random stream does not depend on how many slots died. Under
+    torch.distributed the draw is made from the global batch (:func:`global_rows`) and
+    rank 0's is kept by every rank: the slots that one process on the whole batch would
+    re-seed.
     """
-    weights = distances.float().clamp_min(0.0) + 1e-12
-    rows = x.detach().float()[torch.multinomial(weights, memory.shape[0], replacement=True)]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast(rows, 0)
+    rows = global_rows(torch.cat([x.detach().float(), distances.detach().float().unsqueeze(1)], 1), positions)
+    if rows.shape[0] == 0:
+        return  # no vector anywhere to re-seed from
+    weights = rows[:, -1].clamp_min(0.0) + 1e-12
+    rows = same_on_every_rank(rows[torch.multinomial(weights, memory.shape[0], replacement=True), :-1].contiguous())
     dead = (cluster_size < threshold).unsqueeze(1)
     memory.copy_(torch.where(dead, rows, memory))
     embed_sum.copy_(torch.where(dead, rows * threshold, embed_sum))
-    cluster_size.copy_(torch.where(dead[:, 0], torch.full_like(cluster_size, threshold), cluster_size))
+    count = threshold.expand_as(cluster_size) if torch.is_tensor(threshold) else torch.full_like(cluster_size, threshold)
+    cluster_size.copy_(torch.where(dead[:, 0], count, cluster_size))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum) with its gradient: the backward pass sums the ranks' gradients too
+    (every rank's loss reads the global sum, so each rank's rows feed every rank's loss)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class _RowEntropies(torch.autograd.Function):
+    """logits N×K, scale -> (Σ_n p_n (K), Σ_n H(p_n)), p_n = softmax(scale · logits_n), with a
+    backward written out: the autograd graph of the formula keeps about ten N×K
+    intermediates, this two (p and log p). For one row, with upstream gradients g (K) of
+    Σ p and γ of Σ H:
+
+        ∂/∂l_j [g·p + γ H(p)] = scale · p_j (t_j − Σ_k p_k t_k),   t = g − γ (log p + H)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each row's shifted logits floored at -87 (e^-87 ≈ 1.6e-38, float32's smallest normal):
+        # a sharp softmax (τ = 0.01) puts most of them thousands below the row's largest, where
+        # exp leaves its vectorised path (8× slower on CPU) for a 0 or a denormal; the floor
+        # moves no probability by more than 1.6e-38.
+        log_p = (logits - logits.amax(1, keepdim=True)).mul_(scale).clamp_min_(-87.0)
+        p = log_p.exp()
+        total = p.sum(1, keepdim=True)
+        p.div_(total)
+        log_p.sub_(total.log())
+        entropy = -torch.einsum("nk,nk->n", p, log_p)
+        ctx.save_for_backward(p, log_p, entropy)
+        ctx.scale = scale
+        return p.sum(0), entropy.sum()
+
+    @staticmethod
+    def backward(ctx, grad_p_sum: torch.Tensor, grad_entropy: torch.Tensor):
+        p, log_p, entropy = ctx.saved_tensors
+        t = (log_p + entropy.unsqueeze(1)).mul_(-ctx.scale * grad_entropy).add_(ctx.scale * grad_p_sum)
+        t.sub_(torch.einsum("nk,nk->n", p, t).unsqueeze(1)).mul_(p)
+        return t, None
+
+
+def code_entropies(logits: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two entropies of the entropy penalty that keeps every code in use (MAGVIT-v2's
+    lookup-free quantisation, Yu et al. 2023, sec. 3.1, after Jansen et al. 2020; IBQ and
+    BSQ use it too), in nats, for N×K logits over K codes and their ``scale`` (1/τ, the
+    inverse temperature). With p_n = softmax(scale · logits_n):
+
+        per-sample   (1/N) Σ_n H(p_n)         (minimised: each position sure of one code)
+        codebook     H((1/N) Σ_n p_n)         (maximised: the batch spread over every code)
+
+    The penalty is per-sample − codebook. Under torch.distributed both averages run over the
+    global batch: the sums are all-reduced with their gradient (one collective), so that
+    DDP's averaging of the ranks' gradients gives one process's; a rank with no rows adds
+    nothing.
+    """
+    p_sum, sample_sum = _RowEntropies.apply(logits.float(), float(scale))
+    n = float(logits.shape[0])
+    if distributed():
+        packed = _SumOverRanks.apply(torch.cat([p_sum, sample_sum.reshape(1), torch.full((1,), n, device=p_sum.device)]))
+        p_sum, sample_sum, n = packed[:-2], packed[-2], packed[-1].clamp_min(1.0)
+    else:
+        n = max(n, 1.0)
+    p_mean = p_sum / n
+    # p log p → 0 as p → 0; the clamp keeps log finite where a probability underflows to 0.
+    codebook = -(p_mean * p_mean.clamp_min(torch.finfo(torch.float32).tiny).log()).sum()
+    return sample_sum / n, codebook

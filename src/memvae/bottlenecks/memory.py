@@ -288,10 +288,15 @@ class MemoryRead(Bottleneck):
         if not ema:
             self.memory = nn.Parameter(memory)
         else:
-            self.register_buffer("memory", memory)
-            self.register_buffer("cluster_size", torch.zeros(num_slots))
-            self.register_buffer("embed_sum", memory.clone())
-        self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
+            self._register_moving_averages(memory)
+        if not relative:
+            # A parameter only where the read's gradient trains it (DDP needs every parameter
+            # used); behind a straight-through or rotated encoder gradient β stays fixed.
+            log_beta = torch.tensor(math.log(beta_init))
+            if self.encoder_gradient == "read":
+                self.log_beta = nn.Parameter(log_beta)
+            else:
+                self.register_buffer("log_beta", log_beta)
         if relative:
             # q̄; 0 until the first training batch sets it.
             self.register_buffer("distortion", torch.zeros(()))
@@ -300,9 +305,22 @@ class MemoryRead(Bottleneck):
         self._setup_init(init or ("data" if ema else "random"))
 
     reads = ("soft", "hard")
+
+    @property
+    def collective(self) -> bool:
+        """Moving averages, re-seeding, data initialisation and q̄ are reduced over ranks."""
+        return self.write != "gradient" or self.temperature == "relative" or self.init == "data"
+
     logged_metrics = ("beta", "entropy_bits", "max_weight", "outside_mass")  # outside_mass: top-k only
     averaged_metrics = {"entropy_bits": "entropy_bits", "max_weight": "max_weight", "confident": "confident_frac",
                         "outside_mass": "outside_mass"}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs saved before log β existed only where it is trained carry one under a relative
+        # temperature: nothing reads it, so it is dropped.
+        if not hasattr(self, "log_beta"):
+            state_dict.pop(prefix + "log_beta", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_config(cls, b, dim: int) -> "MemoryRead":
@@ -372,10 +390,12 @@ class MemoryRead(Bottleneck):
     @torch.no_grad()
     def _track_distortion(self, distances: torch.Tensor) -> None:
         """q̄ ← γ q̄ + (1 − γ) mean(distances); the first batch sets it (no host sync)."""
-        batch = distances.mean()
+        batch = distances.mean() if distances.numel() else distances.new_zeros(())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch)
-            batch = batch / torch.distributed.get_world_size()
+            # The mean over every rank's positions (a rank with none adds nothing).
+            total = torch.stack([distances.sum(), distances.new_tensor(float(distances.numel()))])
+            torch.distributed.all_reduce(total)
+            batch = total[0] / total[1]
         moved = self.distortion_decay * self.distortion + (1 - self.distortion_decay) * batch
         self.distortion.copy_(torch.where(self.distortion > 0, moved, batch))
 
@@ -584,11 +604,11 @@ class MemoryRead(Bottleneck):
             Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
             if self.reseed_fraction > 0:
                 Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances,
-                                     Fn.dead_count(self.reseed_fraction, n, self.num_slots))
+                                     Fn.dead_count(self.reseed_fraction, n, self.num_slots, x.device), Fn.positions_per_item(z))
 
         read = read.to(x.dtype)
         if self.write != "gradient" and self.training:
-            loss = loss + self.commitment * F.mse_loss(x, read.detach())
+            loss = loss + self.commitment * Fn.mean_squared_error(x, read.detach())
         if self.encoder_gradient == "straight_through":
             read = Fn.straight_through(x, read)
         elif self.encoder_gradient == "rotation":

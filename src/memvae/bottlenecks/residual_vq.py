@@ -41,6 +41,7 @@ class ResidualVQ(Bottleneck):
     """
 
     Options = ResidualVQOptions
+    collective = True  # moving averages and re-seeding are summed / drawn over ranks
 
     def __init__(self, num_slots: int, dim: int, stages: int = 2, commitment: float = 0.25, decay: float = 0.99,
                  reseed_fraction: float = 0.0, init: str = "data"):
