@@ -214,3 +214,16 @@ def test_prior_updates_run_no_host_read(tmp_path):
     assert not recorder.problems, dict(recorder.problems)
     trainer.settle()
     assert trainer.record()["step"] == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "the device and copy rules of these tests can only fire on a GPU: on this CPU-only machine every "
+    "tensor is on the host, so they were not checked (benchmarks/gpu_check.sh runs this file on a GPU)"))
+def test_the_device_and_copy_rules_are_live_on_this_gpu():
+    """Says in the run whether the training tests above checked the device rules: here, on a
+    GPU, a copy of a device tensor to the host and a blocking copy to the device are seen."""
+    x = torch.arange(4.0, device="cuda")
+    with OpRecorder() as recorder:
+        x.cpu()
+        torch.arange(4.0).to("cuda")
+    assert sorted(p.rsplit(" from ", 1)[0] for p in recorder.problems) == ["_to_copy", "blocking _to_copy"], recorder.problems

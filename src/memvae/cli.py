@@ -179,16 +179,61 @@ def cmd_compare(args, extra: list[str]) -> None:
     from memvae.sweep import parse_slots
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
-            lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
-            test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
-            slots=parse_slots(args.slots) if args.slots else None, extend=args.extend,
-            first_seed=args.first_seed)
+    results = compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
+                      lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
+                      test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
+                      slots=parse_slots(args.slots) if args.slots else None, extend=args.extend,
+                      first_seed=args.first_seed, launcher=args.launcher, launcher_options=_launcher_options(args),
+                      wait=not args.no_wait, plan_file=args.plan)
+    if args.plan or args.no_wait:  # compare said what it wrote or submitted
+        return
     print((Path(args.out) / "results.md").read_text())
     if args.slots:
         print((Path(args.out) / "rate_distortion.md").read_text())
     sweep = ", rate_distortion.md, rate_distortion.png" if args.slots else ""
     print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json{sweep}")
+    if results.get("unfinished"):
+        failed = results["unfinished"]
+        raise MemvaeError(f"{len(failed)} run{'s' * (len(failed) > 1)} did not finish ("
+                          + "; ".join(f"{name}: {why}" for name, why in failed.items())
+                          + "); the tables hold the others; run the same compare again to resubmit them")
+
+
+def _launcher_options(args):
+    """compare's submitit options ([launcher] table of --launcher-config, then the flags),
+    or None when none is given and the launcher is local."""
+    from memvae.cluster_options import launcher_options
+
+    given = {"cluster": args.cluster, "partition": args.partition, "account": args.account, "time_min": args.time_min,
+             "cpus_per_task": args.cpus_per_task, "gpus": args.gpus, "mem_gb": args.mem_gb, "sbatch": args.sbatch_arg}
+    if args.launcher != "submitit" and args.launcher_config is None and all(v in (None, []) for v in given.values()):
+        return None
+    if args.launcher != "submitit":
+        named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v not in (None, [])]
+        named = ["--sbatch-arg" if n == "--sbatch" else n for n in named] + ["--launcher-config"] * bool(args.launcher_config)
+        raise MemvaeError(f"{', '.join(named)}: launcher options, for --launcher submitit")
+    return launcher_options(args.launcher_config, **given)
+
+
+def cmd_bpd(args, extra: list[str]) -> None:
+    from memvae.bits_per_dim import BPD_FILE, measure, table
+    from memvae.train import resolve_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = measure(args.run_dir, prior=args.prior, data_dir=args.data_dir, lossless=args.lossless,
+                     sigma_images=args.sigma_images, test_images=args.test_images, batch_size=args.batch_size,
+                     device=resolve_device(args.device))
+    rate = f", {result['bits_per_position']:g} bits per position (uniform prior)" if result["bound"] else ""
+    print(f"bits per dimension of {args.run_dir} ({result['name']}, {result['read']} read, update {result['model_step']}"
+          f"{rate}); σ per channel by maximum likelihood on {result['test']['sigma_fit']['which']}"
+          + (", and the lossless file's x_train for its x_test" if "lossless" in result else ""))
+    print(table(result))
+    if not result["bound"]:
+        print(result["note"])
+    print(f"wrote {Path(args.run_dir) / BPD_FILE}")
 
 
 def check_data_dir(data_dir: str | None, download: bool) -> None:
@@ -275,7 +320,44 @@ def build_parser() -> argparse.ArgumentParser:
                    "updates (without it a larger --steps than a run's is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per run and log interval")
     data_dir_arg(p)
+    p.add_argument("--plan", metavar="FILE", help="train nothing: write one self-contained shell command per unfinished "
+                   "run (memvae train ... --resume, the same run directory) into FILE, for a Slurm array, GNU parallel "
+                   "or bash; collect with --report-only (docs/cluster.md)")
+    p.add_argument("--launcher", choices=("local", "submitit"), default="local", help="local: train here, --jobs at "
+                   "a time (default); submitit: one job per run, on Slurm (or submitit's local executor), requeued "
+                   "from its checkpoint after a time limit or preemption (pip install 'memvae[cluster]'; docs/cluster.md)")
+    p.add_argument("--no-wait", action="store_true", help="submitit: return once the jobs are submitted; collect "
+                   "with --report-only, or run the same command again to wait")
+    g = p.add_argument_group("submitit launcher", "each flag wins over the same key of --launcher-config's [launcher] table")
+    g.add_argument("--launcher-config", metavar="FILE", help="a TOML file whose [launcher] table holds these options")
+    g.add_argument("--cluster", choices=("auto", "slurm", "local"), help="where the jobs run (default auto: Slurm where "
+                   "it is installed, else submitit's local executor)")
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--account", help="Slurm account")
+    g.add_argument("--time-min", type=int, help="time limit per job in minutes (default: the partition's); a run "
+                   "stopped by it is requeued and continues from its checkpoint")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per job (also the run's OMP_NUM_THREADS, split over its processes)")
+    g.add_argument("--gpus", type=int, help="GPUs per job (default 0); more than 1 trains the run on that many "
+                   "processes of one node (torchrun)")
+    g.add_argument("--mem-gb", type=float, help="memory per job, GB")
+    g.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further sbatch option (e.g. qos=high, constraint=a100, exclusive); repeat for more")
     p.set_defaults(func=cmd_compare, extra_ok=True)
+
+    p = sub.add_parser("bpd", parents=[common], help="bits per dimension of a run (prior bits of its codes + a "
+                       "discretised Gaussian decoder likelihood); writes RUN_DIR/bits_per_dim.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (a discrete model needs its prior: memvae prior)")
+    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
+    p.add_argument("--lossless", help="also score x_test of this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz), "
+                   "with σ fitted on its x_train")
+    data_dir_arg(p)
+    p.add_argument("--sigma-images", type=int, default=5000,
+                   help="fit σ on the last N training images of the run's data (default 5000)")
+    p.add_argument("--test-images", type=int, default=0, help="score only the first N test images (default 0: all)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.set_defaults(func=cmd_bpd)
 
     from memvae.cli_prior import add_prior_commands
 

@@ -171,6 +171,11 @@ def compare(
     slots: list[int] | None = None,
     extend: bool = False,
     first_seed: int = 0,
+    launcher: str = "local",
+    launcher_options=None,
+    wait: bool = True,
+    plan_file: str | os.PathLike | None = None,
+    poll_seconds: float = 10.0,
 ) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
@@ -198,10 +203,25 @@ def compare(
 
     Runs train seed by seed (every model's seed 0 first), so that a sweep cut short still
     holds one of everything.
+
+    ``launcher``: "local" (the runs train here, ``jobs`` at a time) or "submitit": each
+    unfinished run is one job of submitit (Slurm, or its local executor), with the
+    resources of ``launcher_options`` (:class:`memvae.cluster_options.LauncherOptions`);
+    a job stopped by its time limit or preemption checkpoints and is requeued, and
+    continues from that checkpoint (:mod:`memvae.cluster`). Its progress is one line per
+    run and change (every ``poll_seconds``); ``wait`` False returns once the jobs are
+    submitted (collect later with ``report_only``). Runs whose jobs fail are named in
+    results.json and results.md ("unfinished") beside the report of the others; calling
+    compare again resubmits only them.
+
+    ``plan_file``: train nothing; write one shell command per unfinished run into this
+    file (:mod:`memvae.plan`: the run's ``memvae train ... --resume``, the same run
+    directory), for a Slurm array, GNU parallel or bash; returns {"plan": path, "runs": names}.
     """
     out = Path(out)
     config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
-    plan = []
+    _check_launcher(launcher, launcher_options, jobs, wait, report_only, plan_file)
+    plan, sources = [], {}
     if first_seed < 0 or seeds < 1:
         raise MemvaeError(f"seeds must be >= 1 and first seed >= 0, got {seeds} from {first_seed}")
     for seed in range(first_seed, first_seed + seeds):
@@ -209,6 +229,7 @@ def compare(
             cfg = _model_config(model, config_dir, steps, seed, list(overrides))
             variants = [at_slots(cfg, k) for k in slots] if slots and is_discrete(cfg) else [cfg]
             plan += [(v, out / "runs" / f"{v.name}-seed{seed}") for v in variants]
+            sources.update({out / "runs" / f"{v.name}-seed{seed}": _config_source(model, config_dir) for v in variants})
     names = [cfg.name for cfg, _ in plan]
     if len(set(names)) * seeds != len(names):
         raise MemvaeError(f"two models share a config name: {sorted(names)}")
@@ -224,6 +245,17 @@ def compare(
         plan = [(cfg, run_dir) for cfg, run_dir in plan if run_dir not in missing]
         if not plan:
             raise MemvaeError(f"no run of {', '.join(models)} in {out / 'runs'} has finished its {steps} updates")
+    if not report_only and (plan_file is not None or launcher == "submitit"):
+        from memvae.plan import run_command, write_plan
+
+        commands = [run_command(cfg, sources[run_dir], run_dir, data_dir) for cfg, run_dir, _ in todo]
+        if plan_file is not None:
+            path = write_plan(plan_file, commands)
+            print(f"wrote {path}: {len(commands)} command{'s' * (len(commands) != 1)}, one per unfinished run "
+                  f"(of {len(plan)})", file=sys.stderr)
+            return {"plan": str(path), "runs": [run_dir.name for _, run_dir, _ in todo]}
+        return _launch_submitit(out, plan, todo, commands, launcher_options, wait, poll_seconds, data_dir, lossless,
+                                images_shown, test_images, bool(slots))
     first = plan[0][0].data
     data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
     if report_only:
@@ -240,6 +272,75 @@ def compare(
             train(cfg, run_dir, resume=state != "new", data=data, show_progress=show_progress)
     training = {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
     return report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
+
+
+def _config_source(model: str, config_dir: Path | None) -> str:
+    """What a run's command names as its config (see :func:`_model_config`): the packaged
+    name or file given, or the file of ``config_dir``."""
+    if config_dir is None or model.endswith(".toml"):
+        return model
+    return str(config_dir / f"{model}.toml")
+
+
+def _check_launcher(launcher: str, options, jobs, wait: bool, report_only: bool, plan_file) -> None:
+    """Refuse a launcher option that the chosen launcher (or --plan, --report-only) would ignore."""
+    if launcher not in ("local", "submitit"):
+        raise MemvaeError(f"launcher must be 'local' or 'submitit', got {launcher!r}")
+    if plan_file is not None and (launcher != "local" or report_only or jobs is not None or not wait):
+        raise MemvaeError("--plan trains nothing: it takes no --launcher submitit, --jobs, --no-wait or --report-only")
+    if launcher == "submitit":
+        if jobs is not None:
+            raise MemvaeError("--jobs is for the local launcher; with --launcher submitit every run is one job")
+        if not report_only:
+            from memvae.cluster import require_submitit
+
+            require_submitit()  # the one line that says what to install, before anything else
+        return
+    if options is not None:
+        raise MemvaeError("launcher options (partition, time, CPUs, GPUs, memory, account, sbatch) are for "
+                          "--launcher submitit")
+    if not wait:
+        raise MemvaeError("--no-wait is for --launcher submitit (local runs train in this process or its children)")
+
+
+def _launch_submitit(out: Path, plan, todo, commands, options, wait: bool, poll_seconds: float, data_dir, lossless,
+                     images_shown: int, test_images: int | None, sweep: bool) -> dict:
+    """:func:`compare` with the submitit launcher: submit (or follow) one job per
+    unfinished run, wait, report the finished runs and name the others."""
+    from memvae.cluster import Run, follow, launch
+    from memvae.cluster_options import LauncherOptions
+
+    options = options if options is not None else LauncherOptions().check()
+    started = time.perf_counter()
+    runs = [Run(run_dir.name, command, cfg.train.steps) for (cfg, run_dir, _), command in zip(todo, commands)]
+    watched, cluster = launch(runs, out, options) if runs else ([], None)
+    if not wait:
+        if runs:
+            print(f"submitted; collect with the same command and --report-only, or run it again to wait "
+                  f"(logs: {out / 'logs'}, submitit: {out / 'submitit'})", file=sys.stderr)
+        return {"submitted": {w.run.name: str(w.job.job_id) for w in watched}}
+    try:
+        failed = follow(watched, poll_seconds)
+    except KeyboardInterrupt:
+        # Slurm's jobs are not this terminal's; the local executor's are, and Ctrl-C reaches them too.
+        raise KeyboardInterrupt("stopped waiting (Slurm jobs go on; local ones stop with a checkpoint): run the same "
+                                "compare again to wait for or resubmit them, or add --report-only to collect what "
+                                "has finished") from None
+    finished = [(cfg, run_dir) for cfg, run_dir in plan if run_dir.name not in failed]
+    if not finished:
+        raise MemvaeError("no run finished: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
+    first = finished[0][0].data
+    data = load_data(first.source, data_dir or first.dir or None, first.image_size)
+    training = {"launcher": "submitit", "cluster": cluster, "runs_trained": len(runs),
+                "wall_seconds": time.perf_counter() - started}
+    results = report(out, finished, data, lossless, images_shown, test_images, training=training, sweep=sweep)
+    if failed:
+        results["unfinished"] = failed
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        with open(out / "results.md", "a") as f:
+            f.write("\nNot finished, left out (their jobs failed; the same compare resubmits them): "
+                    + "; ".join(f"{name}: {why}" for name, why in failed.items()) + "\n")
+    return results
 
 
 def cpu_cores() -> int:
@@ -409,6 +510,47 @@ def _train_child() -> None:
         sys.exit(130)
 
 
+BPD_FILE = "bits_per_dim.json"  # memvae.bits_per_dim.BPD_FILE, named here without importing the measurement
+BPD_KEYS = ("test", "test_uniform", "lossless", "lossless_uniform")
+
+
+BPD_CAPTION = (
+    "bits / dim: `memvae bpd RUN_DIR` (its bits_per_dim.json): the prior's bits of the image's codes plus the "
+    "image's bits under a discretised Gaussian around the decoder's output (σ per channel fitted on training "
+    "images), over 3·H·W, on the images that command scored (the whole test set unless told otherwise; lossless: "
+    "the lossless originals, σ fitted on their own training images). '(not a bound)': a continuous model's "
+    "decoder term alone.")
+
+
+def run_bits_per_dim(run_dir: Path, step: int) -> tuple[dict, bool] | None:
+    """A run's bits per dimension from the RUN_DIR/bits_per_dim.json that ``memvae bpd``
+    wrote: ({"test", "test_uniform", "lossless", "lossless_uniform": bits/dim or None},
+    whether it is a bound), or None when there is none, or it is of another update than
+    ``step`` (the run trained on since: said on stderr, and left out)."""
+    path = run_dir / BPD_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("model_step") != step:
+        print(f"{run_dir.name}: {BPD_FILE} is of update {saved.get('model_step')}, not {step}: left out "
+              f"(run `memvae bpd {run_dir}` again)", file=sys.stderr)
+        return None
+    numbers = {}
+    for key in BPD_KEYS:
+        scored = saved.get(key.removesuffix("_uniform")) or {}
+        numbers[key] = scored.get("uniform_bits_per_dim" if key.endswith("_uniform") else "bits_per_dim")
+    return numbers, bool(saved.get("bound"))
+
+
+def bits_per_dim_cell(stat: dict | None, bound: bool = True) -> str:
+    """A bits/dim mean ± std (3 decimals), marked when it is the decoder term alone."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    text = f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat["n"] > 1 else "")
+    missed = stat["n"] < len(stat["values"])
+    return text + (f" ({stat['n']}/{len(stat['values'])} runs)" if missed else "") + ("" if bound else " (not a bound)")
+
+
 def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossless, images_shown: int,
            test_images: int | None = None, training: dict | None = None, sweep: bool = False) -> dict:
     """Evaluate the finished runs of ``plan`` and write figures and tables into ``out``;
@@ -454,18 +596,27 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         }
         if "lossless" in cached:
             seed_result["lossless"] = cached["lossless"]
+        bpd = run_bits_per_dim(run_dir, int(state["step"]))
+        if bpd is not None:
+            seed_result["bits_per_dim"], bound = bpd
         by_model.setdefault(cfg.name, []).append(seed_result)
         if cfg.name not in about:
             own = model.bottleneck.eval_read
             about[cfg.name] = {"read": own, "discrete": bool(model.bottleneck.discrete), "k": model.bottleneck.num_slots
                                if sweep and model.bottleneck.discrete else None, "base": cfg.name.rsplit("-k", 1)[0]
                                if sweep and model.bottleneck.discrete else cfg.name}
+        if bpd is not None:
+            about[cfg.name].setdefault("bits_per_dim_bound", bound)
         run_dirs.setdefault(cfg.name, []).append(run_dir)
         curves.setdefault(cfg.name, []).append(records)
         if cfg.train.seed == plan[0][0].train.seed and not collected:  # the grid shows the first seed's models
             for read, recon in reconstructions(model, shown).items():
                 grid.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
 
+    for runs in by_model.values():  # bits/dim of some seeds only: the others' count as missing
+        if any("bits_per_dim" in r for r in runs):
+            for r in runs:
+                r.setdefault("bits_per_dim", dict.fromkeys(BPD_KEYS))
     steps = plan[0][0].train.steps
     seeds = max(map(len, by_model.values()))  # report_only may find fewer for some models
     title = f"CIFAR-10, {steps} updates, {seeds} seed{'s' if seeds > 1 else ''}"
@@ -514,6 +665,9 @@ def results_table(results: dict) -> str:
     header = ["model", "seeds", "read", "test NMSE", "PSNR dB", "perplexity", "slots used"] + [k.replace("_", " ") for k in extra]
     header += [f"updates to {x}" for x in levels] + ["s / update"]
     has_lossless = any("lossless" in m["summary"] for m in results["models"].values())
+    bpd_sets = [which for which in ("test", "lossless") if any(
+        (m["summary"].get("bits_per_dim", {}).get(which) or {}).get("mean") is not None for m in results["models"].values())]
+    header += [f"{which} bits / dim" for which in bpd_sets]
     if has_lossless:
         header.insert(4, "lossless NMSE")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -528,6 +682,11 @@ def results_table(results: dict) -> str:
             # Convergence and speed belong to the run, not to a read: shown once per model.
             row += [_fmt(summary["updates_to_nmse"].get(x), 0) if first_read else "" for x in levels]
             row.append(_fmt(summary["seconds_per_update"], 3) if first_read else "")
+            # Bits per dimension are of the model's own read (the one its codes decode to), on its row.
+            own = read == model.get("read", next(iter(summary["test"])))
+            bound = model.get("bits_per_dim_bound", True)
+            row += [bits_per_dim_cell(summary.get("bits_per_dim", {}).get(which), bound) if own else ""
+                    for which in bpd_sets]
             if has_lossless:
                 row.insert(4, _fmt(summary.get("lossless", {}).get(read, {}).get("nmse")))
             lines.append("| " + " | ".join(row) + " |")
@@ -537,4 +696,6 @@ def results_table(results: dict) -> str:
         "logged update whose training NMSE (average over the log interval) is ≤ x. s / update: training time only, "
         "on the machine named in the run's meta.json.\n"
     )
+    if bpd_sets:
+        caption = caption[:-1] + " " + BPD_CAPTION + "\n"
     return "\n".join(lines) + "\n" + caption

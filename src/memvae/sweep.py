@@ -76,6 +76,11 @@ def collect(results: dict, run_dirs: dict[str, list[Path]]) -> dict:
         if priors:
             row["prior_bits_per_index"] = _stat([p["bits_per_index"] for p in priors])
             row["prior_bits_per_image"] = _stat([p["bits_per_image"] for p in priors])
+        # Bits per dimension (memvae bpd), as compare summarised them over the runs that have them.
+        bpd = {key: stat for key, stat in model["summary"].get("bits_per_dim", {}).items() if stat.get("mean") is not None}
+        if bpd:
+            row["bits_per_dim"] = bpd
+            row["bits_per_dim_bound"] = model.get("bits_per_dim_bound", True)
         rows[name] = row
     return rows
 
@@ -87,11 +92,47 @@ def _fmt(stat: dict | None, digits: int) -> str:
     return text + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
 
 
+BPD_COLUMNS = {"test": "bits / dim", "lossless": "lossless bits / dim", "test_uniform": "bits / dim, uniform prior"}
+
+
+def _bpd(row: dict | None, key: str) -> str:
+    """A row's bits/dim ``key`` (mean ± std, 3 decimals; the runs it is over when fewer than
+    the row's seeds), marked when it is a continuous model's decoder term alone."""
+    stat = (row or {}).get("bits_per_dim", {}).get(key)
+    if not stat:
+        return "—"
+    text = f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat["n"] > 1 else "")
+    if stat["n"] < row["seeds"]:
+        text += f" (n = {stat['n']})"
+    return text + ("" if row.get("bits_per_dim_bound", True) else " (not a bound)")
+
+
+def _bpd_tables(rows: dict, ks: list[int], steps: int) -> list[str]:
+    """The glance tables of bits per dimension at each rate, one per image set that any
+    row has (none: no lines at all)."""
+    lines = []
+    for key, title in (("test", "the test set"), ("lossless", "the lossless originals")):
+        if not any(key in r.get("bits_per_dim", {}) for r in rows.values()):
+            continue
+        lines += [f"### Bits per dimension at each rate, {title}, {steps} updates (mean ± std over the runs measured)", "",
+                  "| model | " + " | ".join(f"K = {k} ({math.log2(k):g} bits)" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for base in dict.fromkeys(r["base"] for r in rows.values() if r["k"] is not None):
+            cells = [_bpd(next((r for r in rows.values() if r["base"] == base and r["k"] == k), None), key) for k in ks]
+            lines.append(f"| {base} | " + " | ".join(cells) + " |")
+        for r in (r for r in rows.values() if r["k"] is None):
+            lines.append(f"| {r['base']} (continuous) | " + " | ".join([_bpd(r, key)] * len(ks)) + " |")
+        lines.append("")
+    return lines
+
+
 def rate_tables(rows: dict, steps: int, test_images: int) -> str:
     """One markdown table per K (rows: each discrete model at that K, then the continuous
     models for reference), the models' own test reads, mean ± std over seeds."""
     header = ["model", "seeds", "read", "bits / position", "test NMSE", "PSNR dB", "slots used", "perplexity",
               "prior bits / index", "prior bits / image"]
+    # Bits per dimension only where a run has them (memvae bpd): the tables stay as they were otherwise.
+    bpd_keys = [key for key in BPD_COLUMNS if any(key in r.get("bits_per_dim", {}) for r in rows.values())]
+    header += [BPD_COLUMNS[key] for key in bpd_keys]
     continuous = [(n, r) for n, r in rows.items() if r["k"] is None]
     ks = sorted({r["k"] for r in rows.values() if r["k"] is not None})
     # First the answer at a glance: test NMSE of each model at each rate.
@@ -108,6 +149,7 @@ def rate_tables(rows: dict, steps: int, test_images: int) -> str:
         lines.append(f"| {label} | " + " | ".join(
             [f"{_fmt(r['nmse'], 4)} (n = {r['seeds']})"] * len(ks)) + " |")
     lines.append("")
+    lines += _bpd_tables(rows, ks, steps)
     for k in ks:
         lines += [f"### K = {k} ({math.log2(k):g} bits per position), {steps} updates", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -116,9 +158,13 @@ def rate_tables(rows: dict, steps: int, test_images: int) -> str:
             lines.append("| " + " | ".join([
                 r["base"], str(r["seeds"]), r["read"], bits, _fmt(r["nmse"], 4), _fmt(r["psnr"], 2),
                 _fmt(r.get("slots_used"), 0), _fmt(r.get("perplexity"), 0),
-                _fmt(r.get("prior_bits_per_index"), 3), _fmt(r.get("prior_bits_per_image"), 1)]) + " |")
+                _fmt(r.get("prior_bits_per_index"), 3), _fmt(r.get("prior_bits_per_image"), 1)]
+                + [_bpd(r, key) for key in bpd_keys]) + " |")
         lines.append("")
     lines.append(f"Test metrics on {test_images} test images with each model's own read (the one a prior generates "
                  "from; the continuous models' is not discrete). Prior bits: test NLL of the PixelCNN fitted "
-                 "in each run directory (`memvae prior`), over the runs that have one.")
+                 "in each run directory (`memvae prior`), over the runs that have one."
+                 + (" Bits / dim: `memvae bpd RUN_DIR` (prior bits of the codes + a discretised Gaussian decoder "
+                    "likelihood, σ per channel fitted on training images, over 3·H·W); uniform prior: the codes at their "
+                    "fixed rate; '(not a bound)': a continuous model's decoder term alone." if bpd_keys else ""))
     return "\n".join(lines) + "\n"
