@@ -473,10 +473,9 @@ def test_skip_mode_survives_an_absurd_learning_rate(tmp_path, small_cifar):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.fixture
-def nan_at_update(monkeypatch):
-    """Make the encoder's output NaN at training forward number ``n`` (a bad batch, a
-    hardware glitch): returns a setter."""
+def _encoder_fault(monkeypatch, fault):
+    """Apply ``fault`` to the encoder's output at training forward number ``n``: returns a
+    setter of ``n`` (None: never)."""
     real = Encoder.forward
     target = {"n": None, "calls": 0}
 
@@ -485,15 +484,30 @@ def nan_at_update(monkeypatch):
         if self.training:
             target["calls"] += 1
             if target["calls"] == target["n"]:
-                z = z * float("nan")
+                z = fault(z)
         return z
 
     monkeypatch.setattr(Encoder, "forward", forward)
+    return lambda n: target.update(n=n, calls=0)
 
-    def set_update(n):
-        target["n"], target["calls"] = n, 0
 
-    return set_update
+@pytest.fixture
+def nan_at_update(monkeypatch):
+    """Make the encoder's output NaN at training forward number ``n`` (a bad batch, a
+    hardware glitch): returns a setter."""
+    return _encoder_fault(monkeypatch, lambda z: z * float("nan"))
+
+
+def _infinite_gradient(z):
+    z.register_hook(lambda g: torch.full_like(g, float("inf")))
+    return z
+
+
+@pytest.fixture
+def inf_gradient_at_update(monkeypatch):
+    """Make the encoder output's gradient infinite at training forward number ``n``, its
+    loss staying finite (an overflow in the backward pass): returns a setter."""
+    return _encoder_fault(monkeypatch, _infinite_gradient)
 
 
 @pytest.mark.parametrize("kind", ["vq", "vq_ema"])
@@ -525,25 +539,6 @@ def test_a_skipped_update_leaves_no_trace(tmp_path, small_cifar, nan_at_update, 
     assert all(math.isfinite(r["train_nmse"]) for r in records)
     # Updates 9..16 were applied: the weights moved on from where the skip left them.
     assert any(not torch.equal(final["model"][k], after["model"][k]) for k in after["model"])
-
-
-@pytest.fixture
-def inf_gradient_at_update(monkeypatch):
-    """Make the encoder output's gradient infinite at training forward number ``n``, its
-    loss staying finite (an overflow in the backward pass): returns a setter."""
-    real = Encoder.forward
-    target = {"n": None, "calls": 0}
-
-    def forward(self, x):
-        z = real(self, x)
-        if self.training:
-            target["calls"] += 1
-            if target["calls"] == target["n"]:
-                z.register_hook(lambda g: torch.full_like(g, float("inf")))
-        return z
-
-    monkeypatch.setattr(Encoder, "forward", forward)
-    return lambda n: target.update(n=n, calls=0)
 
 
 def test_an_infinite_gradient_with_a_finite_loss_is_not_applied(tmp_path, small_cifar, inf_gradient_at_update):
