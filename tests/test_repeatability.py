@@ -65,8 +65,11 @@ def settings(name: str) -> tuple[str, dict]:
     """(packaged config name, overrides) of a variant."""
     extra = dict(VARIANTS[name])
     config = extra.pop("config", name)
-    keys = {f"bottleneck.{k}" for k in C.to_dict(presets.load(config))["bottleneck"]}
-    return config, {**SMOKE, **{k: v for k, v in SMALL_CODEBOOK.items() if k in keys}, **extra}
+    section = C.to_dict(presets.load(config))["bottleneck"]
+    # FSQ's levels are a list; a mixture's `levels` (its weight grid) is a number: kept as packaged.
+    small = {k: v for k, v in SMALL_CODEBOOK.items()
+             if k.removeprefix("bottleneck.") in section and (k != "bottleneck.levels" or section["kind"] == "fsq")}
+    return config, {**SMOKE, **small, **extra}
 
 
 def command(name: str, run: Path) -> list:
