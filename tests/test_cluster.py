@@ -241,22 +241,23 @@ def test_the_plan_holds_each_runs_exact_config_and_directory(tmp_path, data_dir)
 
 
 # ------------------------------------------------------------------ real runs (slow)
+def _local(tmp_path_factory, data_dir, name: str, steps: int, overrides) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    compare(out, MODELS, steps=steps, data_dir=str(data_dir), overrides=overrides, show_progress=False,
+            test_images=TEST_IMAGES, jobs=1)
+    return out
+
+
 @pytest.fixture(scope="module")
 def local_short(tmp_path_factory, data_dir) -> Path:
     """The two-run comparison trained by the local launcher, in this process."""
-    out = tmp_path_factory.mktemp("local-short")
-    compare(out, MODELS, steps=20, data_dir=str(data_dir), overrides=SHORT, show_progress=False,
-            test_images=TEST_IMAGES, jobs=1)
-    return out
+    return _local(tmp_path_factory, data_dir, "local-short", 20, SHORT)
 
 
 @pytest.fixture(scope="module")
 def local_long(tmp_path_factory, data_dir) -> Path:
     """Unbroken 100-update runs of both models (checkpoints every 10), by the local launcher."""
-    out = tmp_path_factory.mktemp("local-long")
-    compare(out, MODELS, steps=100, data_dir=str(data_dir), overrides=LONG, show_progress=False,
-            test_images=TEST_IMAGES, jobs=1)
-    return out
+    return _local(tmp_path_factory, data_dir, "local-long", 100, LONG)
 
 
 @pytest.mark.slow

@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memvae.config import read_toml
 from memvae.errors import MemvaeError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 CLUSTERS = ("auto", "slurm", "local")
 
@@ -101,14 +96,7 @@ def read_launcher_table(path: str | Path) -> dict:
     """The ``[launcher]`` table of the TOML file at ``path``, its keys and types checked (the
     file may hold other tables: they are not read)."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise MemvaeError(f"launcher config {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise MemvaeError(f"launcher config {path} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise MemvaeError(f"could not read launcher config {path} ({exc.strerror or exc})") from None
+    raw = read_toml(path, "launcher config")
     table = raw.get("launcher")
     if table is None:
         raise MemvaeError(f"launcher config {path} has no [launcher] table")

@@ -330,19 +330,25 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """The TOML file at ``path`` as a dict; a missing, unreadable or malformed file is one
+    line naming ``what`` it is (e.g. "config file")."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MemvaeError(f"{what} {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise MemvaeError(f"{what} {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise MemvaeError(f"could not read {what} {path} ({exc.strerror or exc})") from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), saved: bool = False) -> Config:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides``; validated.
     ``saved``: the file is a run's own config.toml (see :func:`from_dict`)."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise MemvaeError(f"config file {path} does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise MemvaeError(f"config file {path} is not valid TOML: {exc}") from None
-        from_dict(raw, cfg, saved)
+        from_dict(read_toml(Path(path), "config file"), cfg, saved)
     return validate(apply_overrides(cfg, list(overrides)))
 
 
