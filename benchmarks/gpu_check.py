@@ -1,7 +1,7 @@
 """The timing half of benchmarks/gpu_check.sh: training updates on a CUDA device, none of
 which may wait for the host.
 
-Every update is :meth:`memvae.engine.Trainer.update`, as ``memvae train`` runs it (batch
+Every update is :meth:`memvae.training.engine.Trainer.update`, as ``memvae train`` runs it (batch
 indices on the device, bf16 autocast for the networks, the non-finite guard, Adam with its
 step count on the GPU), with the packaged config's networks (the study's: hidden 128, D = 64)
 and K = 512, on CIFAR-10 when ``--data-dir`` (or $MEMVAE_DATA_DIR) holds it, else on random
@@ -104,8 +104,8 @@ def _nothing():
 
 def measure(name: str, config: str, overrides: list[str], batch: int, updates: int, warmup: int, data, device) -> dict:
     """One row: a fresh Trainer of the config at batch ``batch``, warmed up, then timed."""
-    from memvae import config as C
-    from memvae import engine
+    from memvae.config import schema as C
+    from memvae.training import engine
 
     cfg = C.load_config(CONFIGS / f"{config}.toml", [*overrides, f"train.batch_size={batch}", f"train.device={device}"])
     torch.manual_seed(cfg.train.seed)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.version.cuda or 'none'}) sees none", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT / "src"))  # memvae from this checkout when it is not installed
-    from memvae.runs import environment
+    from memvae.training.runs import environment
 
     device = torch.device(args.device)
     data, source = load_images(args.data_dir)

@@ -90,7 +90,7 @@ def _reset_peak_rss() -> bool:
 
 def worker(spec: dict) -> dict:
     """Run one (similarity, N, K, impl) and return its measurements (see module doc)."""
-    from memvae.bottlenecks.memory import Addressing, LearnedTemperature, MemoryRead
+    from memvae.quantizers.memory import Addressing, LearnedTemperature, MemoryRead
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -243,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but no CUDA device is available")
-    from memvae.runs import environment
+    from memvae.training.runs import environment
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_step import cpu_model
 
-    from memvae.bottlenecks.memory import MemoryRead
+    from memvae.quantizers.memory import MemoryRead
 
     threshold = inspect.signature(MemoryRead).parameters["fused_threshold"].default
     if args.threads:

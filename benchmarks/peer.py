@@ -1,8 +1,8 @@
 """memvae's bottlenecks against vector-quantize-pytorch, the quantiser library people use.
 
 Each row pairs a memvae bottleneck, a packaged config's ``[bottleneck]`` section
-(``src/memvae/configs/<row>.toml``) with its slots set to K, built by
-``memvae.model.build_bottleneck`` as training builds it, with the vector-quantize-pytorch
+(``src/memvae/config/packaged/<row>.toml``) with its slots set to K, built by
+``memvae.networks.autoencoder.build_bottleneck`` as training builds it, with the vector-quantize-pytorch
 module that does the same job:
 
     vq                VectorQuantizer               VectorQuantize(learnable_codebook=True, ema_update=False)
@@ -87,9 +87,9 @@ PEER = "vector-quantize-pytorch"
 INSTALL = 'pip install -e ".[bench]"   (or: pip install vector-quantize-pytorch==1.32.0)'
 DIM = 64
 SIDE = 8  # an 8×8 map of reads, as CIFAR-10's 32×32 images give with the study's encoder
-MATMUL_CHUNK = 1 << 22  # distances per chunk, as memvae.bottlenecks.functional.nearest_distances
+MATMUL_CHUNK = 1 << 22  # distances per chunk, as memvae.quantizers.functional.nearest_distances
 
-# Rows: packaged config names (src/memvae/configs); each row is that config's [bottleneck]
+# Rows: packaged config names (src/memvae/config/packaged); each row is that config's [bottleneck]
 # section with slots set to K.
 ROWS = ("vq", "vq_ema", "vq_ema_reseed", "memory_l2", "memory_discrete", "memory_discrete:top_k=16", "fsq",
         "simvq", "lfq", "bsq", "ibq", "memory_l2:impl=dense")
@@ -126,7 +126,7 @@ def row_config(name: str, k: int, config_dir: Path) -> tuple[dict | None, str | 
     this memvae cannot run it). FSQ's levels are those of the config when their product is
     K, else 8s and one last factor (K = 4096: 8,8,8,8; 16384: 8,8,8,8,4). ``name`` may
     carry ``:key=value`` overrides of the section."""
-    from memvae.config import load_config
+    from memvae.config.schema import load_config
     from memvae.errors import MemvaeError
 
     name, *overrides = name.split(":")
@@ -225,8 +225,8 @@ def _build(contestant: dict, n: int, k: int, seed: int):
     z = torch.randn(b, DIM, SIDE, SIDE, generator=gen).requires_grad_(True)
     upstream = torch.randn(b, DIM, SIDE, SIDE, generator=gen)
     if contestant["side"] == "memvae":
-        from memvae.config import bottleneck_options
-        from memvae.model import build_bottleneck
+        from memvae.config.schema import bottleneck_options
+        from memvae.networks.autoencoder import build_bottleneck
 
         module = build_bottleneck(dataclasses.replace(bottleneck_options(contestant["config"]["kind"]), **contestant["config"]), DIM)
     else:
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"error: {PEER} is not installed; install it with: {INSTALL}", file=sys.stderr)
         return 2
-    from memvae.runs import environment
+    from memvae.training.runs import environment
 
     config_dir = Path(__file__).resolve().parents[1] / "src" / "memvae" / "configs"
     row_names = [r.strip() for r in args.rows.split(",") if r.strip()]

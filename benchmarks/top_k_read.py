@@ -32,7 +32,7 @@ from memory_read import ints, markdown  # noqa: E402
 @torch.no_grad()
 def reads(model, images: torch.Tensor, top_k: int, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(soft reads N×D, codes N, outside mass N or empty, squared error sum) with top_k."""
-    from memvae.bottlenecks import functional as Fn
+    from memvae.quantizers import functional as Fn
     from memvae.data import to_input
 
     bottleneck = model.bottleneck
@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/top_k_read.json", help="JSON output path")
     args = parser.parse_args(argv)
 
-    from memvae import config as C
+    from memvae.config import schema as C
     from memvae.data import load_cifar10
-    from memvae.metrics import nmse
-    from memvae.runs import environment, load_run
-    from memvae.train import train
+    from memvae.training.metrics import nmse
+    from memvae.training.runs import environment, load_run
+    from memvae.training.train import train
 
     torch.set_num_threads(args.threads)
     data = load_cifar10(args.data_dir, download=False)

@@ -1,11 +1,11 @@
 """Time one training update of every bottleneck against the bare networks and the study's loop.
 
-An update is what ``memvae.train`` does per step: draw a batch of indices
+An update is what ``memvae.training.train`` does per step: draw a batch of indices
 (:class:`memvae.data.EpochBatcher`), gather the uint8 images held in memory, scale them
 (:func:`memvae.data.to_input`), forward, backward, Adam step. It is timed for
 
-    vq, vq_ema, memory (l2), memory (cosine)   memvae.model.Autoencoder, K×D from the config
-    bare                                      memvae.nets Encoder → Decoder, no bottleneck
+    vq, vq_ema, memory (l2), memory (cosine)   memvae.networks.autoencoder.Autoencoder, K×D from the config
+    bare                                      memvae.networks.encoder_decoder Encoder → Decoder, no bottleneck
     study loop                                the study's notebook loop (see StudyCifar):
                                               DataLoader over PIL images, ``next(iter(loader))``
                                               every update, Adam(amsgrad=True), the same
@@ -17,18 +17,18 @@ figure is the median over ``--repeats`` rounds after ``--warmup`` untimed ones. 
 achieved FLOP rate of an update (FLOPs counted by ``torch.utils.flop_counter``) is
 given as a fraction of the rate of a large float32 matmul timed in the same rounds.
 
-Everything runs in float32 (memvae.train's bf16 autocast on CUDA is not used here), with
+Everything runs in float32 (memvae.training.train's bf16 autocast on CUDA is not used here), with
 the default K = 512, D = 64 of the study. Prints markdown tables and writes JSON (``--out``). Timings are only comparable within
 one run; the device, CPU, thread count and versions are recorded with them.
 
 ``--repeatability`` times, instead, what repeatable training costs (issues 12 and 14), for
 each bottleneck, round-robin in the same rounds:
 
-    before       the update as memvae.train did it before: PyTorch's default
+    before       the update as memvae.training.train did it before: PyTorch's default
                  (non-deterministic) algorithms, the loss read back after every update
     deterministic the same update under ``torch.use_deterministic_algorithms(True)``, as
-                 memvae.train sets it on CPU (the fix of issue 12)
-    engine       memvae.engine.Trainer.update itself: deterministic, no read back, the
+                 memvae.training.train sets it on CPU (the fix of issue 12)
+    engine       memvae.training.engine.Trainer.update itself: deterministic, no read back, the
                  non-finite guard on the device (a copy of weights and Adam's state per update)
 
     python benchmarks/train_step.py --data-dir ../shared/data --threads 2
@@ -51,12 +51,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from memvae.config import Config
+from memvae.config.schema import Config
 from memvae.data import EpochBatcher, ImageData, load_cifar10, to_input
-from memvae.engine import Distributed, Trainer
-from memvae.model import Autoencoder
-from memvae.nets import Decoder, Encoder
-from memvae.runs import environment
+from memvae.training.engine import Distributed, Trainer
+from memvae.networks.autoencoder import Autoencoder
+from memvae.networks.encoder_decoder import Decoder, Encoder
+from memvae.training.runs import environment
 
 BOTTLENECKS = {
     "vq": {"kind": "vq"},
@@ -116,7 +116,7 @@ class Variant:
                  deterministic: bool = True):
         self.name, self.model, self.optimizer = name, model, optimizer
         self.fetch, self.loss_of = fetch, loss_of
-        self.deterministic = deterministic  # torch.use_deterministic_algorithms, as memvae.train sets it on CPU
+        self.deterministic = deterministic  # torch.use_deterministic_algorithms, as memvae.training.train sets it on CPU
         self.times: list[float] = []
         self.flops = 0
 
@@ -132,7 +132,7 @@ class Variant:
 
 
 class EngineVariant:
-    """memvae.engine.Trainer.update, the update memvae.train runs (deterministic algorithms on)."""
+    """memvae.training.engine.Trainer.update, the update memvae.training.train runs (deterministic algorithms on)."""
 
     def __init__(self, name: str, trainer: Trainer):
         self.name, self.trainer, self.model = name, trainer, trainer.model
@@ -145,7 +145,7 @@ class EngineVariant:
 
 
 def deterministic_algorithms(on: bool) -> None:
-    """PyTorch's deterministic mode as memvae.engine.repeatable sets it on CPU (or off)."""
+    """PyTorch's deterministic mode as memvae.training.engine.repeatable sets it on CPU (or off)."""
     import torch.utils.deterministic
 
     torch.use_deterministic_algorithms(on, warn_only=True)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/train_step.json, "
                         "or train_step_repeatability.json with --repeatability)")
     parser.add_argument("--repeatability", action="store_true",
-                        help="time the update before/with deterministic algorithms/as memvae.engine runs it, per bottleneck")
+                        help="time the update before/with deterministic algorithms/as memvae.training.engine runs it, per bottleneck")
     args = parser.parse_args(argv)
     args.out = args.out or f"benchmarks/results/train_step{'_repeatability' if args.repeatability else ''}.json"
 

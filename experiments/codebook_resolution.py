@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from memvae.bottlenecks import FSQ
-from memvae.bottlenecks.functional import code_counts, flatten_positions, nearest_distances, perplexity_from_counts
+from memvae.quantizers import FSQ
+from memvae.quantizers.functional import code_counts, flatten_positions, nearest_distances, perplexity_from_counts
 from memvae.data import load_data, to_input
-from memvae.runs import load_run
+from memvae.training.runs import load_run
 
 
 @torch.no_grad()

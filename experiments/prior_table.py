@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from memvae.cli_prior import save_grid
+from memvae.cli.prior import save_grid
 from memvae.errors import MemvaeError, os_error
-from memvae.plots import image_panels
-from memvae.prior import PriorOptions, prior_dir, sample_images, train_prior
-from memvae.runs import load_run
+from memvae.experiments.plots import image_panels
+from memvae.prior.fit import PriorOptions, prior_dir, sample_images, train_prior
+from memvae.training.runs import load_run
 
 # (key in a row, column header, digits after the point) of the per-model summary.
 SUMMARY_COLUMNS = [

@@ -17,12 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
-from memvae import presets
-from memvae.bottlenecks import functional as Fn
+from memvae.config import presets
+from memvae.quantizers import functional as Fn
 from memvae.data import load_data
-from memvae.evaluate import evaluate_read
-from memvae.runs import load_run
-from memvae.train import train
+from memvae.training.evaluate import evaluate_read
+from memvae.training.runs import load_run
+from memvae.training.train import train
 
 BATCH_POSITIONS = 32 * 64  # batch 32 of 8×8 maps
 

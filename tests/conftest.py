@@ -8,7 +8,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "src" / "memvae" / "configs"
+CONFIGS = REPO / "src" / "memvae" / "config" / "packaged"
 
 
 def memory_read(num_slots: int, dim: int, impl: str = "auto", init: str | None = None, fused_threshold: int = 1 << 22,
@@ -18,7 +18,7 @@ def memory_read(num_slots: int, dim: int, impl: str = "auto", init: str | None =
     own speed settings; ValueError for what a config would refuse."""
     import dataclasses
 
-    from memvae.bottlenecks.memory import MemoryOptions, MemoryRead, memory_parts
+    from memvae.quantizers.memory import MemoryOptions, MemoryRead, memory_parts
 
     b = dataclasses.replace(MemoryOptions(slots=num_slots), **keys)
     b.check()

@@ -1,4 +1,4 @@
-"""Bits per dimension (memvae.bits_per_dim): the discretised Gaussian, the σ fit, the bound
+"""Bits per dimension (memvae.prior.bits_per_dim): the discretised Gaussian, the σ fit, the bound
 of a model whose decoder is exact, the command on real runs, and the tables that show it."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from memvae import presets
-from memvae.bits_per_dim import (
+from memvae.config import presets
+from memvae.prior.bits_per_dim import (
     BPD_FILE,
     decoder_bits,
     discretized_gaussian_log_prob,
@@ -22,15 +22,15 @@ from memvae.bits_per_dim import (
     rate_bits_per_position,
     score,
 )
-from memvae.cli import main
-from memvae.compare import BPD_CAPTION, _summarise, results_table
-from memvae.config import load_config
+from memvae.cli.main import main
+from memvae.experiments.compare import BPD_CAPTION, _summarise, results_table
+from memvae.config.schema import load_config
 from memvae.data import ImageData, to_input
 from memvae.errors import MemvaeError
-from memvae.pixelcnn import GatedPixelCNN
-from memvae.prior import PriorOptions, extract_codes, nll_bits, train_prior
-from memvae.sweep import rate_tables
-from memvae.train import train
+from memvae.networks.pixelcnn import GatedPixelCNN
+from memvae.prior.fit import PriorOptions, extract_codes, nll_bits, train_prior
+from memvae.experiments.sweep import rate_tables
+from memvae.training.train import train
 from tests.cli_util import SMOKE
 
 LOSSLESS_NAME = "cifar10-lossless-subset.npz"
@@ -226,7 +226,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
         assert saved["lossless"]["sigma_fit"]["images"] == 4000 and saved["lossless"]["images"] == 500
 
     # The table of compare shows the column for this run, on its own read's row.
-    from memvae.compare import run_bits_per_dim
+    from memvae.experiments.compare import run_bits_per_dim
 
     numbers, bound = run_bits_per_dim(run, 30)
     assert bound is True and numbers["test"] == saved["test"]["bits_per_dim"]
@@ -267,7 +267,7 @@ def _results(with_bpd: bool) -> dict:
 
 
 def test_tables_show_bits_per_dim_only_when_a_run_has_them():
-    from memvae.sweep import collect
+    from memvae.experiments.sweep import collect
 
     plain, with_bpd = _results(False), _results(True)
     dirs = {name: [] for name in plain["models"]}

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from memvae.bottlenecks import REGISTRY, bottleneck_class
+from memvae.quantizers import REGISTRY, bottleneck_class
 from tests.conftest import memory_read
 
 K, D = 64, 8

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memvae.bottlenecks import REGISTRY, MemoryRead, VectorQuantizer, VectorQuantizerEMA, bottleneck_class
-from memvae.bottlenecks.functional import perplexity_from_counts
+from memvae.quantizers import REGISTRY, MemoryRead, VectorQuantizer, VectorQuantizerEMA, bottleneck_class
+from memvae.quantizers.functional import perplexity_from_counts
 from tests.conftest import memory_read
 
 K, D = 32, 8
@@ -273,7 +273,7 @@ def test_random_slots_start_moving_averages_that_agree_with_them(kind):
     was (up to the Laplace smoothing, relative 1e-4) and moves each chosen slot toward the
     mean of its vectors, by 1 − γ of the way (its count was 1). Counts of 0 beside sums
     equal to the slots once divided unchosen slots by about ε (norm 10 became 985,666)."""
-    from memvae.bottlenecks import ResidualVQ
+    from memvae.quantizers import ResidualVQ
 
     if kind == "vq_ema":
         bottleneck = VectorQuantizerEMA(512, 64, init="random")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memvae import config as C
+from memvae.config import schema as C
 from memvae.data import ImageData
-from memvae.train import train
+from memvae.training.train import train
 from tests.cli_util import SMOKE, run_memvae
 
 

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from memvae import config as C, presets
-from memvae.cli import _overrides, build_parser, main
-from memvae.cluster_options import LauncherOptions, launcher_options
-from memvae.compare import _model_config, compare
+from memvae.config import schema as C
+
+from memvae.config import presets
+from memvae.cli.main import _overrides, build_parser, main
+from memvae.experiments.cluster_options import LauncherOptions, launcher_options
+from memvae.experiments.compare import _model_config, compare
 from memvae.errors import MemvaeError
-from memvae.plan import RunCommand
-from memvae.runlock import run_lock
-from memvae.sweep import at_slots, is_discrete
+from memvae.experiments.plan import RunCommand
+from memvae.training.runlock import run_lock
+from memvae.experiments.sweep import at_slots, is_discrete
 from tests.conftest import REPO
 
 MODELS = ["smoke", "vq"]
@@ -127,7 +129,7 @@ def test_a_missing_launcher_config_is_one_line(tmp_path):
 
 
 def test_compare_parses_the_launcher_flags_and_keeps_config_overrides():
-    from memvae.cli import _launcher_options
+    from memvae.cli.main import _launcher_options
 
     args, extra = build_parser().parse_known_args([
         "compare", "--launcher", "submitit", "--partition", "gpu", "--time-min", "90", "--cpus-per-task", "8",
@@ -170,7 +172,7 @@ def test_without_submitit_the_launcher_says_what_to_install(tmp_path, capsys, mo
 def test_the_options_become_the_sbatch_script_submitit_writes(tmp_path, monkeypatch):
     """submitit's own Slurm executor (it only needs `srun` on the PATH to start) writes the
     job script: every option is in it."""
-    from memvae.cluster import make_executor
+    from memvae.experiments.cluster import make_executor
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from memvae import config as C
-from memvae.compare import compare, cpu_cores, resolve_jobs, updates_to_reach
+from memvae.config import schema as C
+from memvae.experiments.compare import compare, cpu_cores, resolve_jobs, updates_to_reach
 from memvae.errors import MemvaeError
 from tests.conftest import REPO
 
@@ -30,7 +30,7 @@ def test_updates_to_reach_uses_the_first_logged_update_at_or_below_each_level():
 
 def test_tiny_compare_writes_every_file_with_finite_numbers(tmp_path, data_dir):
     models = ["vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write"]
-    results = compare(tmp_path, models, steps=40, seeds=2, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "configs",
+    results = compare(tmp_path, models, steps=40, seeds=2, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged",
                       lossless=str(data_dir / "cifar10-lossless-subset.npz"), overrides=SMALL, show_progress=False,
                       test_images=1000)
     for name in ("convergence.png", "reconstructions.png", "results.md", "results.json"):
@@ -82,14 +82,14 @@ def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_
 def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
     from memvae.errors import MemvaeError
 
-    common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "configs", show_progress=False, test_images=200)
+    common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged", show_progress=False, test_images=200)
     compare(tmp_path, ["vq"], overrides=SMALL, **common)
     with pytest.raises(MemvaeError, match="different config"):
         compare(tmp_path, ["vq"], overrides=[*SMALL, "train.lr=0.01"], **common)
 
 
 def test_report_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path, data_dir, capsys):
-    common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "configs", show_progress=False,
+    common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged", show_progress=False,
                   test_images=200, overrides=SMALL)
     with pytest.raises(MemvaeError, match="has finished its 10 updates"):
         compare(tmp_path, ["vq"], report_only=True, **common)

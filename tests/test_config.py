@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from memvae import config as C
+from memvae.config import schema as C
 from memvae.errors import MemvaeError
 from tests.conftest import CONFIGS
 
@@ -121,7 +121,7 @@ def test_bare_key_shared_by_two_sections_is_ambiguous(monkeypatch):
 
 @pytest.mark.parametrize("key", ["bottleneck.beta_growth", "bottleneck.entropy_weight", "gumbel_tau_start"])
 def test_a_removed_key_fails_with_one_line_naming_it(key):
-    from memvae.config import apply_overrides, Config, from_dict
+    from memvae.config.schema import apply_overrides, Config, from_dict
 
     section, _, name = key.rpartition(".")
     with pytest.raises(MemvaeError, match="was removed") as raised:
@@ -134,7 +134,7 @@ def test_a_removed_key_fails_with_one_line_naming_it(key):
 
 def test_an_old_run_config_with_removed_keys_at_their_inert_values_loads():
     """Runs saved before the keys were removed hold them at the values where they did nothing."""
-    from memvae.config import Config, from_dict, to_dict
+    from memvae.config.schema import Config, from_dict, to_dict
 
     old = {"bottleneck": {"slots": 256, "beta_growth": 1.0, "entropy_weight": 0.0, "gumbel_tau_start": 0.5}}
     cfg = from_dict(old)

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memvae.bottlenecks import FSQ, REGISTRY, MemoryRead, VectorQuantizerEMA, bottleneck_class
-from memvae.bottlenecks import functional as Fn
-from memvae.config import load_config
-from memvae.metrics import read_metrics
-from memvae.runs import load_run
-from memvae.train import train
+from memvae.quantizers import FSQ, REGISTRY, MemoryRead, VectorQuantizerEMA, bottleneck_class
+from memvae.quantizers import functional as Fn
+from memvae.config.schema import load_config
+from memvae.training.metrics import read_metrics
+from memvae.training.runs import load_run
+from memvae.training.train import train
 
 from tests.cli_util import strip_times
 from tests.conftest import CONFIGS, memory_read
@@ -320,7 +320,7 @@ def test_q_bar_and_schedule_survive_resume(tmp_path, data_dir):
 
 
 def test_packaged_discrete_configs_build(tmp_path):
-    from memvae.model import Autoencoder
+    from memvae.networks.autoencoder import Autoencoder
 
     for name in ("memory_discrete", "vq_ema_reseed", "fsq"):
         model = Autoencoder.from_config(load_config(CONFIGS / f"{name}.toml"))
@@ -339,7 +339,7 @@ def test_fsq_config_rejects_levels_that_do_not_make_the_slots():
 # ---------------------------------------------------------------- the options in parts
 def test_the_parts_build_the_read_the_config_builds():
     """memory_discrete from its packaged config and from the parts a user writes: one read."""
-    from memvae.bottlenecks.memory import Addressing, MovingAverageWrite, RelativeTemperature
+    from memvae.quantizers.memory import Addressing, MovingAverageWrite, RelativeTemperature
 
     cfg = load_config(CONFIGS / "memory_discrete.toml", ["bottleneck.slots=32"])
     torch.manual_seed(0)
@@ -372,7 +372,7 @@ def test_the_parts_build_the_read_the_config_builds():
 def test_a_part_that_cannot_work_cannot_be_built(build, said):
     """Each part checks its values when built; the encoder's gradient is an option of the
     moving-average write only, so the gradient write cannot be given one."""
-    from memvae.bottlenecks import memory as parts
+    from memvae.quantizers import memory as parts
 
     with pytest.raises(ValueError, match=said):
         build(parts)

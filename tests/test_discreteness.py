@@ -1,5 +1,5 @@
 """The memory read's discreteness controls: straight-through hard read and the τ schedule
-in real training runs (memvae.bottlenecks.memory.MemoryRead)."""
+in real training runs (memvae.quantizers.memory.MemoryRead)."""
 from __future__ import annotations
 
 import math
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from memvae import MemoryRead
-from memvae.config import load_config
-from memvae.metrics import read_metrics
-from memvae.runs import load_run
-from memvae.train import train
+from memvae.config.schema import load_config
+from memvae.training.metrics import read_metrics
+from memvae.training.runs import load_run
+from memvae.training.train import train
 from tests.conftest import memory_read
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_straight_through_is_the_hard_read_in_eval_mode_when_asked():
 def annealed_run(tmp_path_factory, data_dir) -> Path:
     """A smoke discrete-memory model trained 20 updates with τ annealed 1 → 0.01."""
     path = tmp_path_factory.mktemp("annealed") / "run"
-    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "memory_discrete.toml", [
+    cfg = load_config(ROOT / "src" / "memvae" / "config" / "packaged" / "memory_discrete.toml", [
         "train.steps=20", "train.threads=1", "train.log_every=20", "train.eval_every=20", "data.eval_images=50",
         "model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "bottleneck.slots=64",
         "bottleneck.tau_start=1.0", "bottleneck.tau_end=0.01", "bottleneck.tau_anneal_updates=20",

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from memvae import config as C
-from memvae.checkpoint import load_latest
-from memvae.metrics import MetricsLog
+from memvae.config import schema as C
+from memvae.training.checkpoint import load_latest
+from memvae.training.metrics import MetricsLog
 
 pytestmark = pytest.mark.slow  # a torchrun launch of two processes and every packaged config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "src" / "memvae" / "configs"
+CONFIGS = ROOT / "src" / "memvae" / "config" / "packaged"
 STEPS = 6
 COMMON = [
     f"train.steps={STEPS}", "train.log_every=2", f"train.eval_every={STEPS}", "train.checkpoint_every=3",
@@ -59,7 +59,7 @@ SHARES = ("split", "empty")  # rank r holds images r, r + 2, ...; or rank 1 hold
 
 def collective_bottlenecks() -> dict:
     """Bottlenecks that join collectives in training (moving averages, re-seeding, q̄), small."""
-    from memvae.bottlenecks import bottleneck_class
+    from memvae.quantizers import bottleneck_class
 
     made = {}
     for name in COLLECTIVE:
@@ -90,7 +90,7 @@ def run_collective(out: Path, rank: int, world: int) -> None:
 
 def infinite_gradient_on_rank_one(rank: int):
     """Patch the encoder so that rank 1's gradient is infinite at update BAD_UPDATE (its loss finite)."""
-    from memvae.nets import Encoder
+    from memvae.networks.encoder_decoder import Encoder
 
     real, calls = Encoder.forward, {"n": 0}
 
@@ -111,7 +111,7 @@ def worker(out: Path) -> None:
     share on one rank, an infinite gradient on one rank."""
     from memvae.data import load_cifar10
     from memvae.errors import MemvaeError
-    from memvae.train import train
+    from memvae.training.train import train
 
     data = load_cifar10(download=False)  # $MEMVAE_DATA_DIR, set by the test
     for name in RUNS:
@@ -147,7 +147,7 @@ def runs(tmp_path_factory, data_dir, cifar) -> Path:
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (out / "torchrun.log").write_text(proc.stdout + proc.stderr)
 
-    from memvae.train import train
+    from memvae.training.train import train
 
     threads = torch.get_num_threads()
     try:
@@ -245,7 +245,7 @@ def test_no_warning_from_ddp(runs):
 def test_training_moved_the_model_and_kept_it_bounded(runs):
     """The comparisons mean something: six updates changed the weights and the slots, and
     no slot ran away (random slots once left vq_ema's moving averages dividing by ε)."""
-    from memvae.model import Autoencoder
+    from memvae.networks.autoencoder import Autoencoder
 
     for name in ("vq_ema_random", "memory_discrete", "vq_ema_reseed"):
         torch.manual_seed(config(name).train.seed)

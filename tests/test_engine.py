@@ -1,4 +1,4 @@
-"""The training engine (memvae.train + memvae.engine): the split changed nothing, and an
+"""The training engine (memvae.training.train + memvae.training.engine): the split changed nothing, and an
 update reads nothing back from the device.
 
 1. Identity: the loop before the split (``train.py`` at commit BEFORE_SPLIT, read from git
@@ -23,13 +23,13 @@ import pytest
 import torch
 
 import memvae
-from memvae import config as C
-from memvae import engine
-from memvae.checkpoint import load_latest
+from memvae.config import schema as C
+from memvae.training import engine
+from memvae.training.checkpoint import load_latest
 from memvae.data import ImageData
 from memvae.errors import MemvaeError
-from memvae.metrics import MetricsLog
-from memvae.train import train
+from memvae.training.metrics import MetricsLog
+from memvae.training.train import train
 from tests.cli_util import strip_times
 from tests.conftest import CONFIGS, REPO
 
@@ -61,7 +61,7 @@ def loop_before_split():
     """``train`` of train.py at BEFORE_SPLIT, as a module beside today's memvae. That loop
     called ``bottleneck.set_progress`` before each update; today the memory read counts its
     own updates, so the call is given a no-op for the old loop's sake."""
-    from memvae.bottlenecks.base import Bottleneck
+    from memvae.quantizers.base import Bottleneck
 
     patch = pytest.MonkeyPatch()
     patch.setattr(Bottleneck, "set_progress", lambda self, fraction: None, raising=False)
@@ -70,6 +70,14 @@ def loop_before_split():
                                 text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         pytest.skip(f"needs the git history of the checkout (commit {BEFORE_SPLIT})")
+    # The old loop imports the modules by their names before the layer packages (issue 33).
+    import memvae.config.schema, memvae.networks.autoencoder, memvae.training.checkpoint, memvae.training.evaluate
+    import memvae.training.metrics, memvae.training.runs
+    for old_name, module in {"config": memvae.config.schema, "checkpoint": memvae.training.checkpoint,
+                             "evaluate": memvae.training.evaluate, "metrics": memvae.training.metrics,
+                             "model": memvae.networks.autoencoder, "runs": memvae.training.runs}.items():
+        patch.setitem(sys.modules, f"memvae.{old_name}", module)
+        patch.setattr(memvae, old_name, module, raising=False)
     module = types.ModuleType("memvae_train_before_split")
     exec(compile(source, f"{BEFORE_SPLIT}:src/memvae/train.py", "exec"), module.__dict__)
     yield module.train
@@ -168,7 +176,7 @@ def test_a_nan_update_is_undone_on_the_device_and_reported_at_the_next_log(tmp_p
     leaves weights, buffers and Adam's state as after update 12; the record of update 20
     counts it; in stop mode the run stops at update 20's read naming update 13, with no
     checkpoint or record written after update 12's."""
-    from memvae.nets import Encoder
+    from memvae.networks.encoder_decoder import Encoder
 
     real = Encoder.forward
     calls = {"n": 0}

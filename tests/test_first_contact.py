@@ -4,13 +4,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from memvae import config as C
+from memvae.config import schema as C
 from tests.cli_util import cli_env, run_memvae
 from tests.conftest import CONFIGS
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys; from memvae.cli import main\n"
+    code = ("import sys; from memvae.cli.main import main\n"
             "for argv in (['--version'], ['--help'], ['train', '--help'], ['compare', '--help'], ['prior', '--help']):\n"
             "    try: main(argv)\n"
             "    except SystemExit: pass\n"

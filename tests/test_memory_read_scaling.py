@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from memvae.bottlenecks.memory import MemoryRead
+from memvae.quantizers.memory import MemoryRead
 from tests.conftest import memory_read
 
 # N = 64·8·8 = 4096 queries against K = 1100 slots: N·K ≈ 4.5M > 2^22, so "auto" fuses.

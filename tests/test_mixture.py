@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from memvae import config as C
-from memvae.bottlenecks import bottleneck_class
-from memvae.bottlenecks import functional as Fn
-from memvae.bottlenecks.mixture import count_codes, grid_points, round_to_grid
-from memvae.metrics import read_metrics
-from memvae.pixelcnn import GatedPixelCNN
-from memvae.prior import PriorOptions, codes_from_map, nll_bits, sample_images, symbol_ranges, train_prior
-from memvae.train import train
+from memvae.config import schema as C
+from memvae.quantizers import bottleneck_class
+from memvae.quantizers import functional as Fn
+from memvae.quantizers.mixture import count_codes, grid_points, round_to_grid
+from memvae.training.metrics import read_metrics
+from memvae.networks.pixelcnn import GatedPixelCNN
+from memvae.prior.fit import PriorOptions, codes_from_map, nll_bits, sample_images, symbol_ranges, train_prior
+from memvae.training.train import train
 from tests.conftest import CONFIGS
 
 D = 3
@@ -265,7 +265,7 @@ def test_a_short_real_training_lowers_the_loss(tmp_path, data_dir, way):
 # ---------------------------------------------------------------- configs
 @pytest.mark.parametrize("name", PACKAGED)
 def test_packaged_configs_build_at_about_18_bits(name):
-    from memvae.model import Autoencoder
+    from memvae.networks.autoencoder import Autoencoder
 
     b = Autoencoder.from_config(C.load_config(CONFIGS / f"{name}.toml")).bottleneck
     assert b.bits_per_position == pytest.approx(18.0) and 16 <= b.code_bits < 18

@@ -5,7 +5,7 @@ tests/test_engine.py counts the Python ``Tensor`` methods that read a value back
 its largest code to size its output, ``nonzero``/``unique``/``masked_select`` read how many
 results there are, and indexing a GPU tensor with a CPU index tensor copies the indices
 over and waits. Here a ``TorchDispatchMode`` records every aten op of a few training
-updates (through ``memvae.train``, as a run does them) of every packaged config, on the
+updates (through ``memvae.training.train``, as a run does them) of every packaged config, on the
 smoke networks, and fails on
 
     bincount, nonzero, unique (all variants), masked_select, _local_scalar_dense (``.item()``
@@ -33,11 +33,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memvae import config as C
-from memvae import engine
-from memvae.bottlenecks import REGISTRY
+from memvae.config import schema as C
+from memvae.training import engine
+from memvae.quantizers import REGISTRY
 from memvae.data import EpochBatcher, ImageData
-from memvae.train import train
+from memvae.training.train import train
 from tests.conftest import CONFIGS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,9 +196,9 @@ def test_batch_indices_live_on_the_data_device_in_todays_order():
 
 
 def test_prior_updates_run_no_host_read(tmp_path):
-    """The prior's updates (memvae.prior.PriorTrainer, on the engine's loop) on random maps."""
-    from memvae.pixelcnn import GatedPixelCNN
-    from memvae.prior import PriorOptions, PriorTrainer
+    """The prior's updates (memvae.prior.fit.PriorTrainer, on the engine's loop) on random maps."""
+    from memvae.networks.pixelcnn import GatedPixelCNN
+    from memvae.prior.fit import PriorOptions, PriorTrainer
 
     options = PriorOptions(steps=8, batch_size=4, width=8, layers=2, device=DEVICE)
     codes = torch.randint(16, (20, 8, 8), generator=torch.Generator().manual_seed(0))

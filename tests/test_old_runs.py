@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from memvae.metrics import read_metrics
+from memvae.training.metrics import read_metrics
 from tests.cli_util import cli_env, run_memvae, strip_times
 from tests.conftest import REPO
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import memvae
-from memvae import config as C, presets
-from memvae.compare import _model_config
+from memvae.config import schema as C
+from memvae.config import presets
+from memvae.experiments.compare import _model_config
 from memvae.errors import MemvaeError
 from tests.cli_util import cli_env
 from tests.conftest import CONFIGS, REPO
@@ -110,6 +111,29 @@ def _run(args, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+# Run in a venv holding only torch, numpy and memvae: each registered quantiser, a few Adam
+# steps on random maps, codes out (None only for the continuous control).
+QUANTISERS_ALONE = """
+import torch
+from memvae.quantizers import REGISTRY
+for kind, cls in REGISTRY.items():
+    torch.manual_seed(0)
+    q = cls.from_config(cls.Options(kind=kind), dim=16)
+    params = list(q.parameters())
+    opt = torch.optim.Adam(params, 1e-3) if params else None
+    z = torch.randn(4, 16, 4, 4, requires_grad=True)
+    for _ in range(3):
+        out = q(z)
+        loss = out.quantized.square().mean() + out.loss
+        loss.backward()
+        if opt:
+            opt.step(); opt.zero_grad()
+    assert out.quantized.shape == z.shape and torch.isfinite(out.quantized).all(), kind
+    assert (out.codes is None) == (kind == "none"), kind
+    print(kind, "ok", None if out.codes is None else tuple(out.codes.shape))
+"""
+
+
 @pytest.mark.slow
 def test_wheel_in_a_fresh_venv_runs_configs_train_and_compare_outside_the_checkout(tmp_path, data_dir):
     # Installs torch and memvae's dependencies from the package registry (a minute with a
@@ -129,6 +153,12 @@ def test_wheel_in_a_fresh_venv_runs_configs_train_and_compare_outside_the_checko
         outside = tmp_path / "elsewhere"
         outside.mkdir()
         env = {k: v for k, v in cli_env().items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        # The core install (torch and numpy): every quantiser trains and returns codes; the
+        # command line says in one line what it needs.
+        _run([python, "-c", QUANTISERS_ALONE], cwd=outside, env=env, timeout=300)
+        bare = subprocess.run([command, "configs"], cwd=outside, env=env, capture_output=True, text=True, timeout=120)
+        assert bare.returncode == 2 and bare.stderr.count("\n") == 1 and "memvae[train]" in bare.stderr, bare.stderr
+        _run([python, "-m", "pip", "install", "-q", "--no-compile", f"{wheel}[train]"], env=pip_env, timeout=600)
         where = _run([python, "-c", "import memvae; print(memvae.__file__)"], cwd=outside, env=env).stdout.strip()
         assert Path(where).resolve().is_relative_to(venv.resolve()), f"memvae imported from {where}, not the venv"
 

@@ -28,7 +28,7 @@ SCRIPT = r"""
 import json, re, resource, sys
 from pathlib import Path
 import torch
-from memvae.bottlenecks import VectorQuantizerEMA
+from memvae.quantizers import VectorQuantizerEMA
 
 def status(key):
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024

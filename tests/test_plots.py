@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from memvae.cli_prior import save_grid
-from memvae.plots import image_panels
+from memvae.cli.prior import save_grid
+from memvae.experiments.plots import image_panels
 
 
 def test_image_panels_shows_each_saved_grid_side_by_side(tmp_path):

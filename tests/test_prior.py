@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from memvae.cli_prior import GRID_GAP, add_prior_commands, grid_shape
-from memvae.config import load_config
+from memvae.cli.prior import GRID_GAP, add_prior_commands, grid_shape
+from memvae.config.schema import load_config
 from memvae.data import to_uint8
 from memvae.errors import MemvaeError
-from memvae.metrics import MetricsLog
-from memvae.pixelcnn import GatedPixelCNN
-from memvae.prior import (
+from memvae.training.metrics import MetricsLog
+from memvae.networks.pixelcnn import GatedPixelCNN
+from memvae.prior.fit import (
     PriorOptions,
     extract_codes,
     load_prior,
@@ -26,8 +26,8 @@ from memvae.prior import (
     sample_images,
     train_prior,
 )
-from memvae.runs import load_run
-from memvae.train import train
+from memvae.training.runs import load_run
+from memvae.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_pixelcnn_shapes_and_nll():
 def run_dir(tmp_path_factory, data_dir) -> Path:
     """A smoke VQ model trained for 60 updates on CIFAR-10."""
     path = tmp_path_factory.mktemp("prior") / "run"
-    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", ["train.steps=60", "train.threads=1"])
+    cfg = load_config(ROOT / "src" / "memvae" / "config" / "packaged" / "smoke.toml", ["train.steps=60", "train.threads=1"])
     train(cfg, path, data_dir=data_dir, show_progress=False)
     return path
 
@@ -196,7 +196,7 @@ def test_sampling_rejects_bad_input(run_dir, fitted, tmp_path):
 
 # ---------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    """A parser built the way memvae.cli builds its own."""
+    """A parser built the way memvae.cli.main builds its own."""
     p = argparse.ArgumentParser(prog="memvae")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -244,7 +244,7 @@ def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path
     """Training the run further changes what its codes mean: the old prior is refused."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tensorboard"))
-    cfg = load_config(ROOT / "src" / "memvae" / "configs" / "smoke.toml", ["train.steps=62", "train.threads=1"])
+    cfg = load_config(ROOT / "src" / "memvae" / "config" / "packaged" / "smoke.toml", ["train.steps=62", "train.threads=1"])
     train(cfg, copy, resume=True, data_dir=data_dir, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 60"):
         sample_images(copy, 2, seed=0)

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from memvae import config as C
-from memvae.bottlenecks import REGISTRY
+from memvae.config import schema as C
+from memvae.quantizers import REGISTRY
 from memvae.data import _read_cifar_batch, load_image_folder
 from memvae.errors import MemvaeError
 
@@ -332,5 +332,5 @@ def test_damaged_cifar_batch_loads_or_raises_memvae_error(data):
     assert labels.shape == (images.shape[0],)
 
 
-SMOKE_PATH = Path(__file__).resolve().parents[1] / "src" / "memvae" / "configs" / "smoke.toml"
+SMOKE_PATH = Path(__file__).resolve().parents[1] / "src" / "memvae" / "config" / "packaged" / "smoke.toml"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memvae import config as C
-from memvae.bottlenecks import IBQ, LFQ, SimVQ, bottleneck_class
-from memvae.bottlenecks import functional as Fn
+from memvae.config import schema as C
+from memvae.quantizers import IBQ, LFQ, SimVQ, bottleneck_class
+from memvae.quantizers import functional as Fn
 from memvae.errors import MemvaeError
 from tests.conftest import CONFIGS
 
@@ -221,7 +221,7 @@ def test_sequences_read_as_the_same_maps(name):
 
 @pytest.mark.parametrize("name", ["simvq", "ibq", "lfq", "bsq"])
 def test_packaged_configs_build_at_512_codes_and_take_the_sweeps_codebook_sizes(name):
-    from memvae.model import Autoencoder
+    from memvae.networks.autoencoder import Autoencoder
 
     cfg = C.load_config(CONFIGS / f"{name}.toml")
     model = Autoencoder.from_config(cfg)

@@ -21,15 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from memvae import checkpoint
-from memvae import config as C
-from memvae.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from memvae.training import checkpoint
+from memvae.config import schema as C
+from memvae.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from memvae.data import ImageData, to_input
 from memvae.errors import MemvaeError
-from memvae.metrics import MetricsLog, read_metrics
-from memvae.model import Autoencoder
-from memvae.nets import Encoder
-from memvae.train import train
+from memvae.training.metrics import MetricsLog, read_metrics
+from memvae.networks.autoencoder import Autoencoder
+from memvae.networks.encoder_decoder import Encoder
+from memvae.training.train import train
 from tests.cli_util import SMOKE, checkpoint_step, run_memvae, start_memvae, strip_times
 
 LINUX = sys.platform.startswith("linux")  # fork and /proc/self/fd below

@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from memvae import config as C, presets
-from memvae.bottlenecks import REGISTRY
-from memvae.checkpoint import load_latest
-from memvae.metrics import MetricsLog
-from memvae.train import train
+from memvae.config import schema as C
+
+from memvae.config import presets
+from memvae.quantizers import REGISTRY
+from memvae.training.checkpoint import load_latest
+from memvae.training.metrics import MetricsLog
+from memvae.training.train import train
 from tests.cli_util import checkpoint_step, cli_env, memvae_command, run_memvae, strip_times
 from tests.conftest import CONFIGS, REPO
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from memvae.bottlenecks import bottleneck_class
-from memvae.config import load_config
-from memvae.prior import PriorOptions, sample_images, train_prior
-from memvae.train import train
+from memvae.quantizers import bottleneck_class
+from memvae.config.schema import load_config
+from memvae.prior.fit import PriorOptions, sample_images, train_prior
+from memvae.training.train import train
 from tests.conftest import CONFIGS
 
 K, D, S = 16, 8, 3

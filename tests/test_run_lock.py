@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from memvae import checkpoint
-from memvae import config as C
+from memvae.training import checkpoint
+from memvae.config import schema as C
 from memvae import data as data_module
-from memvae.checkpoint import load_latest
-from memvae.cli import main
+from memvae.training.checkpoint import load_latest
+from memvae.cli.main import main
 from memvae.data import ImageData
-from memvae.engine import Trainer
+from memvae.training.engine import Trainer
 from memvae.errors import MemvaeError
-from memvae.metrics import MetricsLog
-from memvae.runlock import LOCK_FILE, run_lock
-from memvae.runs import prepare_run_dir
-from memvae.train import train
+from memvae.training.metrics import MetricsLog
+from memvae.training.runlock import LOCK_FILE, run_lock
+from memvae.training.runs import prepare_run_dir
+from memvae.training.train import train
 from tests.cli_util import SMOKE, checkpoint_step, run_memvae, start_memvae
 from tests.test_reliability import STEPS, TRAIN_ARGS, DiskFull, _assert_identical, _wait_for_checkpoint, uninterrupted  # noqa: F401
 

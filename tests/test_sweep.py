@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from memvae import presets
-from memvae.compare import compare
+from memvae.config import presets
+from memvae.experiments.compare import compare
 from memvae.errors import MemvaeError
-from memvae.bottlenecks import FSQ
-from memvae.sweep import at_slots, is_discrete, parse_slots
+from memvae.quantizers import FSQ
+from memvae.experiments.sweep import at_slots, is_discrete, parse_slots
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "train.log_every=10",

@@ -16,14 +16,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memvae import config as C
-from memvae.bottlenecks import MemoryRead
-from memvae.checkpoint import load_latest
+from memvae.config import schema as C
+from memvae.quantizers import MemoryRead
+from memvae.training.checkpoint import load_latest
 from memvae.data import ImageData
 from memvae.errors import MemvaeError
-from memvae.metrics import MetricsLog
-from memvae.model import build_bottleneck
-from memvae.train import train
+from memvae.training.metrics import MetricsLog
+from memvae.networks.autoencoder import build_bottleneck
+from memvae.training.train import train
 from tests.cli_util import strip_times
 from tests.conftest import CONFIGS, memory_read
 
@@ -122,7 +122,7 @@ def test_in_training_the_outside_mass_is_that_of_every_s_th_query():
     """Above OUTSIDE_MASS_ROWS queries a training update measures the outside mass on every
     s-th query only (s = ⌈N / OUTSIDE_MASS_ROWS⌉); evaluation measures it on all of them.
     The read itself uses every query's k slots either way."""
-    from memvae.bottlenecks.memory import OUTSIDE_MASS_ROWS
+    from memvae.quantizers.memory import OUTSIDE_MASS_ROWS
 
     dense, top = pair("l2_learned", 4)
     gen = torch.Generator().manual_seed(5)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from memvae import config as C
-from memvae.checkpoint import load_latest
-from memvae.metrics import read_metrics
-from memvae.runs import load_run
-from memvae.train import train
+from memvae.config import schema as C
+from memvae.training.checkpoint import load_latest
+from memvae.training.metrics import read_metrics
+from memvae.training.runs import load_run
+from memvae.training.train import train
 from tests.conftest import CONFIGS
 
 SMOKE = CONFIGS / "smoke.toml"

@@ -24,15 +24,15 @@ __version__ = "0.1.0"
 # name -> module that defines it. Imported on first use (PEP 562), so that ``memvae --help``
 # and ``--version`` answer without importing torch.
 _PUBLIC = {
-    "MemoryRead": "memvae.bottlenecks", "VectorQuantizer": "memvae.bottlenecks",
-    "VectorQuantizerEMA": "memvae.bottlenecks", "FSQ": "memvae.bottlenecks", "ResidualVQ": "memvae.bottlenecks",
-    "BottleneckOutput": "memvae.bottlenecks",
-    "Addressing": "memvae.bottlenecks.memory",
-    "LearnedTemperature": "memvae.bottlenecks.memory",
-    "RelativeTemperature": "memvae.bottlenecks.memory",
-    "GradientWrite": "memvae.bottlenecks.memory",
-    "MovingAverageWrite": "memvae.bottlenecks.memory",
-    "Autoencoder": "memvae.model", "Config": "memvae.config", "load_config": "memvae.config",
+    "MemoryRead": "memvae.quantizers", "VectorQuantizer": "memvae.quantizers",
+    "VectorQuantizerEMA": "memvae.quantizers", "FSQ": "memvae.quantizers", "ResidualVQ": "memvae.quantizers",
+    "BottleneckOutput": "memvae.quantizers",
+    "Addressing": "memvae.quantizers.memory",
+    "LearnedTemperature": "memvae.quantizers.memory",
+    "RelativeTemperature": "memvae.quantizers.memory",
+    "GradientWrite": "memvae.quantizers.memory",
+    "MovingAverageWrite": "memvae.quantizers.memory",
+    "Autoencoder": "memvae.networks.autoencoder", "Config": "memvae.config.schema", "load_config": "memvae.config.schema",
 }
 __all__ = list(_PUBLIC)
 
@@ -48,7 +48,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from memvae.bottlenecks import FSQ, BottleneckOutput, MemoryRead, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
-    from memvae.bottlenecks.memory import Addressing, GradientWrite, LearnedTemperature, MovingAverageWrite, RelativeTemperature
-    from memvae.config import Config, load_config
-    from memvae.model import Autoencoder
+    from memvae.quantizers import FSQ, BottleneckOutput, MemoryRead, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
+    from memvae.quantizers.memory import Addressing, GradientWrite, LearnedTemperature, MovingAverageWrite, RelativeTemperature
+    from memvae.config.schema import Config, load_config
+    from memvae.networks.autoencoder import Autoencoder

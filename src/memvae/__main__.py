@@ -1,6 +1,6 @@
 """``python -m memvae`` (and ``torchrun -m memvae train ...``)."""
 import sys
 
-from memvae.cli import main
+from memvae.cli.main import main
 
 sys.exit(main())

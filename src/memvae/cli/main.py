@@ -1,0 +1,410 @@
+"""The ``memvae`` command line. Library code never imports this module."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from memvae.errors import MemvaeError, os_error
+
+
+def _overrides(tokens: list[str]) -> list[str]:
+    """``--key value`` / ``--key=value`` tokens left over by argparse -> ``key=value``."""
+    pairs, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise MemvaeError(f"unexpected argument {token!r} (config overrides look like --train.steps 1000)")
+        key = token[2:]
+        if "=" in key:
+            pairs.append(key)
+            i += 1
+            continue
+        if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+            raise MemvaeError(f"config override {token} needs a value")
+        pairs.append(f"{key}={tokens[i + 1]}")
+        i += 2
+    return pairs
+
+
+def cmd_train(args, extra: list[str]) -> None:
+    from memvae.config import presets
+    from memvae.training.checkpoint import latest_checkpoint
+    from memvae.training.train import train
+
+    overrides = _overrides(extra)
+    if args.data_dir:  # recorded in config.toml, so that eval/reconstruct find the same data
+        overrides.append(f"data.dir={Path(args.data_dir).resolve()}")
+    if args.config is not None:
+        cfg = presets.load(args.config, overrides)
+    elif args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
+        from memvae.config import schema as C
+
+        cfg = C.load_config(Path(args.run_dir) / "config.toml", overrides, saved=True)  # the run's own, maybe older, config
+    else:
+        raise MemvaeError("memvae train needs --config NAME or FILE (`memvae configs` lists the names), "
+                          "or --resume with --run-dir of an existing run")
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+        # The model the run leaves is its newest checkpoint on disk: say which update that is.
+        found = latest_checkpoint(run_dir / "checkpoints")
+        saved = f"checkpoint of update {found[1]['step']}" if found else "no checkpoint"
+        print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f}, {saved})")
+
+
+def cmd_configs(args, extra: list[str]) -> None:
+    from memvae.config import presets
+
+    if args.name:  # every key as it resolves, to read or to copy and edit: memvae configs vq > mine.toml
+        from memvae.config import schema as C
+
+        text = presets.text(args.name)
+        header = []
+        for line in text.splitlines():  # the comment block the file opens with
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        header.append(f"# Every key as it resolves (defaults included), not only those {args.name}.toml sets.")
+        print("\n".join(header))
+        print(C.to_toml(presets.load(args.name)), end="")
+        return
+    found = presets.descriptions()
+    width = max(map(len, found))
+    for name, description in found.items():
+        print(f"{name:<{width}}  {description}".rstrip())  # a config without a description: just its name
+
+
+def _format_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+EVAL_COLUMNS = ["mse", "nmse", "psnr", "perplexity", "slots_used"]  # then whatever else the bottlenecks report
+
+
+def eval_columns(reports: list[dict]) -> list[str]:
+    """EVAL_COLUMNS, then every other number the evaluations hold, in order of appearance."""
+    extra = {key: None for report in reports for metrics in report.values() if isinstance(metrics, dict)
+             for key in metrics if key not in EVAL_COLUMNS and key != "images"}
+    return EVAL_COLUMNS + list(extra)
+
+
+def eval_table(name: str, results: dict, columns: list[str]) -> list[list]:
+    """Rows (one per read) of an evaluation result for :func:`_format_table`."""
+    rows = []
+    for read, metrics in results.items():
+        if isinstance(metrics, dict):
+            rows.append([name, read] + [metrics.get(c, "") for c in columns])
+    return rows
+
+
+def cmd_eval(args, extra: list[str]) -> None:
+    from memvae.data import load_array_images, load_data
+    from memvae.training.evaluate import evaluate_model
+    from memvae.training.runlock import run_lock
+    from memvae.training.runs import load_run
+    from memvae.training.train import resolve_device
+
+    device = resolve_device(args.device)
+    rows, cache = [], {}
+    for run_dir in args.run_dirs:
+        model, cfg, state = load_run(run_dir, device)
+        # eval.json goes into the run: one writer at a time (memvae.training.runlock); --no-write only reads
+        with nullcontext() if args.no_write else run_lock(run_dir, create=False):
+            key = (cfg.data.source, args.data_dir or cfg.data.dir, cfg.data.image_size)
+            if key not in cache:
+                cache[key] = load_data(cfg.data.source, key[1] or None, cfg.data.image_size)
+            data = cache[key]
+            variance = data.train_variance()
+            print(f"evaluating {run_dir} on {len(data.test)} test images ({', '.join(model.bottleneck.reads)} read) ...", flush=True)
+            report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
+                      "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
+            rows.append((f"{cfg.name} test", report["test"]))
+            if args.lossless:
+                images = load_array_images(args.lossless, args.lossless_key)
+                report["lossless"] = evaluate_model(model, images, variance, args.batch_size, device)
+                rows.append((f"{cfg.name} lossless", report["lossless"]))
+            if not args.no_write:
+                out = Path(run_dir) / "eval.json"
+                out.write_text(json.dumps(report, indent=1))
+                print(f"wrote {out}")
+    columns = eval_columns([results for _, results in rows])
+    print(_format_table(["model", "read"] + columns, [row for name, results in rows for row in eval_table(name, results, columns)]))
+
+
+def cmd_reconstruct(args, extra: list[str]) -> None:
+    from memvae.data import load_data
+    from memvae.training.evaluate import reconstructions
+    from memvae.experiments.plots import reconstruction_grid
+    from memvae.training.runs import load_run
+
+    images, rows = None, []
+    for run_dir in args.run_dirs:
+        model, cfg, _ = load_run(run_dir)
+        if images is None:
+            data = load_data(cfg.data.source, args.data_dir or cfg.data.dir or None, cfg.data.image_size)
+            images = data.test[args.first : args.first + args.n]
+            rows.append(("original", images))
+        for read, recon in reconstructions(model, images).items():
+            rows.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
+    out = reconstruction_grid(rows, args.out, title=f"test images {args.first}..{args.first + args.n - 1}")
+    print(f"wrote {out}")
+
+
+def cmd_plot(args, extra: list[str]) -> None:
+    from memvae.training.metrics import read_metrics
+    from memvae.experiments.plots import convergence_figure
+
+    curves = {}
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise MemvaeError(f"run directory {run_dir} does not exist")
+        records = read_metrics(run_dir)
+        if not records:
+            raise MemvaeError(f"{run_dir} has no training records in metrics.jsonl")
+        curves[Path(run_dir).name] = [records]
+    print(f"wrote {convergence_figure(curves, args.out, args.smoothing)}")
+
+
+def cmd_compare(args, extra: list[str]) -> None:
+    from memvae.experiments.compare import compare
+    from memvae.experiments.sweep import parse_slots
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    results = compare(args.out, models, args.steps, args.seeds, data_dir=args.data_dir, config_dir=args.config_dir,
+                      lossless=args.lossless, overrides=_overrides(extra), show_progress=not args.no_progress,
+                      test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
+                      slots=parse_slots(args.slots) if args.slots else None, extend=args.extend,
+                      first_seed=args.first_seed, launcher=args.launcher, launcher_options=_launcher_options(args),
+                      wait=not args.no_wait, plan_file=args.plan)
+    if args.plan or args.no_wait:  # compare said what it wrote or submitted
+        return
+    print((Path(args.out) / "results.md").read_text())
+    if args.slots:
+        print((Path(args.out) / "rate_distortion.md").read_text())
+    sweep = ", rate_distortion.md, rate_distortion.png" if args.slots else ""
+    print(f"wrote {args.out}/convergence.png, reconstructions.png, results.md, results.json{sweep}")
+    if results.get("unfinished"):
+        failed = results["unfinished"]
+        raise MemvaeError(f"{len(failed)} run{'s' * (len(failed) > 1)} did not finish ("
+                          + "; ".join(f"{name}: {why}" for name, why in failed.items())
+                          + "); the tables hold the others; run the same compare again to resubmit them")
+
+
+def _launcher_options(args):
+    """compare's submitit options ([launcher] table of --launcher-config, then the flags),
+    or None when none is given and the launcher is local."""
+    from memvae.experiments.cluster_options import launcher_options
+
+    given = {"cluster": args.cluster, "partition": args.partition, "account": args.account, "time_min": args.time_min,
+             "cpus_per_task": args.cpus_per_task, "gpus": args.gpus, "mem_gb": args.mem_gb, "sbatch": args.sbatch_arg}
+    if args.launcher != "submitit" and args.launcher_config is None and all(v in (None, []) for v in given.values()):
+        return None
+    if args.launcher != "submitit":
+        named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v not in (None, [])]
+        named = ["--sbatch-arg" if n == "--sbatch" else n for n in named] + ["--launcher-config"] * bool(args.launcher_config)
+        raise MemvaeError(f"{', '.join(named)}: launcher options, for --launcher submitit")
+    return launcher_options(args.launcher_config, **given)
+
+
+def cmd_bpd(args, extra: list[str]) -> None:
+    from memvae.prior.bits_per_dim import BPD_FILE, measure, table
+    from memvae.training.train import resolve_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = measure(args.run_dir, prior=args.prior, data_dir=args.data_dir, lossless=args.lossless,
+                     sigma_images=args.sigma_images, test_images=args.test_images, batch_size=args.batch_size,
+                     device=resolve_device(args.device))
+    rate = f", {result['bits_per_position']:g} bits per position (uniform prior)" if result["bound"] else ""
+    print(f"bits per dimension of {args.run_dir} ({result['name']}, {result['read']} read, update {result['model_step']}"
+          f"{rate}); σ per channel by maximum likelihood on {result['test']['sigma_fit']['which']}"
+          + (", and the lossless file's x_train for its x_test" if "lossless" in result else ""))
+    print(table(result))
+    if not result["bound"]:
+        print(result["note"])
+    print(f"wrote {Path(args.run_dir) / BPD_FILE}")
+
+
+def check_data_dir(data_dir: str | None, download: bool) -> None:
+    """A --data-dir that does not exist is a typo more often than a wish to download 60,000
+    images into it: one line, unless --download asks for exactly that."""
+    if not data_dir or Path(data_dir).exists():
+        return
+    if not download:
+        raise MemvaeError(f"data folder {data_dir} does not exist; check the path (for CIFAR-10, --download creates it "
+                          "and downloads the data into it)")
+    Path(data_dir).mkdir(parents=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memvae import __version__
+
+    parser = argparse.ArgumentParser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
+    parser.add_argument("--version", action="version", version=f"memvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    def data_dir_arg(p):
+        p.add_argument("--data-dir", help="data directory (holds cifar-10-batches-py, or the image folder); "
+                       "default: $MEMVAE_DATA_DIR, else ~/.cache/memvae (CIFAR-10 is downloaded there)")
+        p.add_argument("--download", action="store_true", help="create --data-dir if it does not exist and download "
+                       "CIFAR-10 into it (without this flag a missing --data-dir is an error, not a download)")
+
+    p = sub.add_parser("train", parents=[common], help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000")
+    p.add_argument("--config", help="a packaged config's name (`memvae configs` lists them) or a TOML file")
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
+    data_dir_arg(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("configs", parents=[common], help="list the packaged model configs, one line each (or print one)")
+    p.add_argument("name", nargs="?", help="print this config's TOML text (to read, or to copy and edit)")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate runs on the whole test set; writes RUN_DIR/eval.json")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    data_dir_arg(p)
+    p.add_argument("--lossless", help="also evaluate on uint8 N×H×W×3 images in this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz)")
+    p.add_argument("--lossless-key", default="x_test", help="array name in the --lossless file (default x_test)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-write", action="store_true", help="print the table only: write no eval.json (and take no "
+                   "lock, so that it also reads a run that is still training, or one in a folder you may not write)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reconstruct", parents=[common], help="grid of test images and each run's reconstructions")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--n", type=int, default=10, help="number of test images")
+    p.add_argument("--first", type=int, default=0, help="index of the first test image")
+    data_dir_arg(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("plot", parents=[common], help="NMSE (log) and perplexity against update for runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--smoothing", type=int, default=5, help="moving-average window in log records")
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("compare", parents=[common], help="the study's experiment: train models alike, then figures and tables")
+    p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine,memory_l2_write",
+                   help="comma-separated config names (packaged, or in --config-dir) or paths to .toml files")
+    p.add_argument("--steps", type=int, default=25000, help="updates per run")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model (FIRST..FIRST+N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
+    p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
+    p.add_argument("--config-dir", default=None, help="look model names up in this folder of NAME.toml files instead of the packaged configs")
+    p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
+    p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
+    p.add_argument("--jobs", default=None, help="runs trained at once, each in its own process with the CPU cores "
+                   "split between them (train.threads = cores // jobs): a number, or auto = one per core, up to the "
+                   "number of runs (default: auto, measured faster on 2 cores; see docs/benchmarks.md)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: evaluate and tabulate the runs "
+                   "that have finished (the others are named), e.g. while the rest still trains")
+    p.add_argument("--slots", help="the rate sweep: train every discrete model at each of these codebook sizes K "
+                   "(e.g. 64,512,4096; runs MODEL-kK-seedS) and continuous models once; writes rate_distortion.md and .png")
+    p.add_argument("--extend", action="store_true", help="continue finished runs trained for fewer than --steps "
+                   "updates (without it a larger --steps than a run's is refused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per run and log interval")
+    data_dir_arg(p)
+    p.add_argument("--plan", metavar="FILE", help="train nothing: write one self-contained shell command per unfinished "
+                   "run (memvae train ... --resume, the same run directory) into FILE, for a Slurm array, GNU parallel "
+                   "or bash; collect with --report-only (docs/cluster.md)")
+    p.add_argument("--launcher", choices=("local", "submitit"), default="local", help="local: train here, --jobs at "
+                   "a time (default); submitit: one job per run, on Slurm (or submitit's local executor), requeued "
+                   "from its checkpoint after a time limit or preemption (pip install 'memvae[cluster]'; docs/cluster.md)")
+    p.add_argument("--no-wait", action="store_true", help="submitit: return once the jobs are submitted; collect "
+                   "with --report-only, or run the same command again to wait")
+    g = p.add_argument_group("submitit launcher", "each flag wins over the same key of --launcher-config's [launcher] table")
+    g.add_argument("--launcher-config", metavar="FILE", help="a TOML file whose [launcher] table holds these options")
+    g.add_argument("--cluster", choices=("auto", "slurm", "local"), help="where the jobs run (default auto: Slurm where "
+                   "it is installed, else submitit's local executor)")
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--account", help="Slurm account")
+    g.add_argument("--time-min", type=int, help="time limit per job in minutes (default: the partition's); a run "
+                   "stopped by it is requeued and continues from its checkpoint")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per job (also the run's OMP_NUM_THREADS, split over its processes)")
+    g.add_argument("--gpus", type=int, help="GPUs per job (default 0); more than 1 trains the run on that many "
+                   "processes of one node (torchrun)")
+    g.add_argument("--mem-gb", type=float, help="memory per job, GB")
+    g.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further sbatch option (e.g. qos=high, constraint=a100, exclusive); repeat for more")
+    p.set_defaults(func=cmd_compare, extra_ok=True)
+
+    p = sub.add_parser("bpd", parents=[common], help="bits per dimension of a run (prior bits of its codes + a "
+                       "discretised Gaussian decoder likelihood); writes RUN_DIR/bits_per_dim.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (a discrete model needs its prior: memvae prior)")
+    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
+    p.add_argument("--lossless", help="also score x_test of this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz), "
+                   "with σ fitted on its x_train")
+    data_dir_arg(p)
+    p.add_argument("--sigma-images", type=int, default=5000,
+                   help="fit σ on the last N training images of the run's data (default 5000)")
+    p.add_argument("--test-images", type=int, default=0, help="score only the first N test images (default 0: all)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.set_defaults(func=cmd_bpd)
+
+    from memvae.cli.prior import add_prior_commands
+
+    add_prior_commands(sub, common)
+    return parser
+
+
+# What the command line needs beyond memvae's core (torch, numpy): the ``train`` extra.
+TRAIN_EXTRA = {"PIL": "Pillow", "matplotlib": "matplotlib", "tqdm": "tqdm", "tensorboard": "tensorboard"}
+
+
+def missing_train_extra() -> MemvaeError | None:
+    """The one-line error for a command line installed without ``memvae[train]``, or None.
+    Looks modules up without importing them, so ``--help`` stays fast."""
+    missing = [package for module, package in TRAIN_EXTRA.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return MemvaeError(f"the memvae command needs the train extra ({', '.join(missing)} not installed): "
+                       "pip install 'memvae[train]' (or pip install -e '.[train]' in a checkout)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if (error := missing_train_extra()) is not None:
+            raise error
+        if extra and not getattr(args, "extra_ok", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        check_data_dir(getattr(args, "data_dir", None), getattr(args, "download", False))
+        args.func(args, extra)
+    except MemvaeError as exc:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
+        return 2
+    except OSError as exc:  # a folder that cannot be written or read, a full disk: the machine's, not a bug
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(os_error(exc)).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Configuration: the Config dataclasses, TOML reading and writing, and the packaged configs."""

@@ -1,0 +1,1 @@
+"""The networks: encoder, decoder, the autoencoder around a quantiser, the PixelCNN prior's network."""

@@ -1,0 +1,1 @@
+"""The PixelCNN prior over a trained model's codes: fitting, sampling, bits per dimension."""

@@ -1,0 +1,627 @@
+"""The soft, differentiable memory read studied here (NTM-style content addressing)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memvae.quantizers import functional as Fn
+from dataclasses import dataclass
+from typing import ClassVar
+
+from memvae.quantizers.base import Bottleneck, BottleneckOutput, SlotOptions
+
+SIMILARITIES = ("l2", "cosine")
+TRAIN_READS = ("soft", "straight_through")
+READ_MODES = ("soft", "hard")
+WRITES = ("gradient", "soft_ema", "hard_ema")
+TEMPERATURES = ("learned", "relative")
+ENCODER_GRADIENTS = ("read", "straight_through", "rotation")
+IMPLS = ("auto", "dense", "fused")
+
+
+# The options of MemoryRead in three parts: how a query addresses the slots (similarity and
+# temperature, and how many slots it reads), how the slots are written, and, with a
+# moving-average write only, which gradient the encoder gets. Each part checks its values
+# when built, so a combination that cannot work cannot be built.
+def _need(ok: bool, text: str) -> None:
+    if not ok:
+        raise ValueError(text)
+
+
+@dataclass(frozen=True)
+class LearnedTemperature:
+    """β = exp(log β), learned from ``beta_init`` (the study's model)."""
+
+    beta_init: float = 1.0
+
+    def __post_init__(self):
+        _need(self.beta_init > 0, f"beta_init must be > 0, got {self.beta_init}")
+
+
+@dataclass(frozen=True)
+class RelativeTemperature:
+    """β = 1/(τ·q̄): q̄ the moving average (γ = ``decay``) of the squared distance to the
+    nearest slot, τ annealed geometrically from ``start`` to ``end`` over ``anneal``
+    training updates, then held."""
+
+    start: float = 1.0
+    end: float = 0.1
+    anneal: int = 2000
+    decay: float = 0.99
+
+    def __post_init__(self):
+        _need(self.start > 0 and self.end > 0, f"tau must be > 0, got ({self.start}, {self.end})")
+        _need(self.anneal >= 1, f"tau_anneal must be a number of updates >= 1, got {self.anneal}")
+        _need(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass(frozen=True)
+class Addressing:
+    """How each query addresses the K slots: ``similarity`` "l2" or "cosine", the
+    ``temperature`` that sharpens it, and ``top_k`` (k > 0: only each query's k largest
+    logits are read; 0: all K)."""
+
+    similarity: str = "l2"
+    temperature: LearnedTemperature | RelativeTemperature = LearnedTemperature()
+    top_k: int = 0
+
+    def __post_init__(self):
+        _need(self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        _need(isinstance(self.temperature, (LearnedTemperature, RelativeTemperature)),
+              f"temperature must be a LearnedTemperature or a RelativeTemperature, got {self.temperature!r}")
+        _need(self.top_k >= 0, f"top_k must be >= 0 (0: the dense read), got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class GradientWrite:
+    """M is a parameter trained through the read (the study's model); the encoder gets the
+    read's own gradient."""
+
+
+@dataclass(frozen=True)
+class MovingAverageWrite:
+    """M is a buffer moved toward the encoder vectors that read each slot: ``weights``
+    "soft" (by their read weights) or "hard" (one-hot on the slot read most: vq_ema's
+    write); γ = ``decay``; the loss gains ``commitment``·‖z − sg(r)‖²; slots whose count
+    falls below ``reseed_fraction`` of the mean count N/K are re-seeded (0: never). As M
+    gets no gradient, the encoder's may be the read's ("read"), z + sg(r − z)
+    ("straight_through") or the rotation trick ("rotation")."""
+
+    weights: str = "hard"
+    decay: float = 0.99
+    commitment: float = 0.25
+    reseed_fraction: float = 0.0
+    encoder_gradient: str = "read"
+
+    def __post_init__(self):
+        _need(self.weights in ("soft", "hard"), f"weights must be 'soft' or 'hard', got {self.weights!r}")
+        _need(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
+        _need(self.commitment >= 0, f"commitment must be >= 0, got {self.commitment}")
+        _need(self.reseed_fraction >= 0, f"reseed_fraction must be >= 0, got {self.reseed_fraction}")
+        _need(self.encoder_gradient in ENCODER_GRADIENTS,
+              f"encoder_gradient must be one of {ENCODER_GRADIENTS}, got {self.encoder_gradient!r}")
+
+
+def memory_parts(b: "MemoryOptions") -> tuple[Addressing, GradientWrite | MovingAverageWrite]:
+    """A config's flat memory keys -> (addressing, write); ValueError for values or a
+    combination that cannot work (encoder_gradient or reseed_fraction with the gradient write)."""
+    if b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
+        raise ValueError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need a "
+                         "moving-average write (bottleneck.write = 'soft_ema' or 'hard_ema'): with the gradient write "
+                         "the slots get no gradient")
+    temperature = (RelativeTemperature(b.tau_start, b.tau_end, b.tau_anneal_updates, b.decay) if b.temperature == "relative"
+                   else LearnedTemperature(b.beta_init))
+    write = GradientWrite() if b.write == "gradient" else MovingAverageWrite(
+        b.write.removesuffix("_ema"), b.decay, b.commitment, b.reseed_fraction, b.encoder_gradient)
+    return Addressing(b.similarity, temperature, b.top_k), write
+
+
+@dataclass
+class MemoryOptions(SlotOptions):
+    kind: str = "memory"
+    commitment: float = 0.25  # the moving-average writes' commitment weight
+    decay: float = 0.99  # the moving-average writes' γ
+    similarity: str = "l2"  # "l2" or "cosine"
+    beta_init: float = 1.0  # initial β (temperature = "learned")
+    read_mode: str = "soft"  # the read in evaluation, "soft" or "hard"
+    train_read: str = "soft"  # "soft" or "straight_through"
+    tau_start: float = 1.0  # the relative temperature's τ at the start
+    tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
+    tau_anneal_updates: int = 2000  # training updates over which τ anneals, then held at tau_end
+    temperature: str = "learned"  # "learned" β, or "relative" β = 1/(τ·q̄)
+    encoder_gradient: str = "read"  # "read" (through the read), "straight_through" (z + sg(read − z)) or "rotation"
+    write: str = "gradient"  # "gradient", "soft_ema" or "hard_ema"
+    reseed_fraction: float = 0.0  # moving-average writes: re-seed slots whose count is below this fraction of N/K
+    impl: str = "auto"  # "auto", "dense" or "fused"
+    top_k: int = 0  # read each query's k largest logits only (0: all K, the dense read)
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("slots", "beta_init", "tau_start", "tau_end", "tau_anneal_updates")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("commitment", "reseed_fraction", "top_k")
+    OPEN_UNIT: ClassVar[tuple[str, ...]] = ("decay",)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **SlotOptions.CHOICES, "similarity": SIMILARITIES, "read_mode": READ_MODES, "train_read": TRAIN_READS,
+        "write": WRITES, "temperature": TEMPERATURES, "encoder_gradient": ENCODER_GRADIENTS, "impl": IMPLS}
+
+    def check(self) -> None:
+        super().check()
+        memory_parts(self)
+        _need(self.top_k <= self.slots, f"top_k must be between 0 (dense) and the {self.slots} slots, got {self.top_k}")
+
+
+# In training, the top-k read's outside mass is measured on at most this many queries.
+OUTSIDE_MASS_ROWS = 256
+
+
+class MemoryRead(Bottleneck):
+    """Content-addressed soft read of a memory M (K×D), as in the Neural Turing Machine.
+
+    z (B×D×H×W maps or B×N×D sequences) -> BottleneckOutput: quantized in z's layout,
+    codes B×H×W (or B×N), weights B×H×W×K (or B×N×K) when held.
+
+    For each position's query z (D):
+        w = softmax(β·s(z, M_k))          s = −‖z − M_k‖² ("l2") or cos(z, M_k) ("cosine")
+        r = Σ_k w_k M_k                   (the "soft" read, what the decoder receives)
+    Temperature:
+        learned:  β = exp(log β) > 0 is learned (the study's model).
+        relative: β = 1 / (τ·q̄) (l2), so that the logits are −‖z − M_k‖² / (τ·q̄): q̄ is a
+                  moving average (decay ``decay``, training mode only, a buffer saved in
+                  checkpoints and all-reduced under torch.distributed) of the mean squared
+                  distance from each z to its nearest slot, the codebook's own resolution.
+                  Scaling z and M alike leaves the weights unchanged, so the sharpness does
+                  not drift with the encoder's scale. τ follows ``tau`` (below). For cosine,
+                  distances are ‖ẑ − m̂‖² = 2 − 2 cos and β = 2 / (τ·q̄).
+    ``tau`` = (start, end): the relative temperature's τ, annealed geometrically over the
+    first ``tau_anneal`` training updates (then held at its end value). The module counts
+    its own training forward passes (the buffer ``updates``, saved with the weights), so
+    the schedule runs in any training loop, with nothing to call.
+
+    The l2 logits use −β‖z − m‖² = 2β z·m − β‖m‖² − β‖z‖², dropping the last term,
+    which is the same for every slot. The read is then attention with query [z, 1] and
+    key [2β m, −β‖m‖²], which the fused path hands to
+    ``F.scaled_dot_product_attention`` so that the N×K weights are never held.
+
+    Reads (``train_read`` in training mode, ``read_mode`` in eval mode):
+        soft:             r as above.
+        hard:             M_argmax(w): a discrete read, log2 K bits per position (as
+                          τ → 0 the soft read tends to it).
+        straight_through: forward M_argmax(w), backward the gradient of the soft read.
+
+    ``encoder_gradient``: "read" (the gradient of the read itself reaches z, M and β),
+    "straight_through" (output z + sg(read − z), VQ-VAE's estimator: the decoder sees the
+    read, z gets the decoder's gradient unchanged) or "rotation" (the decoder's gradient
+    rotated and rescaled as z would be to reach the read,
+    :func:`~memvae.quantizers.functional.rotation_trick`). The last two need a
+    moving-average write, as M then gets no gradient.
+
+    Writes:
+        gradient: M is a parameter trained through the read (the study's model).
+        soft_ema: M is a buffer; in training mode each slot moves toward the mean of the
+                  encoder vectors weighted by their read weights (see
+                  :func:`~memvae.quantizers.functional.ema_write`, with A = w), and the
+                  loss gains commitment·‖z − sg(r)‖². With one-hot w this is vq_ema's update.
+        hard_ema: the same with one-hot w (argmax slot): vq_ema's write, whatever the read.
+    ``reseed_fraction`` > 0 (moving-average writes): slots whose moving-average count falls
+    below that fraction of the mean count N/K take recent encoder vectors far from every
+    slot (:func:`~memvae.quantizers.functional.reseed_dead_slots`).
+
+    Top-k read (``top_k`` = k > 0; product-key memories, Lample et al. 2019): each query's
+    k largest logits l, and only those enter the read:
+        T_n = the k slots of largest l_nk,   w_nj = softmax_{j ∈ T_n}(l_nj),   r_n = Σ_{j ∈ T_n} w_nj M_j
+    T_n comes from the β-free scores (one N×K×D product, chunked, as VQ computes; β > 0
+    does not change the order), which also give the relative temperature its nearest
+    distances. Gradients reach z, M and β only through the k logits, recomputed from the k
+    gathered slots; the softmax, the read and its backward cost N·k, not N·K, and the N×K
+    weights are never held (``weights`` is None). ``outside_mass`` (a metric, mean over
+    positions) is the weight the dense softmax puts outside T_n,
+    1 − Σ_{j ∈ T_n} softmax_K(l_n)_j: the read differs from the dense one by at most twice
+    that mass times the largest slot norm. It takes a second N×K product, so a training
+    update measures it on every s-th query only (at most ``OUTSIDE_MASS_ROWS``);
+    evaluation on every query. The statistics (entropy, max weight, codes = the slot of
+    largest weight) are those of the k weights the read uses; with k = K the read is the
+    dense one. The soft write, with top-k, moves each slot by the k weights (counts and
+    sums by ``index_add_``).
+
+    Args:
+        num_slots: K.  dim: D.
+        addressing: :class:`Addressing`: the similarity, the temperature
+            (:class:`LearnedTemperature` β, or :class:`RelativeTemperature` 1/(τ·q̄) with τ's
+            schedule) and ``top_k``.
+        write: :class:`GradientWrite` (M a parameter) or :class:`MovingAverageWrite` (M a
+            buffer; its decay, commitment, re-seeding and the encoder's gradient).
+        train_read: the read in training mode ("soft" or "straight_through").
+        read_mode: the read in eval mode ("soft" or "hard"); may be changed after training.
+        impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
+            N·K > ``fused_threshold`` and the read allows it).
+        init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
+            the gradient write, "data" for the moving-average writes, whose N(0, 1) slots collapse
+            onto the few of smallest norm (measured: 3 slots in use after 300 updates).
+        chunk: queries per chunk when statistics are computed without the full matrix
+            (fewer when chunk·K would exceed ``fused_threshold``).
+
+    The config's flat keys (``bottleneck.similarity``, ``write``, ``tau_start``, ...: the
+    :class:`MemoryOptions`) become these parts in :func:`memory_parts`.
+    """
+
+    Options = MemoryOptions
+
+    def __init__(
+        self,
+        num_slots: int,
+        dim: int,
+        addressing: Addressing = Addressing(),
+        write: GradientWrite | MovingAverageWrite = GradientWrite(),
+        train_read: str = "soft",
+        read_mode: str = "soft",
+        impl: str = "auto",
+        init: str | None = None,
+        fused_threshold: int = 1 << 22,
+        chunk: int = 4096,
+    ):
+        super().__init__()
+        for name, value, allowed in (("read_mode", read_mode, READ_MODES), ("train_read", train_read, TRAIN_READS),
+                                     ("impl", impl, IMPLS)):
+            _need(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
+        _need(isinstance(addressing, Addressing), f"addressing must be an Addressing, got {addressing!r}")
+        _need(isinstance(write, (GradientWrite, MovingAverageWrite)),
+              f"write must be a GradientWrite or a MovingAverageWrite, got {write!r}")
+        _need(addressing.top_k <= num_slots, f"top_k must be between 0 (dense) and the {num_slots} slots, got {addressing.top_k}")
+        self.num_slots, self.dim = num_slots, dim
+        self.addressing, self.write_rule = addressing, write
+        self.read_mode, self.train_read = read_mode, train_read
+        self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
+        # The parts as the read uses them (flat, so that forward reads one attribute each).
+        t, ema = addressing.temperature, isinstance(write, MovingAverageWrite)
+        relative = isinstance(t, RelativeTemperature)
+        self.similarity, self.top_k = addressing.similarity, addressing.top_k
+        self.temperature = "relative" if relative else "learned"
+        self.tau_range, self.tau_anneal = ((t.start, t.end), t.anneal) if relative else ((1.0, 0.1), 1)
+        self.distortion_decay = t.decay if relative else 0.99
+        self.write = f"{write.weights}_ema" if ema else "gradient"
+        self.decay, self.commitment = (write.decay, write.commitment) if ema else (0.99, 0.0)
+        self.reseed_fraction = write.reseed_fraction if ema else 0.0
+        self.encoder_gradient = write.encoder_gradient if ema else "read"
+        beta_init = 1.0 if relative else t.beta_init
+        memory = torch.randn(num_slots, dim)
+        if not ema:
+            self.memory = nn.Parameter(memory)
+        else:
+            self._register_moving_averages(memory)
+        if not relative:
+            # A parameter only where the read's gradient trains it (DDP needs every parameter
+            # used); behind a straight-through or rotated encoder gradient β stays fixed.
+            log_beta = torch.tensor(math.log(beta_init))
+            if self.encoder_gradient == "read":
+                self.log_beta = nn.Parameter(log_beta)
+            else:
+                self.register_buffer("log_beta", log_beta)
+        if relative:
+            # q̄; 0 until the first training batch sets it.
+            self.register_buffer("distortion", torch.zeros(()))
+        # Training forward passes so far: the τ schedule's clock, on the device (no host read).
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self._setup_init(init or ("data" if ema else "random"))
+
+    reads = ("soft", "hard")
+
+    @property
+    def collective(self) -> bool:
+        """Moving averages, re-seeding, data initialisation and q̄ are reduced over ranks."""
+        return self.write != "gradient" or self.temperature == "relative" or self.init == "data"
+
+    logged_metrics = ("beta", "entropy_bits", "max_weight", "outside_mass")  # outside_mass: top-k only
+    averaged_metrics = {"entropy_bits": "entropy_bits", "max_weight": "max_weight", "confident": "confident_frac",
+                        "outside_mass": "outside_mass"}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs saved before log β existed only where it is trained carry one under a relative
+        # temperature: nothing reads it, so it is dropped.
+        if not hasattr(self, "log_beta"):
+            state_dict.pop(prefix + "log_beta", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def from_config(cls, b, dim: int) -> "MemoryRead":
+        addressing, write = memory_parts(b)
+        return cls(b.slots, dim, addressing, write, train_read=b.train_read, read_mode=b.read_mode, impl=b.impl,
+                   **cls._init_option(b))
+
+    def evaluation_constants(self) -> dict[str, float]:
+        return {"beta": float(self.beta())}
+
+    @property
+    def eval_read(self) -> str:
+        return self.read_mode
+
+    @eval_read.setter
+    def eval_read(self, read: str) -> None:
+        Bottleneck.eval_read.fset(self, read)
+
+    def _set_eval_read(self, read: str) -> None:
+        self.read_mode = read
+
+    @property
+    def discrete(self) -> bool:
+        """One slot per position at test: the hard read."""
+        return self.read_mode == "hard"
+
+    def beta(self) -> torch.Tensor:
+        """The effective β (scalar tensor): the learned value times its schedule, or with the
+        relative temperature 1/(τ·q̄) (2/(τ·q̄) for cosine; not learned)."""
+        if self.temperature == "relative":
+            scale = 2.0 if self.similarity == "cosine" else 1.0
+            return scale / (self.tau() * self.distortion.clamp_min(1e-12))
+        return self.log_beta.exp()
+
+    def tau(self) -> torch.Tensor:
+        """The annealed τ after ``updates`` training forward passes (a float32 scalar tensor;
+        computed in float64, as a Python float would be)."""
+        start, end = self.tau_range
+        done = (self.updates.double() / self.tau_anneal).clamp(max=1.0)
+        # A Python base, not a tensor made from it: that would be a blocking copy to the GPU
+        # at every update (the same float64 pow, to the bit).
+        return (start * torch.pow(end / start, done)).float()
+
+    @torch.no_grad()
+    def _distances(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """N: each query's squared distance to its nearest slot, in the similarity's own
+        terms (‖ẑ − m̂‖² for cosine)."""
+        if self.similarity == "cosine":
+            x, memory = F.normalize(x.float(), dim=1), F.normalize(memory.float(), dim=1)
+        return Fn.nearest_distances(x, memory)[1]
+
+    def scores(self, x: torch.Tensor, memory: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """s(x, M) up to a per-row constant, without β: N×D -> N×K (float32), 2x·m − ‖m‖² for
+        l2 (−‖x − m‖² + ‖x‖²), x̂·m̂ for cosine; written into ``out`` (N×K) when given."""
+        x, memory = x.float(), memory.float()
+        if self.similarity == "l2":
+            return torch.addmm(-memory.pow(2).sum(1), x, 2.0 * memory.t(), out=out)
+        return torch.mm(F.normalize(x, dim=1), F.normalize(memory, dim=1).t(), out=out)
+
+    @torch.no_grad()
+    def _distances_from_scores(self, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+        """:meth:`_distances` from each query's largest :meth:`scores`, N, already computed: N."""
+        if self.similarity == "l2":
+            return (x.float().pow(2).sum(1) - best).clamp_min(0.0)
+        return (2.0 - 2.0 * best).clamp_min(0.0)
+
+    @torch.no_grad()
+    def _track_distortion(self, distances: torch.Tensor) -> None:
+        """q̄ ← γ q̄ + (1 − γ) mean(distances); the first batch sets it (no host sync)."""
+        batch = distances.mean() if distances.numel() else distances.new_zeros(())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The mean over every rank's positions (a rank with none adds nothing).
+            total = torch.stack([distances.sum(), distances.new_tensor(float(distances.numel()))])
+            torch.distributed.all_reduce(total)
+            batch = total[0] / total[1]
+        moved = self.distortion_decay * self.distortion + (1 - self.distortion_decay) * batch
+        self.distortion.copy_(torch.where(self.distortion > 0, moved, batch))
+
+    def logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """β·s(x, M) up to a per-row constant, N×D queries -> N×K (float32).
+
+        β scales the K×D operand, not the N×K product: one N×K matrix fewer, forward
+        and backward.
+        """
+        x, memory = x.float(), memory.float()
+        if self.similarity == "l2":
+            return torch.addmm(-beta * memory.pow(2).sum(1), x, (2.0 * beta * memory).t())
+        return F.normalize(x, dim=1) @ (beta * F.normalize(memory, dim=1)).t()
+
+    def _fused_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Σ_k softmax_k(β·s) M_k without the N×K matrix: N×D -> N×D.
+
+        The fused kernels of ``F.scaled_dot_product_attention`` (flash attention on CPU and
+        CUDA, memory-efficient attention on CUDA) take only 4-D inputs whose query, key and
+        value share one width, a multiple of 8; anything else falls back, silently, to the
+        math kernel, which holds the N×K weights. So q, k and M are zero-padded to that
+        width (zeros add nothing to q·k, and the padded output columns are dropped) and
+        passed as 1×1×N×W.
+        """
+        x, memory = x.float(), memory.float()
+        if self.similarity == "l2":
+            q = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+            k = torch.cat([2.0 * beta * memory, -beta * memory.pow(2).sum(1, keepdim=True)], 1)
+        else:
+            q, k = F.normalize(x, dim=1), beta * F.normalize(memory, dim=1)
+        width = -(-q.shape[1] // 8) * 8
+        q, k, v = (F.pad(t, (0, width - t.shape[1]))[None, None] for t in (q, k, memory))
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)[0, 0, :, : memory.shape[1]]
+
+    def _chunk_rows(self, n: int) -> int:
+        """Queries per chunk when N×K scores are taken chunk by chunk: at most ``chunk``, and
+        at most ``fused_threshold`` scores at a time, however large K is (at least 1, at most N)."""
+        return max(1, min(self.chunk, self.fused_threshold // self.num_slots, n))
+
+    @torch.no_grad()
+    def _chunked_statistics(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, want_write: bool):
+        """Codes, weight statistics and (optionally) soft-write sums, chunk by chunk.
+
+        Returns (codes N, stats dict of sums over N, counts K or None, sums K×D or None).
+        """
+        codes, stats = [], {}
+        counts = torch.zeros(self.num_slots, device=x.device) if want_write else None
+        sums = torch.zeros(self.num_slots, self.dim, device=x.device) if want_write else None
+        rows = self._chunk_rows(x.shape[0])
+        for part in x.split(rows):
+            logits = self.logits(part, memory, beta)
+            w = logits.softmax(1)
+            part_stats, part_codes = Fn.weight_statistics(logits, w)
+            codes.append(part_codes)
+            for key, value in part_stats.items():
+                stats[key] = stats.get(key, 0.0) + value
+            if want_write:
+                counts += w.sum(0)
+                sums += w.t() @ part.float()
+        return torch.cat(codes), stats, counts, sums
+
+    @torch.no_grad()
+    def _top_k_scores(self, x: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's k largest β-free scores (:meth:`scores`), N×k largest first, and
+        their slots, N×k int64: one N×K×D product, chunk by chunk (at most
+        ``fused_threshold`` scores at a time, into one buffer reused by every chunk).
+
+        β > 0 scales every score of a row alike, so these are the slots of the k largest
+        logits whatever β turns out to be: the relative temperature's β, which needs the
+        nearest distances (the largest scores) first, costs no second product.
+        """
+        rows = self._chunk_rows(x.shape[0])
+        buffer = x.new_empty(rows, self.num_slots, dtype=torch.float32)
+        parts = [self.scores(part, memory, out=buffer[: part.shape[0]]).topk(self.top_k, dim=1) for part in x.split(rows)]
+        return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+    def _top_logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, top_scores: torch.Tensor,
+                    slots: torch.Tensor) -> torch.Tensor:
+        """The N×k logits of the selected slots: β times their scores, or, when a gradient
+        is wanted, recomputed from the N×k×D gathered slots, so that z, M and β get theirs
+        through these k logits only (N·k·D, not the N×K product's backward)."""
+        if not torch.is_grad_enabled():
+            return beta * top_scores
+        n, k = slots.shape
+        m = memory.float().index_select(0, slots.reshape(-1)).view(n, k, -1)
+        q = x.float()[:, :, None]
+        if self.similarity == "l2":
+            return beta * (2.0 * torch.bmm(m, q).squeeze(2) - m.pow(2).sum(2))
+        return beta * torch.bmm(F.normalize(m, dim=2), F.normalize(q, dim=1)).squeeze(2)
+
+    @torch.no_grad()
+    def _outside_mass(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, top: torch.Tensor,
+                      slots: torch.Tensor) -> torch.Tensor:
+        """The dense softmax's mass outside each query's k slots, N (from N×D queries and
+        their N×k logits and slots): a second N×K product, chunked as :meth:`_top_k_scores`.
+
+        Summed over the K − k slots left out (their exp shifted by the row's largest
+        logit), not taken as 1 − Σ inside: the logits run to thousands at the end of the τ
+        schedule, where 1 − Σ would leave only the rounding of the sum.
+        """
+        rows = self._chunk_rows(x.shape[0])
+        out = []
+        for part, part_top, part_slots in zip(x.split(rows), top.split(rows), slots.split(rows)):
+            peak = part_top[:, :1]
+            rest = self.logits(part, memory, beta).sub_(peak).exp_().scatter_(1, part_slots, 0.0).sum(1)
+            inside = (part_top - peak).exp().sum(1)
+            out.append(rest / (rest + inside))
+        return torch.cat(out)
+
+    def _top_k_read(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, top_scores: torch.Tensor,
+                    slots: torch.Tensor, mode: str, want_write: bool):
+        """The top-k read of N×D queries (see the class docstring) from their k largest
+        β-free scores and slots (:meth:`_top_k_scores`).
+
+        Returns (codes N, stats dict of sums over N with ``outside_mass``, read N×D, and
+        the soft write's counts K and sums K×D from the k weights, or None, None).
+        """
+        top = self._top_logits(x, memory, beta, top_scores, slots)
+        w = top.softmax(1)
+        stats, best = Fn.weight_statistics(top, w)
+        n = x.shape[0]
+        # In training the outside mass, a diagnostic, is measured on every s-th query only
+        # (at most OUTSIDE_MASS_ROWS): on all N it would cost a second N×K product, as much
+        # as the read itself. Evaluation measures it on every query.
+        step = -(-n // OUTSIDE_MASS_ROWS) if self.training else 1
+        outside = self._outside_mass(x[::step], memory, beta, top.detach()[::step], slots[::step])
+        stats["outside_mass"] = outside.mean() * n
+        idx = slots.gather(1, best[:, None]).squeeze(1)
+        if mode == "hard":
+            read = memory.index_select(0, idx)
+        else:
+            # The weighted sum of the k slots in one kernel: no N×k×D copy of the slots.
+            read = F.embedding_bag(slots, memory, per_sample_weights=w, mode="sum")
+            if mode == "straight_through":
+                read = Fn.straight_through(read, memory.index_select(0, idx))
+        counts = sums = None
+        if want_write:
+            wd, flat = w.detach(), slots.reshape(-1)
+            counts = torch.zeros(self.num_slots, device=x.device).index_add_(0, flat, wd.reshape(-1))
+            weighted = (wd[:, :, None] * x.detach().float()[:, None, :]).reshape(-1, x.shape[1])
+            sums = torch.zeros(self.num_slots, x.shape[1], device=x.device).index_add_(0, flat, weighted)
+        return idx, stats, read, counts, sums
+
+    def _forward(self, z: torch.Tensor) -> BottleneckOutput:
+        """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
+        B×N, weights B×H×W×K or B×N×K, None when computed fused or with the top-k read)."""
+        x = Fn.flatten_positions(z)
+        self._init_from_data(x, Fn.positions_per_item(z))
+        n = x.shape[0]
+        mode = self.train_read if self.training else self.read_mode
+        ema = self.training and self.write != "gradient"
+        # A moving-average write changes the memory in place after the read; the read keeps its own copy.
+        memory = self.memory.clone() if ema else self.memory
+        loss = x.new_zeros(())
+        weights = None
+        fused_ok = mode in ("soft", "hard")
+        use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.num_slots > self.fused_threshold))
+        soft_sums = ema and self.write == "soft_ema"
+        # With a straight-through or rotated gradient the read's own graph is never used.
+        track = torch.is_grad_enabled() and self.encoder_gradient == "read"
+        # The relative temperature needs each query's nearest distance before β is known: in
+        # the dense path it comes from the β-free scores, which then become the logits (one
+        # N×K×D product, not two); in the top-k read from the k largest scores.
+        top_scores = slots = scores = None
+        if self.top_k:
+            top_scores, slots = self._top_k_scores(x, memory)
+        else:
+            with torch.set_grad_enabled(track):
+                scores = self.scores(x, memory) if self.temperature == "relative" and not use_fused else None
+        distances = None
+        if self.training and (self.temperature == "relative" or self.reseed_fraction > 0):
+            if top_scores is not None:
+                distances = self._distances_from_scores(x, top_scores[:, 0])
+            elif scores is not None:
+                distances = self._distances_from_scores(x, scores.detach().max(1).values)
+            else:
+                distances = self._distances(x, memory)
+            if self.temperature == "relative":
+                self._track_distortion(distances)
+        beta = self.beta()
+
+        with torch.set_grad_enabled(track):
+            if self.top_k:
+                idx, stats, read, counts, sums = self._top_k_read(x, memory, beta, top_scores, slots, mode, soft_sums)
+            elif use_fused:
+                idx, stats, counts, sums = self._chunked_statistics(x, memory, beta, soft_sums)
+                read = memory.index_select(0, idx) if mode == "hard" else self._fused_read(x, memory, beta)
+            else:
+                logits = self.logits(x, memory, beta) if scores is None else beta * scores
+                w = logits.softmax(1)
+                stats, idx = Fn.weight_statistics(logits, w)
+                if mode == "hard":
+                    read = memory.index_select(0, idx)
+                else:
+                    read = w @ memory
+                    if mode == "straight_through":
+                        read = Fn.straight_through(read, memory.index_select(0, idx))
+                if soft_sums:
+                    wd = w.detach()
+                    counts, sums = wd.sum(0), wd.t() @ x.detach().float()
+                weights = w.view(*Fn.position_shape(z), self.num_slots)
+
+        if ema:
+            if not soft_sums:
+                counts, sums = Fn.assignment_sums(idx, x, self.num_slots)
+            Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
+            if self.reseed_fraction > 0:
+                Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances,
+                                     Fn.dead_count(self.reseed_fraction, n, self.num_slots, x.device), Fn.positions_per_item(z))
+
+        read = read.to(x.dtype)
+        if self.write != "gradient" and self.training:
+            loss = loss + self.commitment * Fn.mean_squared_error(x, read.detach())
+        if self.encoder_gradient == "straight_through":
+            read = Fn.straight_through(x, read)
+        elif self.encoder_gradient == "rotation":
+            read = Fn.rotation_trick(x, read)
+        metrics = {key: (value / n).detach() for key, value in stats.items()}
+        metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()
+        metrics["beta"] = beta.detach()
+        if self.training:
+            self.updates += 1
+        return BottleneckOutput(
+            quantized=Fn.unflatten_positions(read, z),
+            loss=loss,
+            codes=idx.view(Fn.position_shape(z)),
+            weights=weights,
+            metrics=metrics,
+        )

@@ -1,0 +1,132 @@
+"""A run directory: what training writes and what every other command reads.
+
+    config.toml      the resolved config (reusable with --config)
+    meta.json        versions, git commit, device, command line
+    metrics.jsonl    one JSON record per log/eval step
+    checkpoints/     see memvae.training.checkpoint
+    tensorboard/     TensorBoard event files
+    eval.json        written by `memvae eval`
+    .lock            held by the process writing the run (see memvae.training.runlock)
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memvae.config import schema as C
+from memvae.training.checkpoint import latest_checkpoint, load_checkpoint
+from memvae.errors import MemvaeError, os_error
+from memvae.networks.autoencoder import Autoencoder
+from memvae.training.runlock import LOCK_FILE
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create ``run_dir``; an existing non-empty one is refused unless resuming or overwriting.
+
+    The lock file (:mod:`memvae.training.runlock`) is not part of a run: it alone does not make the
+    directory non-empty, and overwriting keeps it (the caller holds it while it overwrites).
+    """
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    if contents and not resume:
+        if not overwrite:
+            raise MemvaeError(f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+        for path in contents:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full place, a parent that is a file
+        raise os_error(exc, f"create run directory {run_dir}") from None
+
+
+def environment() -> dict:
+    """Versions, machine and git commit, saved with every run and benchmark."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "git_commit": commit or None,
+        "argv": sys.argv,
+    }
+
+
+def config_mismatch(saved: dict, cfg: C.Config) -> str | None:
+    """First model/bottleneck key where a checkpoint's config differs from ``cfg``, as text."""
+    now = C.to_dict(cfg)
+    saved = C.to_dict(C.from_dict(saved, saved=True))  # in today's keys (an older run's config is converted)
+    for section in ("model", "bottleneck"):
+        for key, value in now[section].items():
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                return f"{section}.{key}: checkpoint has {old!r}, config has {value!r}"
+    return None
+
+
+def with_update_count(weights: dict, model: torch.nn.Module, step: int) -> dict:
+    """A checkpoint's state dict with the update counters its model now keeps (the memory
+    read's ``updates``, the clock of its τ schedule) set to the checkpoint's update when the
+    checkpoint predates them: an old run then reads, and resumes, as it did at that update."""
+    missing = [k for k in model.state_dict() if k.endswith("bottleneck.updates") and k not in weights]
+    return {**weights, **{k: torch.tensor(step, dtype=torch.int64) for k in missing}} if missing else weights
+
+
+def without_untrained_parameters(saved: dict, model: torch.nn.Module) -> tuple[dict, dict]:
+    """A checkpoint's model and optimizer state, from before parameters that nothing trains
+    were removed (the memory read's log β under a relative temperature or behind a
+    straight-through encoder gradient), in today's shape: those entries dropped from the
+    weights and Adam's state, which is renumbered. Anything else is returned unchanged."""
+    weights, optimizer = saved["model"], saved["optimizer"]
+    today = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+    dropped = {k for k in weights if k not in today and k.endswith("log_beta")}
+    if not dropped:
+        return weights, optimizer
+    # state_dict and named_parameters list the parameters in the same order, so the saved
+    # weights' parameter keys give Adam's numbering then.
+    numbered = [k for k in weights if k in params or k in dropped]
+    gone = {i for i, k in enumerate(numbered) if k in dropped}
+    renumber = {old: new for new, old in enumerate(i for i in range(len(numbered)) if i not in gone)}
+    optimizer = {
+        "state": {renumber[i]: v for i, v in optimizer["state"].items() if i not in gone},
+        "param_groups": [{**g, "params": [renumber[i] for i in g["params"] if i not in gone]} for g in optimizer["param_groups"]],
+    }
+    return {k: v for k, v in weights.items() if k not in dropped}, optimizer
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Autoencoder, C.Config, dict]:
+    """The trained model of a run directory (newest checkpoint), in eval mode.
+
+    Returns (model, config, checkpoint dict).
+    """
+    run_dir = Path(run_dir)
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise MemvaeError(f"{run_dir} holds no checkpoint (is it a memvae run directory?)")
+    state = load_checkpoint(*found, map_location=device)
+    cfg = C.validate(C.from_dict(state["config"], saved=True))
+    model = Autoencoder.from_config(cfg).to(device)
+    try:
+        model.load_state_dict(with_update_count(state["model"], model, int(state["step"])))
+    except RuntimeError as exc:
+        raise MemvaeError(f"checkpoint {found[0]} does not fit its own config: {str(exc).splitlines()[0]}") from None
+    return model.eval(), cfg, state
