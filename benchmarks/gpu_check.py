@@ -105,12 +105,12 @@ def _nothing():
 def measure(name: str, config: str, overrides: list[str], batch: int, updates: int, warmup: int, data, device) -> dict:
     """One row: a fresh Trainer of the config at batch ``batch``, warmed up, then timed."""
     from memvae.config import schema as C
-    from memvae.training import engine
+    from memvae.training import distributed, engine
 
     cfg = C.load_config(CONFIGS / f"{config}.toml", [*overrides, f"train.batch_size={batch}", f"train.device={device}"])
     torch.manual_seed(cfg.train.seed)
-    with tempfile.TemporaryDirectory() as run_dir, engine.repeatable(device, cfg.train.deterministic):
-        trainer = engine.Trainer(cfg, data, engine.Distributed(str(device)), Path(run_dir))
+    with tempfile.TemporaryDirectory() as run_dir, distributed.repeatable(device, cfg.train.deterministic):
+        trainer = engine.Trainer(cfg, data, distributed.Distributed(str(device)), Path(run_dir))
         for _ in range(warmup):
             trainer.update()
         if device.type == "cuda":

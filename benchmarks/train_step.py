@@ -53,7 +53,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from memvae.config.schema import Config
 from memvae.data import EpochBatcher, ImageData, load_cifar10, to_input
-from memvae.training.engine import Distributed, Trainer
+from memvae.training.distributed import Distributed
+from memvae.training.engine import Trainer
 from memvae.networks.autoencoder import Autoencoder
 from memvae.networks.encoder_decoder import Decoder, Encoder
 from memvae.training.runs import environment
@@ -145,7 +146,7 @@ class EngineVariant:
 
 
 def deterministic_algorithms(on: bool) -> None:
-    """PyTorch's deterministic mode as memvae.training.engine.repeatable sets it on CPU (or off)."""
+    """PyTorch's deterministic mode as memvae.training.distributed.repeatable sets it on CPU (or off)."""
     import torch.utils.deterministic
 
     torch.use_deterministic_algorithms(on, warn_only=True)

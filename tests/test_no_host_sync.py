@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memvae.config import schema as C
-from memvae.training import engine
+from memvae.training import distributed, engine
 from memvae.quantizers import REGISTRY
 from memvae.data import EpochBatcher, ImageData
 from memvae.training.train import train
@@ -202,7 +202,7 @@ def test_prior_updates_run_no_host_read(tmp_path):
 
     options = PriorOptions(steps=8, batch_size=4, width=8, layers=2, device=DEVICE)
     codes = torch.randint(16, (20, 8, 8), generator=torch.Generator().manual_seed(0))
-    ranks = engine.Distributed.single(torch.device(DEVICE))
+    ranks = distributed.Distributed.single(torch.device(DEVICE))
     trainer = PriorTrainer(GatedPixelCNN(16, 8, 2).to(DEVICE), options, codes, codes[:4], tmp_path, ranks,
                            {"num_slots": 16, "map_shape": [8, 8], "model_step": 0})
     trainer.update()  # the first: Adam creates its state

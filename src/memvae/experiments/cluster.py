@@ -8,7 +8,7 @@ job's own process, so that stopping it is memvae's ordinary stop:
 - **Time limit or preemption.** submitit sends the job its signal (USR2, ``--signal``
   90 s before Slurm's time limit) and calls :meth:`RunJob.checkpoint`: the child gets
   SIGTERM, saves a checkpoint at the update it is at and exits (memvae's own stop,
-  :class:`memvae.training.engine.StopRequest`); the job is requeued, and the requeued job runs the
+  :class:`memvae.training.loop.StopRequest`); the job is requeued, and the requeued job runs the
   same command, which continues from that checkpoint (``--resume``): the run ends with
   the numbers an unbroken run ends with. The child itself ignores the job's signal
   (Slurm signals every process of a job step), so that it is stopped only this way.

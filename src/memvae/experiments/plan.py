@@ -38,7 +38,7 @@ class RunCommand:
 
     def argv(self, processes: int = 1) -> list[str]:
         """The command as an argument list; ``processes`` > 1: under torchrun, one process
-        per GPU of this node (:class:`memvae.training.engine.Distributed` sets each one's device)."""
+        per GPU of this node (:class:`memvae.training.distributed.Distributed` sets each one's device)."""
         if processes > 1:
             launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
             return [self.python, *launch, *self.args]

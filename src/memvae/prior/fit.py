@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from memvae.training.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from memvae.data import load_data, to_input, to_uint8
-from memvae.training.engine import Distributed, NonfiniteGuard, repeatable, resolve_device, run_updates
+from memvae.training.distributed import Distributed, repeatable, resolve_device
+from memvae.training.guard import NonfiniteGuard
+from memvae.training.loop import run_updates
 from memvae.errors import MemvaeError
 from memvae.training.metrics import MetricsLog
 from memvae.networks.autoencoder import Autoencoder
@@ -161,7 +163,7 @@ def train_prior(
 
     Writes ``RUN_DIR/prior/`` (metrics.jsonl, checkpoints/, eval.json; see the module
     docstring) and returns the evaluation (the contents of eval.json). The updates run on
-    the autoencoder's loop (:func:`memvae.training.engine.run_updates`): no host read between log
+    the autoencoder's loop (:func:`memvae.training.loop.run_updates`): no host read between log
     records, a non-finite loss undone on the device (``options.on_nonfinite``), SIGINT or
     SIGTERM saving a checkpoint, and ``resume`` continuing it exactly.
 
@@ -283,9 +285,9 @@ def _prior_to_resume(out_dir: Path, options: PriorOptions, model_step: int, devi
 
 
 class PriorTrainer:
-    """The prior's side of :func:`memvae.training.engine.run_updates`: the PixelCNN, Adam, the batch
+    """The prior's side of :func:`memvae.training.loop.run_updates`: the PixelCNN, Adam, the batch
     order, the interval's NLL sums, and the non-finite guard, the autoencoder's own
-    (:class:`memvae.training.engine.NonfiniteGuard`). No update reads from the device.
+    (:class:`memvae.training.guard.NonfiniteGuard`). No update reads from the device.
 
     ``codes``: int64 N×h×w training maps (moved to the prior's device once); ``eval_codes``:
     the test maps of the "eval" records; ``meta``: num_slots, map_shape, model_step (and
@@ -372,7 +374,7 @@ class PriorTrainer:
 
 class PriorLog:
     """The prior's metrics.jsonl (records after ``step`` dropped when resuming) and the
-    ``progress`` callable, in the shape :func:`memvae.training.engine.run_updates` writes to."""
+    ``progress`` callable, in the shape :func:`memvae.training.loop.run_updates` writes to."""
 
     def __init__(self, path: Path, step: int, progress=None):
         self.metrics, self.progress = MetricsLog(path), progress or (lambda record: None)

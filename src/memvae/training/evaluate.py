@@ -5,10 +5,10 @@ from contextlib import contextmanager
 
 import torch
 
-from memvae.quantizers.functional import perplexity_from_counts
 from memvae.data import to_input, to_uint8
-from memvae.training.metrics import nmse, psnr
 from memvae.networks.autoencoder import Autoencoder
+from memvae.quantizers.functional import perplexity_from_counts
+from memvae.training.metrics import nmse, psnr
 
 
 @torch.no_grad()

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from memvae.config import schema as C
-from memvae.training.checkpoint import latest_checkpoint, load_checkpoint
 from memvae.errors import MemvaeError, os_error
 from memvae.networks.autoencoder import Autoencoder
+from memvae.training.checkpoint import latest_checkpoint, load_checkpoint
 from memvae.training.runlock import LOCK_FILE
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 
 from memvae.config import schema as C
-from memvae.training.checkpoint import latest_checkpoint, load_checkpoint
 from memvae.data import ImageData, load_data
-from memvae.training.engine import Distributed, RunLog, Trainer, choose_threads, repeatable, resolve_device, run_updates
 from memvae.errors import MemvaeError
+from memvae.training.checkpoint import latest_checkpoint, load_checkpoint
+from memvae.training.distributed import Distributed, choose_threads, repeatable, resolve_device
+from memvae.training.engine import Trainer
+from memvae.training.loop import RunLog, run_updates
 from memvae.training.runlock import run_lock
 from memvae.training.runs import prepare_run_dir
 
@@ -96,7 +98,7 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool, ranks: Distributed) -> tu
 
 
 def _set_threads(requested: int, state: dict | None, ranks: Distributed) -> list[list[int]]:
-    """Set torch's CPU thread count (see :func:`memvae.training.engine.choose_threads`); returns the
+    """Set torch's CPU thread count (see :func:`memvae.training.distributed.choose_threads`); returns the
     run's thread history, [update from which, threads] pairs, for its checkpoints and meta.json."""
     step = 0 if state is None else int(state["step"])
     saved = None if state is None or "threads" not in state else int(state["threads"])
