@@ -90,7 +90,8 @@ def _reset_peak_rss() -> bool:
 
 def worker(spec: dict) -> dict:
     """Run one (similarity, N, K, impl) and return its measurements (see module doc)."""
-    from memvae.quantizers.memory import Addressing, LearnedTemperature, MemoryRead
+    from memvae.quantizers.memory import MemoryRead
+    from memvae.quantizers.memory_options import Addressing, LearnedTemperature
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -114,7 +115,7 @@ def worker(spec: dict) -> dict:
         leaves = (z, memory, log_beta)
     else:
         addressing = Addressing(sim, LearnedTemperature(spec["beta"]))
-        module = MemoryRead(k, d, addressing, impl=spec["impl"]).to(device)
+        module = MemoryRead(k, d, addressing, impl=spec["impl"], init="random").to(device)
         with torch.no_grad():
             module.memory.copy_(m0)
         fused = spec["impl"] == "fused" or (spec["impl"] == "auto" and n * k > module.fused_threshold)

@@ -36,8 +36,8 @@ def reads(model, images: torch.Tensor, top_k: int, batch: int = 250) -> tuple[to
     from memvae.data import to_input
 
     bottleneck = model.bottleneck
-    saved = bottleneck.top_k, bottleneck.read_mode
-    bottleneck.top_k, bottleneck.read_mode = top_k, "soft"
+    saved = bottleneck.top_k, bottleneck.eval_read
+    bottleneck.top_k, bottleneck.eval_read = top_k, "soft"
     model.eval()
     out_reads, out_codes, outside, error = [], [], [], 0.0
     try:
@@ -51,7 +51,7 @@ def reads(model, images: torch.Tensor, top_k: int, batch: int = 250) -> tuple[to
                 outside.append(out.metrics["outside_mass"].expand(out.codes.numel()))
             error += float((model.decoder(out.quantized) - x).pow(2).sum(dtype=torch.float64))
     finally:
-        bottleneck.top_k, bottleneck.read_mode = saved
+        bottleneck.top_k, bottleneck.eval_read = saved
     return torch.cat(out_reads), torch.cat(out_codes), torch.cat(outside) if outside else torch.empty(0), error
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([k, entry["outside_mass"], entry["max_relative_difference"], entry["mean_relative_difference"],
                      entry["codes_equal"], entry["delta_nmse"]])
     tau = float(model.bottleneck.tau())
-    print(f"{cfg.name}, update {state['step']}, τ = {tau:g}, K = {model.bottleneck.num_slots}, {args.images} test images, "
+    print(f"{cfg.name}, update {state['step']}, τ = {tau:g}, K = {model.bottleneck.codebook_size}, {args.images} test images, "
           f"dense soft-read NMSE {dense_nmse:.5f}")
     print(markdown(["k", "outside mass", "max ‖Δr‖/‖r‖", "mean ‖Δr‖/‖r‖", "codes equal", "ΔNMSE"], rows))
     report = {"benchmark": "top_k_read", "environment": environment(), "run_dir": args.run_dir, "step": state["step"],

@@ -11,19 +11,39 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "src" / "memvae" / "config" / "packaged"
 
 
-def memory_read(num_slots: int, dim: int, impl: str = "auto", init: str | None = None, fused_threshold: int = 1 << 22,
+def quantiser(kind: str, codebook_size: int, dim: int, **kw):
+    """A registered quantiser of ``kind`` with K = ``codebook_size`` codes (FSQ: levels whose
+    product is K; the continuous control: no codes) and D = ``dim``, its other options ``kw``."""
+    from memvae.quantizers import bottleneck_class
+
+    if kind == "fsq":
+        kw.setdefault("levels", {16: (4, 4), 32: (4, 4, 2), 64: (4, 4, 4), 512: (8, 8, 8)}[codebook_size])
+        return bottleneck_class(kind)(dim=dim, **kw)
+    if kind == "none":
+        return bottleneck_class(kind)(dim=dim, **kw)
+    if kind in ("vq", "memory", "mixture"):
+        # Random slots, as these kinds started before "data" became every kind's default: with
+        # data init a batch of N <= K positions reads itself, and the slots' first gradient is 0.
+        kw.setdefault("init", "random")
+    return bottleneck_class(kind)(codebook_size, dim, **kw)
+
+
+def memory_read(codebook_size: int, dim: int, impl: str = "auto", init: str | None = None, fused_threshold: int = 1 << 22,
                 chunk: int = 4096, **keys):
     """A MemoryRead from the memory kind's flat config keys (``similarity``, ``write``,
     ``tau_start``, ...: memvae's MemoryOptions) as a config builds it, plus the constructor's
     own speed settings; ValueError for what a config would refuse."""
     import dataclasses
 
-    from memvae.quantizers.memory import MemoryOptions, MemoryRead, memory_parts
+    from memvae.quantizers.memory import MemoryRead
+    from memvae.quantizers.memory_options import MemoryOptions, memory_parts
 
-    b = dataclasses.replace(MemoryOptions(slots=num_slots), **keys)
+    b = dataclasses.replace(MemoryOptions(slots=codebook_size), **keys)
     b.check()
     addressing, write = memory_parts(b)
-    return MemoryRead(num_slots, dim, addressing, write, train_read=b.train_read, read_mode=b.read_mode, impl=impl,
+    # init None: random slots for the gradient write, data for the moving averages (as these tests were written).
+    init = init or ("random" if b.write == "gradient" else "data")
+    return MemoryRead(codebook_size, dim, addressing, write, train_read=b.train_read, eval_read=b.eval_read, impl=impl,
                       init=init, fused_threshold=fused_threshold, chunk=chunk)
 
 

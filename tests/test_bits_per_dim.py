@@ -28,6 +28,7 @@ from memvae.config.schema import load_config
 from memvae.data import ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.networks.pixelcnn import GatedPixelCNN
+from memvae.quantizers import bottleneck_class
 from memvae.prior.fit import PriorOptions, extract_codes, nll_bits, train_prior
 from memvae.experiments.sweep import rate_tables
 from memvae.training.train import train
@@ -125,14 +126,14 @@ class ExactModel(nn.Module):
     """A stand-in for an autoencoder whose decoder returns the image itself, and whose codes
     (one of K per 4×4 block, from the block's first red pixel) a prior scores."""
 
-    def __init__(self, num_slots: int = 16):
+    def __init__(self, codebook_size: int = 16):
         super().__init__()
-        self.bottleneck = SimpleNamespace(num_slots=num_slots, stages=1, discrete=True, eval_read="nearest",
-                                          symbol_sizes=lambda: (num_slots,))
+        self.bottleneck = SimpleNamespace(codebook_size=codebook_size, stages=1, discrete=True, eval_read="nearest",
+                                          symbol_sizes=lambda: (codebook_size,), bits_per_position=math.log2(codebook_size))
 
     def forward(self, x):
         pixels = ((x + 0.5) * 255).round().long()
-        codes = pixels[:, 0, ::4, ::4] % self.bottleneck.num_slots  # B×8×8
+        codes = pixels[:, 0, ::4, ::4] % self.bottleneck.codebook_size  # B×8×8
         quantized = torch.zeros(x.shape[0], 2, *codes.shape[1:])
         return SimpleNamespace(reconstruction=x.clone(), bottleneck=SimpleNamespace(codes=codes, quantized=quantized))
 
@@ -153,8 +154,8 @@ def test_an_exact_decoder_scores_the_priors_bits_over_3072(cifar):
 
 
 def test_the_uniform_rate_prefers_the_bottlenecks_own_bits_per_position():
-    assert rate_bits_per_position(SimpleNamespace(num_slots=512, stages=2)) == 18.0
-    assert rate_bits_per_position(SimpleNamespace(num_slots=256, stages=2, bits_per_position=17.5)) == 17.5
+    assert rate_bits_per_position(bottleneck_class("residual_vq")(512, 8, stages=2)) == 18.0
+    assert rate_bits_per_position(SimpleNamespace(bits_per_position=17.5)) == 17.5
 
 
 # ---------------------------------------------------------------- real runs

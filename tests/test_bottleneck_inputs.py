@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memvae.quantizers import REGISTRY, bottleneck_class
-from tests.conftest import memory_read
+from tests.conftest import memory_read, quantiser
 
 K, D = 64, 8
 # Variants whose buffers move in training mode, beside each kind's defaults.
@@ -17,7 +17,7 @@ EXTRA = {
     "vq_ema_reseed": lambda: bottleneck_class("vq_ema")(K, D, reseed_fraction=0.25),
     "memory_top_k": lambda: memory_read(K, D, top_k=8, write="soft_ema", encoder_gradient="straight_through"),
 }
-MAKERS = {**{kind: (lambda kind=kind: bottleneck_class(kind)(K, D)) for kind in REGISTRY}, **EXTRA}
+MAKERS = {**{kind: (lambda kind=kind: quantiser(kind, K, D)) for kind in REGISTRY}, **EXTRA}
 
 
 @pytest.mark.parametrize("name", list(MAKERS))

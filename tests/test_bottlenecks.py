@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from memvae.quantizers import REGISTRY, MemoryRead, VectorQuantizer, VectorQuantizerEMA, bottleneck_class
 from memvae.quantizers.functional import perplexity_from_counts
-from tests.conftest import memory_read
+from tests.conftest import memory_read, quantiser
 
 K, D = 32, 8
 
@@ -17,9 +17,7 @@ K, D = 32, 8
 def make(kind: str, **kw):
     if kind == "memory_cosine":
         return memory_read(K, D, similarity="cosine", **kw)
-    if kind == "fsq":  # K = 32 is no cube: its levels say how
-        return bottleneck_class(kind)(K, D, levels=(4, 4, 2), **kw)
-    return bottleneck_class(kind)(K, D, **kw)
+    return quantiser(kind, K, D, **kw)
 
 
 ALL = [*REGISTRY, "memory_cosine"]  # every registered bottleneck, and the memory's other similarity
@@ -87,7 +85,7 @@ def test_cosine_codes_are_most_similar_slot():
 
 
 def test_vq_output_is_nearest_slot_and_losses_follow_eq3():
-    vq = VectorQuantizer(K, D, commitment=0.25)
+    vq = VectorQuantizer(K, D, commitment=0.25, init="random")
     z = torch.randn(2, D, 3, 3)
     out = vq(z)
     chosen = vq.memory[brute_force_nearest(z, vq.memory.detach())].permute(0, 3, 1, 2)
@@ -119,7 +117,7 @@ def test_memory_weights_are_a_distribution_and_read_is_their_mixture(similarity)
 
 def test_l2_read_with_large_beta_equals_vq_read():
     torch.manual_seed(1)
-    vq = VectorQuantizer(K, D)
+    vq = VectorQuantizer(K, D, init="random")
     memory = memory_read(K, D, beta_init=1e5).eval()
     memory.memory.data.copy_(torch.randn(K, D))
     vq.memory.data.copy_(memory.memory.data)
@@ -141,7 +139,7 @@ def test_hard_read_mode_reads_the_argmax_slot():
     bottleneck = memory_read(K, D).eval()
     z = torch.randn(2, D, 3, 3)
     soft = bottleneck(z)
-    bottleneck.read_mode = "hard"
+    bottleneck.eval_read = "hard"
     hard = bottleneck(z)
     assert torch.equal(hard.codes, soft.codes)
     assert torch.allclose(hard.quantized, bottleneck.decode_codes(hard.codes))
@@ -256,7 +254,7 @@ def test_registry_rejects_unknown_names_with_the_known_ones():
 @pytest.mark.parametrize("shape", [(3, D, 5, 4), (3, 20, D)])
 def test_none_passes_z_through_with_no_loss_and_no_codes(shape):
     """The continuous control: the decoder receives z itself, on maps and B×N×D sequences."""
-    bottleneck = bottleneck_class("none")(K, D).train()
+    bottleneck = quantiser("none", K, D).train()
     z = torch.randn(*shape, requires_grad=True)
     out = bottleneck(z)
     assert torch.equal(out.quantized, z) and out.codes is None and float(out.loss) == 0.0

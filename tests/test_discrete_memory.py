@@ -2,12 +2,13 @@
 FSQ, and the shared statistics they rest on, each checked against a direct recomputation."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memvae.quantizers import FSQ, REGISTRY, MemoryRead, VectorQuantizerEMA, bottleneck_class
+from memvae.quantizers import FSQ, REGISTRY, MemoryRead, VectorQuantizerEMA
 from memvae.quantizers import functional as Fn
 from memvae.config.schema import load_config
 from memvae.training.metrics import read_metrics
@@ -15,13 +16,13 @@ from memvae.training.runs import load_run
 from memvae.training.train import train
 
 from tests.cli_util import strip_times
-from tests.conftest import CONFIGS, memory_read
+from tests.conftest import CONFIGS, memory_read, quantiser
 
 K, D = 32, 8
 
 
 def discrete(**kw) -> MemoryRead:
-    options = dict(temperature="relative", write="hard_ema", encoder_gradient="straight_through", read_mode="hard",
+    options = dict(temperature="relative", write="hard_ema", encoder_gradient="straight_through", eval_read="hard",
                    tau_start=1.0, tau_end=0.02)
     return memory_read(K, D, **{**options, **kw})
 
@@ -65,7 +66,7 @@ def test_relative_temperature_weights_do_not_change_when_z_and_memory_scale_alik
     z = torch.randn(2, D, 4, 4)
     weights = []
     for scale in (1.0, 37.0):
-        read = discrete(read_mode="soft", train_read="soft").train()
+        read = discrete(eval_read="soft", train_read="soft").train()
         with torch.no_grad():
             read.memory.copy_(torch.randn(K, D, generator=torch.Generator().manual_seed(3)) * scale)
         read.initialized.fill_(True)
@@ -116,7 +117,7 @@ def test_as_tau_goes_to_zero_the_soft_read_is_the_hard_read():
     z = torch.randn(3, D, 4, 4)
     read = discrete(tau_start=1.0, tau_end=1e-6, train_read="soft", write="hard_ema").train()
     read.initialized.fill_(True)
-    read.updates.fill_(read.tau_anneal)
+    read.updates.fill_(read.addressing.temperature.anneal)
     memory = read.memory.clone()
     trained = read(z).quantized
     hard = memory[torch.cdist(Fn.flatten_positions(z), memory).argmin(1)]
@@ -131,7 +132,7 @@ def test_hard_read_at_test_equals_the_last_training_reads():
     z = torch.randn(4, D, 4, 4)
     for step in range(10):
         read(torch.randn(4, D, 4, 4))
-    read.updates.fill_(read.tau_anneal)
+    read.updates.fill_(read.addressing.temperature.anneal)
     before = read.memory.clone()
     trained = read(z).quantized
     after = read.memory.clone()
@@ -206,7 +207,7 @@ def test_reseeding_revives_unused_slots_in_a_real_run(config, tmp_path, data_dir
 
 # ---------------------------------------------------------------- FSQ
 def test_fsq_codes_are_the_rounded_bounded_values():
-    fsq = FSQ(512, D, levels=(8, 8, 8))
+    fsq = FSQ(levels=(8, 8, 8), dim=D)
     z = torch.randn(5, D, 4, 4) * 3
     out = fsq(z)
     bounded = fsq.bound(fsq.project_in(Fn.flatten_positions(z)))
@@ -219,7 +220,7 @@ def test_fsq_codes_are_the_rounded_bounded_values():
 
 
 def test_fsq_reaches_all_512_codes_and_odd_levels_work():
-    fsq = FSQ(512, 3, levels=(8, 8, 8))
+    fsq = FSQ(levels=(8, 8, 8), dim=3)
     with torch.no_grad():
         fsq.project_in.weight.copy_(torch.eye(3))
         fsq.project_in.bias.zero_()
@@ -227,12 +228,12 @@ def test_fsq_reaches_all_512_codes_and_odd_levels_work():
     z = torch.stack(torch.meshgrid(grid, grid, grid, indexing="ij")).reshape(1, 3, 400, 160)  # a 3-channel map
     codes = fsq(z).codes
     assert codes.unique().numel() == 512
-    odd = FSQ(75, 3, levels=(5, 5, 3))
+    odd = FSQ(levels=(5, 5, 3), dim=3)
     assert odd.grid(torch.arange(75)).unique(dim=0).shape[0] == 75
 
 
 def test_fsq_gradient_reaches_z():
-    fsq = FSQ(512, D)
+    fsq = FSQ(levels=(8, 8, 8), dim=D)
     z = torch.randn(2, D, 4, 4, requires_grad=True)
     fsq(z).quantized.sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
@@ -240,13 +241,13 @@ def test_fsq_gradient_reaches_z():
 
 # ---------------------------------------------------------------- sequences (B×N×D)
 VARIANTS = {  # every registered bottleneck at its defaults, and the variants that read or write differently
-    **{kind: (lambda kind=kind: bottleneck_class(kind)(K, D)) for kind in REGISTRY if kind != "fsq"},
+    **{kind: (lambda kind=kind: quantiser(kind, K, D)) for kind in REGISTRY if kind != "fsq"},
     "vq_ema_reseed": lambda: VectorQuantizerEMA(K, D, reseed_fraction=0.25),
     "memory": lambda: memory_read(K, D),
     "memory_fused": lambda: memory_read(K, D, impl="fused"),
     "memory_cosine": lambda: memory_read(K, D, similarity="cosine"),
     "memory_discrete": lambda: discrete(train_read="soft", reseed_fraction=0.25),
-    "fsq": lambda: FSQ(64, D, levels=(4, 4, 4)),
+    "fsq": lambda: FSQ(levels=(4, 4, 4), dim=D),
 }
 
 
@@ -324,7 +325,7 @@ def test_packaged_discrete_configs_build(tmp_path):
 
     for name in ("memory_discrete", "vq_ema_reseed", "fsq"):
         model = Autoencoder.from_config(load_config(CONFIGS / f"{name}.toml"))
-        assert model.bottleneck.num_slots == 512
+        assert model.bottleneck.codebook_size == 512
 
 
 def test_fsq_config_rejects_levels_that_do_not_make_the_slots():
@@ -339,7 +340,7 @@ def test_fsq_config_rejects_levels_that_do_not_make_the_slots():
 # ---------------------------------------------------------------- the options in parts
 def test_the_parts_build_the_read_the_config_builds():
     """memory_discrete from its packaged config and from the parts a user writes: one read."""
-    from memvae.quantizers.memory import Addressing, MovingAverageWrite, RelativeTemperature
+    from memvae.quantizers.memory_options import Addressing, MovingAverageWrite, RelativeTemperature
 
     cfg = load_config(CONFIGS / "memory_discrete.toml", ["bottleneck.slots=32"])
     torch.manual_seed(0)
@@ -347,7 +348,7 @@ def test_the_parts_build_the_read_the_config_builds():
     torch.manual_seed(0)
     by_hand = MemoryRead(K, D, Addressing("l2", RelativeTemperature(1.0, 0.02, anneal=2000)),
                          MovingAverageWrite("hard", reseed_fraction=0.25, encoder_gradient="straight_through"),
-                         read_mode="hard")
+                         eval_read="hard")
     z = torch.randn(4, D, 4, 4)
     for module in (from_config, by_hand):
         module.train()
@@ -372,8 +373,9 @@ def test_the_parts_build_the_read_the_config_builds():
 def test_a_part_that_cannot_work_cannot_be_built(build, said):
     """Each part checks its values when built; the encoder's gradient is an option of the
     moving-average write only, so the gradient write cannot be given one."""
-    from memvae.quantizers import memory as parts
+    from memvae.quantizers import memory, memory_options
 
+    parts = SimpleNamespace(**vars(memory_options), MemoryRead=memory.MemoryRead)
     with pytest.raises(ValueError, match=said):
         build(parts)
     assert not hasattr(parts.GradientWrite(), "encoder_gradient")

@@ -61,7 +61,7 @@ def test_straight_through_reads_the_argmax_slot_and_passes_the_soft_gradient():
 
 def test_straight_through_is_the_hard_read_in_eval_mode_when_asked():
     torch.manual_seed(1)
-    read = memory_read(16, 8, train_read="straight_through", read_mode="hard").eval()
+    read = memory_read(16, 8, train_read="straight_through", eval_read="hard").eval()
     z = torch.randn(2, 8, 3, 3)
     with torch.no_grad():
         out = read(z)

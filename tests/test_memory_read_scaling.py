@@ -148,14 +148,14 @@ def test_small_forced_fused_equals_dense():
 
 @pytest.mark.parametrize("similarity", ["l2", "cosine"])
 def test_eval_mode_soft_and_hard(similarity):
-    """Eval mode reads with ``read_mode``: soft as in training, hard = the argmax slot."""
+    """Eval mode reads with ``eval_read``: soft as in training, hard = the argmax slot."""
     z, memory = make_inputs(seed=5)
     upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(6))
     beta = 2.0 if similarity == "l2" else 20.0
-    for read_mode in ("soft", "hard"):
-        dense = make_read(memory, "dense", similarity=similarity, beta_init=beta, read_mode=read_mode).eval()
-        fused = make_read(memory, "auto", similarity=similarity, beta_init=beta, read_mode=read_mode, chunk=1000).eval()
-        if read_mode == "soft":
+    for eval_read in ("soft", "hard"):
+        dense = make_read(memory, "dense", similarity=similarity, beta_init=beta, eval_read=eval_read).eval()
+        fused = make_read(memory, "auto", similarity=similarity, beta_init=beta, eval_read=eval_read, chunk=1000).eval()
+        if eval_read == "soft":
             dense_out, fused_out = check_soft_read(similarity, beta, z, upstream, dense, fused)
             assert torch.equal(fused_out.codes, dense_out.codes)
             continue

@@ -22,8 +22,9 @@ WAYS = ("topk", "pursuit")
 PACKAGED = sorted(p.stem for p in CONFIGS.glob("mixture_*.toml"))
 
 
-def mixture(num_slots=8, k=2, levels=3, way="topk", **kw):
-    return bottleneck_class("mixture")(num_slots, D, k=k, levels=levels, way=way, **kw)
+def mixture(codebook_size=8, k=2, levels=3, way="topk", **kw):
+    kw.setdefault("init", "random")  # the class default before "data" became every kind's
+    return bottleneck_class("mixture")(codebook_size, D, k=k, levels=levels, way=way, **kw)
 
 
 def warmed(b, z):
@@ -156,18 +157,18 @@ def test_decoding_the_codes_gives_the_read_bit_for_bit(way, shape, training):
     assert bool((out.codes[..., :3] < 10).all()) and bool((out.codes[..., 3] < b.grid_size).all())
 
 
-@pytest.mark.parametrize("num_slots, k, levels", [(5, 2, 3), (5, 3, 3), (4, 3, 2), (6, 2, 1), (4, 4, 5)])
-def test_code_bits_count_the_distinct_reads_and_canonical_codes_are_one_per_read(num_slots, k, levels):
+@pytest.mark.parametrize("codebook_size, k, levels", [(5, 2, 3), (5, 3, 3), (4, 3, 2), (6, 2, 1), (4, 4, 5)])
+def test_code_bits_count_the_distinct_reads_and_canonical_codes_are_one_per_read(codebook_size, k, levels):
     """Every raw code (k slots in any order, repeats allowed, any grid point) made canonical:
     as many codes as count_codes, each decoding to a read no other code gives."""
-    b = mixture(num_slots, k=k, levels=levels, init="random")
-    b.memory.data = torch.randn(num_slots, D) * 3  # slots in general position
-    raw = [(s, n) for s in itertools.product(range(num_slots), repeat=k) for n in simplex(levels, k)]
+    b = mixture(codebook_size, k=k, levels=levels, init="random")
+    b.memory.data = torch.randn(codebook_size, D) * 3  # slots in general position
+    raw = [(s, n) for s in itertools.product(range(codebook_size), repeat=k) for n in simplex(levels, k)]
     slots = torch.tensor([s for s, _ in raw])
     counts = torch.tensor([n for _, n in raw])
     codes = b.canonical(slots, counts)
     distinct = {tuple(c) for c in codes.tolist()}
-    assert len(distinct) == count_codes(num_slots, k, levels)
+    assert len(distinct) == count_codes(codebook_size, k, levels)
     assert b.code_bits == pytest.approx(math.log2(len(distinct)))
     reads = b.decode_codes(codes[None]).reshape(-1, D)
     # The same read as the raw code it came from...
@@ -252,7 +253,7 @@ def test_a_short_real_training_lowers_the_loss(tmp_path, data_dir, way):
     cfg = C.load_config(CONFIGS / "smoke.toml", [
         "train.threads=1", "train.steps=50", "train.log_every=10", "train.eval_every=50", "train.checkpoint_every=50",
         "data.eval_images=100", "bottleneck.kind=mixture", f"bottleneck.way={way}", "bottleneck.slots=64",
-        "bottleneck.k=2", "bottleneck.levels=3"])
+        "bottleneck.k=2", "bottleneck.levels=3", "bottleneck.init=data"])
     train(cfg, tmp_path / "run", show_progress=False)
     records = read_metrics(tmp_path / "run")
     # Slots trained by gradient start as slowly as vq's (measured: the same NMSE as vq with
@@ -269,7 +270,7 @@ def test_packaged_configs_build_at_about_18_bits(name):
 
     b = Autoencoder.from_config(C.load_config(CONFIGS / f"{name}.toml")).bottleneck
     assert b.bits_per_position == pytest.approx(18.0) and 16 <= b.code_bits < 18
-    assert b.way in name and f"K{b.num_slots}_L{b.levels}" in name
+    assert b.way in name and f"K{b.codebook_size}_L{b.levels}" in name
 
 
 def test_bad_options_fail_in_one_line():

@@ -89,7 +89,7 @@ def ibq_direct_loss(q: IBQ, z: torch.Tensor, upstream: torch.Tensor) -> torch.Te
     codebook = q.memory
     logits = rows @ codebook.t()
     soft = torch.softmax(logits, 1)
-    hard = F.one_hot(logits.argmax(1), q.num_slots).float()
+    hard = F.one_hot(logits.argmax(1), q.codebook_size).float()
     z_q = (hard - soft.detach() + soft) @ codebook
     z_hat = hard @ codebook
     loss = ((z_q - rows) ** 2).mean() + ((z_hat.detach() - rows) ** 2).mean() + 0.25 * ((z_hat - rows.detach()) ** 2).mean()
@@ -225,12 +225,12 @@ def test_packaged_configs_build_at_512_codes_and_take_the_sweeps_codebook_sizes(
 
     cfg = C.load_config(CONFIGS / f"{name}.toml")
     model = Autoencoder.from_config(cfg)
-    assert model.bottleneck.num_slots == 512 and model.bottleneck.bits_per_position == 9.0
+    assert model.bottleneck.codebook_size == 512 and model.bottleneck.bits_per_position == 9.0
     cls = bottleneck_class(cfg.bottleneck.kind)
     for k in (64, 512, 4096):
         b = cls.at_slots(cfg.bottleneck, k)
         b.check()
-        assert cls.from_config(b, 8).num_slots == k
+        assert cls.from_config(b, 8).codebook_size == k
 
 
 # ---------------------------------------------------------------- two processes

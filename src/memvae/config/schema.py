@@ -159,9 +159,12 @@ def _upgrade(raw: dict) -> dict:
     - ``bottleneck.reseed_threshold`` (a count of vectors per batch) -> ``reseed_fraction``
       (of the mean count N/K, N = batch_size · (image_size / 4)² positions: the encoder
       halves the side twice).
+    - ``bottleneck.read_mode`` -> ``eval_read`` (one name for the evaluation read).
+    - ``bottleneck.init = "default"`` -> the kind's default then (:func:`old_default_init`).
     """
     old = raw.get("bottleneck", {})
-    if not isinstance(old, dict) or not {"tau_anneal", "reseed_threshold"} & set(old):
+    if not isinstance(old, dict) or not ({"tau_anneal", "reseed_threshold", "read_mode"} & set(old)
+                                         or old.get("init") == "default"):
         return raw
     defaults = Config()
 
@@ -180,7 +183,17 @@ def _upgrade(raw: dict) -> dict:
         if isinstance(threshold, (int, float)):
             positions = value("train", "batch_size") * (value("data", "image_size") // 4) ** 2
             new["reseed_fraction"] = threshold * value("bottleneck", "slots") / positions
+    if "read_mode" in new and new.get("kind") == "memory":  # other kinds drop it with the flat section's keys
+        new["eval_read"] = new.pop("read_mode")
+    if new.get("init") == "default":
+        new["init"] = old_default_init(new.get("kind", FLAT_BOTTLENECK["kind"]), new.get("write", FLAT_BOTTLENECK["write"]))
     return {**raw, "bottleneck": new}
+
+
+def old_default_init(kind: str, write: str) -> str:
+    """What ``init = "default"`` meant before every quantiser's default became "data": the
+    kind's own start (random for vq and for the memory's gradient write)."""
+    return "random" if kind == "vq" or (kind == "memory" and write == "gradient") else "data"
 
 
 def _unknown(key: str, candidates: list[str]) -> MemvaeError:

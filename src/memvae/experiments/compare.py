@@ -604,7 +604,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         by_model.setdefault(cfg.name, []).append(seed_result)
         if cfg.name not in about:
             own = model.bottleneck.eval_read
-            about[cfg.name] = {"read": own, "discrete": bool(model.bottleneck.discrete), "k": model.bottleneck.num_slots
+            about[cfg.name] = {"read": own, "discrete": bool(model.bottleneck.discrete), "k": model.bottleneck.codebook_size
                                if sweep and model.bottleneck.discrete else None, "base": cfg.name.rsplit("-k", 1)[0]
                                if sweep and model.bottleneck.discrete else cfg.name}
         if bpd is not None:

@@ -161,12 +161,8 @@ def fit_sigma(images: torch.Tensor, means: torch.Tensor, chunk: int = 500, toler
 
 # ---------------------------------------------------------------- a model's numbers
 def rate_bits_per_position(bottleneck) -> float:
-    """The fixed rate of a position's code: the bottleneck's ``bits_per_position`` when it
-    declares one, else log2 K per stage."""
-    own = getattr(bottleneck, "bits_per_position", None)
-    if own is not None:
-        return float(own)
-    return math.log2(bottleneck.num_slots) * bottleneck.stages
+    """The fixed rate of a position's code: the bottleneck's ``bits_per_position``."""
+    return float(bottleneck.bits_per_position)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ slots of width D.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -82,10 +83,10 @@ class SlotOptions(Options):
     """The keys of a bottleneck with a memory of K learned slots."""
 
     slots: int = 512  # K
-    init: str = "default"  # "random", "data" (first batch's encoder outputs), or the kind's own default
+    init: str = "data"  # "data" (K encoder outputs of the first batch) or "random" (the kind's random start)
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("slots",)
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("default", *INITS)}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"init": INITS}
 
 
 class Bottleneck(nn.Module):
@@ -96,10 +97,10 @@ class Bottleneck(nn.Module):
     with no iterations), which keeps slots from starting far from every query.
     """
 
-    num_slots: int
+    codebook_size: int
     dim: int
     # The reads it can be evaluated with (the first is its own), and whether its own read
-    # at test is one of num_slots codes per position (False: a continuous read).
+    # at test is one of codebook_size codes per position (False: a continuous read).
     reads: tuple[str, ...] = ("nearest",)
     stages: int = 1  # codes per position (residual VQ: S, its codes B×H×W×S)
     discrete: bool = True
@@ -128,23 +129,16 @@ class Bottleneck(nn.Module):
         kind cannot take."""
         return dataclasses.replace(b, slots=slots)
 
-    @staticmethod
-    def _init_option(b) -> dict:
-        return {} if b.init == "default" else {"init": b.init}
-
     @property
     def eval_read(self) -> str:
-        """The read of an evaluation (eval mode), one of ``reads``: its own, unless set."""
-        return self.reads[0]
+        """The read of an evaluation (eval mode), one of ``reads``: the first, unless set."""
+        return getattr(self, "_eval_read", self.reads[0])
 
     @eval_read.setter
     def eval_read(self, read: str) -> None:
         if read not in self.reads:
             raise ValueError(f"{type(self).__name__} reads {', '.join(self.reads)}, not {read!r}")
-        self._set_eval_read(read)
-
-    def _set_eval_read(self, read: str) -> None:
-        """A bottleneck of several reads switches here (one of a single read has nothing to switch)."""
+        self._eval_read = read
 
     def evaluation_constants(self) -> dict[str, float]:
         """Numbers of the bottleneck itself (not of a batch) reported with an evaluation."""
@@ -187,7 +181,7 @@ class Bottleneck(nn.Module):
             return
         x = Fn.global_rows(x, positions)
         n = x.shape[0]
-        pick = torch.randperm(n, device=x.device)[: self.num_slots] if n >= self.num_slots else torch.randint(n, (self.num_slots,), device=x.device)
+        pick = torch.randperm(n, device=x.device)[: self.codebook_size] if n >= self.codebook_size else torch.randint(n, (self.codebook_size,), device=x.device)
         rows = Fn.same_on_every_rank(x[pick].float())
         self.memory.data.copy_(rows)
         if hasattr(self, "embed_sum"):
@@ -250,19 +244,26 @@ class Bottleneck(nn.Module):
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def slots(self) -> torch.Tensor:
-        """K×D: the slot vectors the decoder may receive (for decoding sampled codes)."""
+    @property
+    def codebook(self) -> torch.Tensor:
+        """K×D: the code vectors the decoder may receive, one per code (stages×K×D for residual
+        VQ; for FSQ and LFQ/BSQ the vectors their codes decode to)."""
         return self.memory
+
+    @property
+    def bits_per_position(self) -> float:
+        """The fixed-length rate of one position's code: stages·log2 K bits."""
+        return math.log2(self.codebook_size) * self.stages
 
     def symbol_sizes(self) -> tuple[int, ...]:
         """How many values each of a position's ``stages`` code symbols takes (K each here;
         a mixture's grid index takes its own number): the vocabularies a prior models."""
-        return (self.num_slots,) * self.stages
+        return (self.codebook_size,) * self.stages
 
     def slot_counts(self, codes: torch.Tensor) -> torch.Tensor:
         """How often each slot is read among ``codes`` (this bottleneck's codes, any batch)
         -> int64 counts, S·K for S stages (stage s's slots counted as slots s·K ... s·K + K − 1)."""
-        k = max(self.num_slots, 1)
+        k = max(self.codebook_size, 1)
         if self.stages > 1:  # B×h×w×S
             codes = codes + torch.arange(self.stages, device=codes.device) * k
         return Fn.code_counts(codes, k * self.stages)
@@ -270,5 +271,5 @@ class Bottleneck(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Slot indices -> slot vectors (the hard read of those codes): B×H×W -> B×D×H×W,
         or B×N -> B×N×D."""
-        vectors = self.slots()[codes]
+        vectors = self.codebook[codes]
         return vectors if codes.dim() == 2 else vectors.permute(0, 3, 1, 2).contiguous()

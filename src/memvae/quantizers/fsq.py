@@ -51,22 +51,19 @@ class FSQ(Bottleneck):
     default (8, 8, 8) gives K = 512, 9 bits per position, as vq and the memory at K = 512.
 
     Args:
-        num_slots: K, the number of codes: the product of ``levels``.
+        levels: L_j, the levels of each channel (K = Π_j L_j codes), e.g. (8, 8, 8).
         dim: D.
-        levels: levels per channel; default three channels of round(K^(1/3)) levels.
         eps: widens the bound slightly, so that the outermost levels are reached.
     """
 
     Options = FSQOptions
 
-    def __init__(self, num_slots: int, dim: int, levels: tuple[int, ...] | None = None, eps: float = 1e-3):
+    def __init__(self, levels: tuple[int, ...], dim: int, eps: float = 1e-3):
         super().__init__()
-        levels = tuple(int(v) for v in levels) if levels is not None else (round(num_slots ** (1 / 3)),) * 3
+        levels = tuple(int(v) for v in levels)
         if not levels or min(levels) < 2:
             raise ValueError(f"levels must be integers >= 2, got {levels}")
-        if math.prod(levels) != num_slots:
-            raise ValueError(f"FSQ with {num_slots} codes needs levels whose product is {num_slots}, got {levels}")
-        self.dim, self.levels, self.num_slots = dim, levels, math.prod(levels)
+        self.dim, self.levels, self.codebook_size = dim, levels, math.prod(levels)
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
         half_width = torch.tensor([v // 2 for v in levels], dtype=torch.float32)
@@ -88,13 +85,14 @@ class FSQ(Bottleneck):
         digits = (codes.unsqueeze(-1) // self.basis) % levels
         return (digits - self.half_width.to(torch.int64)).float() / self.half_width
 
-    def slots(self) -> torch.Tensor:
+    @property
+    def codebook(self) -> torch.Tensor:
         """K×D: the decoder input of every code."""
-        return self.project_out(self.grid(torch.arange(self.num_slots, device=self.basis.device)))
+        return self.project_out(self.grid(torch.arange(self.codebook_size, device=self.basis.device)))
 
     @classmethod
     def from_config(cls, b, dim: int) -> "FSQ":
-        return cls(b.slots, dim, levels=tuple(int(v) for v in b.levels.split(",")))
+        return cls(levels=tuple(int(v) for v in b.levels.split(",")), dim=dim)
 
     # Levels per codebook size in the rate sweep (Mentzer et al. 2023 use 8,5,5,5 for 1,000 and
     # 8,8,8,6,5 for 15,360; here powers of two, so that FSQ's K equals the others').
@@ -118,5 +116,5 @@ class FSQ(Bottleneck):
             quantized=Fn.unflatten_positions(quantized, z),
             loss=x.new_zeros(()),
             codes=codes.view(Fn.position_shape(z)),
-            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(codes, self.num_slots)).detach()},
+            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(codes, self.codebook_size)).detach()},
         )

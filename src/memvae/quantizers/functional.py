@@ -70,7 +70,7 @@ def nearest_distances(x: torch.Tensor, memory: torch.Tensor, max_elements: int =
         return torch.cat(idx), torch.cat(dist)
 
 
-def assignment_sums(codes: torch.Tensor, x: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def assignment_sums(codes: torch.Tensor, x: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard-assignment statistics without an N×K one-hot: counts (K, float32), how many of
     the N rows chose each slot, and sums (K×D, float32), the sum of the rows x (N×D) that
     chose it; equal to (A.sum(0), AᵀX) for the one-hot assignment matrix A.
@@ -79,8 +79,8 @@ def assignment_sums(codes: torch.Tensor, x: torch.Tensor, num_slots: int) -> tup
     the largest code, a read from the device on a GPU); counts are sums of ones, exact in
     float32 up to 2²⁴ rows, so they equal bincount's to the bit."""
     x = x.detach().float()
-    counts = torch.zeros(num_slots, device=x.device).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float32))
-    sums = torch.zeros(num_slots, x.shape[1], device=x.device).index_add_(0, codes, x)
+    counts = torch.zeros(codebook_size, device=x.device).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float32))
+    sums = torch.zeros(codebook_size, x.shape[1], device=x.device).index_add_(0, codes, x)
     return counts, sums
 
 
@@ -125,11 +125,11 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
-def code_counts(codes: torch.Tensor, num_slots: int) -> torch.Tensor:
+def code_counts(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """How often each of the K slots appears among ``codes`` (any shape) -> K int64, added into
     K zeros (no output size read from the data, unlike ``torch.bincount``)."""
     flat = codes.reshape(-1)
-    return torch.zeros(num_slots, dtype=torch.int64, device=codes.device).index_add_(0, flat, torch.ones_like(flat))
+    return torch.zeros(codebook_size, dtype=torch.int64, device=codes.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def weight_statistics(logits: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -234,7 +234,7 @@ def same_on_every_rank(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def dead_count(fraction: float, positions: int, num_slots: int, device: torch.device | str = "cpu") -> float | torch.Tensor:
+def dead_count(fraction: float, positions: int, codebook_size: int, device: torch.device | str = "cpu") -> float | torch.Tensor:
     """The moving-average count below which a slot is dead: ``fraction`` of the mean count
     per slot, N/K, for a batch of N = ``positions`` and K slots. A plain float on one
     process (no host read); under torch.distributed, whose counts are summed, N is summed
@@ -242,8 +242,8 @@ def dead_count(fraction: float, positions: int, num_slots: int, device: torch.de
     if distributed():
         total = torch.tensor(float(positions), device=device)
         torch.distributed.all_reduce(total)
-        return fraction * total / num_slots
-    return fraction * positions / num_slots
+        return fraction * total / codebook_size
+    return fraction * positions / codebook_size
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 that of the softmax over every code."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,7 +50,7 @@ class IBQ(Bottleneck):
     which is 0 in value, so :meth:`decode_codes` of the codes gives the training read.
 
     Args:
-        num_slots: K.
+        codebook_size: K.
         dim: D.
         entropy_penalty: λ, weight of the entropy penalty (0: none).
         entropy_temperature: τ of the entropy penalty's softmax.
@@ -61,15 +60,15 @@ class IBQ(Bottleneck):
     COMMITMENT = 1.0  # weight of ‖sg(ẑ) − z‖² in the authors' code
     CODEBOOK = 0.25  # their β, on ‖ẑ − sg(z)‖²
 
-    def __init__(self, num_slots: int, dim: int, entropy_penalty: float = 0.05, entropy_temperature: float = 0.01):
+    def __init__(self, codebook_size: int, dim: int, entropy_penalty: float = 0.05, entropy_temperature: float = 0.01):
         super().__init__()
-        if num_slots < 1:
-            raise ValueError(f"IBQ needs at least one code, got num_slots = {num_slots}")
+        if codebook_size < 1:
+            raise ValueError(f"IBQ needs at least one code, got codebook_size = {codebook_size}")
         if entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
-        self.num_slots, self.dim = num_slots, dim
+        self.codebook_size, self.dim = codebook_size, dim
         self.entropy_penalty, self.entropy_temperature = entropy_penalty, entropy_temperature
-        self.memory = nn.Parameter(torch.randn(num_slots, dim))
+        self.memory = nn.Parameter(torch.randn(codebook_size, dim))
 
     @classmethod
     def from_config(cls, b, dim: int) -> "IBQ":
@@ -79,16 +78,6 @@ class IBQ(Bottleneck):
     def collective(self) -> bool:
         """Under torch.distributed the entropy penalty averages over the global batch."""
         return self.entropy_penalty > 0
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """K×D: the codes C, what the decoder receives for each."""
-        return self.memory
-
-    @property
-    def bits_per_position(self) -> float:
-        """log2 K."""
-        return math.log2(self.num_slots)
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
@@ -111,5 +100,5 @@ class IBQ(Bottleneck):
             quantized=Fn.unflatten_positions(read, z),
             loss=loss,
             codes=idx.view(Fn.position_shape(z)),
-            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()},
+            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(idx, self.codebook_size)).detach()},
         )

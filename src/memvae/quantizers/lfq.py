@@ -70,7 +70,7 @@ class LFQ(Bottleneck):
     updates) is not reproduced.
 
     Args:
-        num_slots: K, a power of two (L = log2 K bits per position).
+        codebook_size: K, a power of two (L = log2 K bits per position).
         dim: D.
         spherical: BSQ instead of LFQ.
         commitment, entropy_penalty, entropy_temperature: the weights and τ above.
@@ -78,22 +78,22 @@ class LFQ(Bottleneck):
 
     Options = LFQOptions
 
-    def __init__(self, num_slots: int, dim: int, spherical: bool = False, commitment: float = 0.25,
+    def __init__(self, codebook_size: int, dim: int, spherical: bool = False, commitment: float = 0.25,
                  entropy_penalty: float = 0.1, entropy_temperature: float = 0.01):
         super().__init__()
-        if not _power_of_two(num_slots):
-            raise ValueError(f"LFQ needs a power of two >= 2 codes (K = 2^L codes of L signs), got num_slots = {num_slots}")
+        if not _power_of_two(codebook_size):
+            raise ValueError(f"LFQ needs a power of two >= 2 codes (K = 2^L codes of L signs), got codebook_size = {codebook_size}")
         if entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
-        bits = num_slots.bit_length() - 1
-        self.num_slots, self.dim, self.bits, self.spherical = num_slots, dim, bits, spherical
+        bits = codebook_size.bit_length() - 1
+        self.codebook_size, self.dim, self.bits, self.spherical = codebook_size, dim, bits, spherical
         self.commitment, self.entropy_penalty, self.entropy_temperature = commitment, entropy_penalty, entropy_temperature
         self.scale = 1.0 / math.sqrt(bits) if spherical else 1.0  # |q_j|
         self.project_in = nn.Linear(dim, bits)
         self.project_out = nn.Linear(bits, dim)
         self.register_buffer("bit_values", 2 ** torch.arange(bits), persistent=False)
         # K×L: the sign pattern of every code, scaled as q (for the entropy penalty and decoding).
-        self.register_buffer("patterns", self.values_of(torch.arange(num_slots)), persistent=False)
+        self.register_buffer("patterns", self.values_of(torch.arange(codebook_size)), persistent=False)
 
     @classmethod
     def from_config(cls, b, dim: int) -> "LFQ":
@@ -121,14 +121,6 @@ class LFQ(Bottleneck):
         """K×D: W_out q + b_out of every code, what the decoder receives for it."""
         return self.project_out(self.patterns)
 
-    @property
-    def bits_per_position(self) -> float:
-        """L = log2 K."""
-        return float(self.bits)
-
-    def slots(self) -> torch.Tensor:
-        return self.codebook
-
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes B×H×W -> B×D×H×W (or B×N -> B×N×D): W_out q + b_out, q read from the code's bits."""
         vectors = self.project_out(self.values_of(codes))
@@ -153,5 +145,5 @@ class LFQ(Bottleneck):
             quantized=Fn.unflatten_positions(quantized, z),
             loss=loss,
             codes=codes.view(Fn.position_shape(z)),
-            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(codes, self.num_slots)).detach()},
+            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(codes, self.codebook_size)).detach()},
         )

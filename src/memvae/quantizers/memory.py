@@ -1,6 +1,7 @@
 """The soft, differentiable memory read studied here (NTM-style content addressing)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -8,148 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memvae.quantizers import functional as Fn
-from dataclasses import dataclass
-from typing import ClassVar
-
-from memvae.quantizers.base import Bottleneck, BottleneckOutput, SlotOptions
-
-SIMILARITIES = ("l2", "cosine")
-TRAIN_READS = ("soft", "straight_through")
-READ_MODES = ("soft", "hard")
-WRITES = ("gradient", "soft_ema", "hard_ema")
-TEMPERATURES = ("learned", "relative")
-ENCODER_GRADIENTS = ("read", "straight_through", "rotation")
-IMPLS = ("auto", "dense", "fused")
-
-
-# The options of MemoryRead in three parts: how a query addresses the slots (similarity and
-# temperature, and how many slots it reads), how the slots are written, and, with a
-# moving-average write only, which gradient the encoder gets. Each part checks its values
-# when built, so a combination that cannot work cannot be built.
-def _need(ok: bool, text: str) -> None:
-    if not ok:
-        raise ValueError(text)
-
-
-@dataclass(frozen=True)
-class LearnedTemperature:
-    """β = exp(log β), learned from ``beta_init`` (the study's model)."""
-
-    beta_init: float = 1.0
-
-    def __post_init__(self):
-        _need(self.beta_init > 0, f"beta_init must be > 0, got {self.beta_init}")
-
-
-@dataclass(frozen=True)
-class RelativeTemperature:
-    """β = 1/(τ·q̄): q̄ the moving average (γ = ``decay``) of the squared distance to the
-    nearest slot, τ annealed geometrically from ``start`` to ``end`` over ``anneal``
-    training updates, then held."""
-
-    start: float = 1.0
-    end: float = 0.1
-    anneal: int = 2000
-    decay: float = 0.99
-
-    def __post_init__(self):
-        _need(self.start > 0 and self.end > 0, f"tau must be > 0, got ({self.start}, {self.end})")
-        _need(self.anneal >= 1, f"tau_anneal must be a number of updates >= 1, got {self.anneal}")
-        _need(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
-
-
-@dataclass(frozen=True)
-class Addressing:
-    """How each query addresses the K slots: ``similarity`` "l2" or "cosine", the
-    ``temperature`` that sharpens it, and ``top_k`` (k > 0: only each query's k largest
-    logits are read; 0: all K)."""
-
-    similarity: str = "l2"
-    temperature: LearnedTemperature | RelativeTemperature = LearnedTemperature()
-    top_k: int = 0
-
-    def __post_init__(self):
-        _need(self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
-        _need(isinstance(self.temperature, (LearnedTemperature, RelativeTemperature)),
-              f"temperature must be a LearnedTemperature or a RelativeTemperature, got {self.temperature!r}")
-        _need(self.top_k >= 0, f"top_k must be >= 0 (0: the dense read), got {self.top_k}")
-
-
-@dataclass(frozen=True)
-class GradientWrite:
-    """M is a parameter trained through the read (the study's model); the encoder gets the
-    read's own gradient."""
-
-
-@dataclass(frozen=True)
-class MovingAverageWrite:
-    """M is a buffer moved toward the encoder vectors that read each slot: ``weights``
-    "soft" (by their read weights) or "hard" (one-hot on the slot read most: vq_ema's
-    write); γ = ``decay``; the loss gains ``commitment``·‖z − sg(r)‖²; slots whose count
-    falls below ``reseed_fraction`` of the mean count N/K are re-seeded (0: never). As M
-    gets no gradient, the encoder's may be the read's ("read"), z + sg(r − z)
-    ("straight_through") or the rotation trick ("rotation")."""
-
-    weights: str = "hard"
-    decay: float = 0.99
-    commitment: float = 0.25
-    reseed_fraction: float = 0.0
-    encoder_gradient: str = "read"
-
-    def __post_init__(self):
-        _need(self.weights in ("soft", "hard"), f"weights must be 'soft' or 'hard', got {self.weights!r}")
-        _need(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
-        _need(self.commitment >= 0, f"commitment must be >= 0, got {self.commitment}")
-        _need(self.reseed_fraction >= 0, f"reseed_fraction must be >= 0, got {self.reseed_fraction}")
-        _need(self.encoder_gradient in ENCODER_GRADIENTS,
-              f"encoder_gradient must be one of {ENCODER_GRADIENTS}, got {self.encoder_gradient!r}")
-
-
-def memory_parts(b: "MemoryOptions") -> tuple[Addressing, GradientWrite | MovingAverageWrite]:
-    """A config's flat memory keys -> (addressing, write); ValueError for values or a
-    combination that cannot work (encoder_gradient or reseed_fraction with the gradient write)."""
-    if b.write == "gradient" and (b.encoder_gradient != "read" or b.reseed_fraction > 0):
-        raise ValueError(f"bottleneck.encoder_gradient={b.encoder_gradient!r} and bottleneck.reseed_fraction need a "
-                         "moving-average write (bottleneck.write = 'soft_ema' or 'hard_ema'): with the gradient write "
-                         "the slots get no gradient")
-    temperature = (RelativeTemperature(b.tau_start, b.tau_end, b.tau_anneal_updates, b.decay) if b.temperature == "relative"
-                   else LearnedTemperature(b.beta_init))
-    write = GradientWrite() if b.write == "gradient" else MovingAverageWrite(
-        b.write.removesuffix("_ema"), b.decay, b.commitment, b.reseed_fraction, b.encoder_gradient)
-    return Addressing(b.similarity, temperature, b.top_k), write
-
-
-@dataclass
-class MemoryOptions(SlotOptions):
-    kind: str = "memory"
-    commitment: float = 0.25  # the moving-average writes' commitment weight
-    decay: float = 0.99  # the moving-average writes' γ
-    similarity: str = "l2"  # "l2" or "cosine"
-    beta_init: float = 1.0  # initial β (temperature = "learned")
-    read_mode: str = "soft"  # the read in evaluation, "soft" or "hard"
-    train_read: str = "soft"  # "soft" or "straight_through"
-    tau_start: float = 1.0  # the relative temperature's τ at the start
-    tau_end: float = 0.1  # ... and at the end of its annealing (geometric in between)
-    tau_anneal_updates: int = 2000  # training updates over which τ anneals, then held at tau_end
-    temperature: str = "learned"  # "learned" β, or "relative" β = 1/(τ·q̄)
-    encoder_gradient: str = "read"  # "read" (through the read), "straight_through" (z + sg(read − z)) or "rotation"
-    write: str = "gradient"  # "gradient", "soft_ema" or "hard_ema"
-    reseed_fraction: float = 0.0  # moving-average writes: re-seed slots whose count is below this fraction of N/K
-    impl: str = "auto"  # "auto", "dense" or "fused"
-    top_k: int = 0  # read each query's k largest logits only (0: all K, the dense read)
-
-    POSITIVE: ClassVar[tuple[str, ...]] = ("slots", "beta_init", "tau_start", "tau_end", "tau_anneal_updates")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("commitment", "reseed_fraction", "top_k")
-    OPEN_UNIT: ClassVar[tuple[str, ...]] = ("decay",)
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        **SlotOptions.CHOICES, "similarity": SIMILARITIES, "read_mode": READ_MODES, "train_read": TRAIN_READS,
-        "write": WRITES, "temperature": TEMPERATURES, "encoder_gradient": ENCODER_GRADIENTS, "impl": IMPLS}
-
-    def check(self) -> None:
-        super().check()
-        memory_parts(self)
-        _need(self.top_k <= self.slots, f"top_k must be between 0 (dense) and the {self.slots} slots, got {self.top_k}")
-
+from memvae.quantizers.base import Bottleneck, BottleneckOutput
+from memvae.quantizers.memory_options import (Addressing, GradientWrite, MemoryOptions, MovingAverageWrite,
+                                              RelativeTemperature, check_reads, memory_parts)
 
 # In training, the top-k read's outside mass is measured on at most this many queries.
 OUTSIDE_MASS_ROWS = 256
@@ -173,8 +35,8 @@ class MemoryRead(Bottleneck):
                   Scaling z and M alike leaves the weights unchanged, so the sharpness does
                   not drift with the encoder's scale. τ follows ``tau`` (below). For cosine,
                   distances are ‖ẑ − m̂‖² = 2 − 2 cos and β = 2 / (τ·q̄).
-    ``tau`` = (start, end): the relative temperature's τ, annealed geometrically over the
-    first ``tau_anneal`` training updates (then held at its end value). The module counts
+    The relative temperature's τ is annealed geometrically from ``start`` to ``end`` over the
+    first ``anneal`` training updates (then held at its end value). The module counts
     its own training forward passes (the buffer ``updates``, saved with the weights), so
     the schedule runs in any training loop, with nothing to call.
 
@@ -183,7 +45,7 @@ class MemoryRead(Bottleneck):
     key [2β m, −β‖m‖²], which the fused path hands to
     ``F.scaled_dot_product_attention`` so that the N×K weights are never held.
 
-    Reads (``train_read`` in training mode, ``read_mode`` in eval mode):
+    Reads (``train_read`` in training mode, ``eval_read`` in eval mode):
         soft:             r as above.
         hard:             M_argmax(w): a discrete read, log2 K bits per position (as
                           τ → 0 the soft read tends to it).
@@ -225,19 +87,19 @@ class MemoryRead(Bottleneck):
     sums by ``index_add_``).
 
     Args:
-        num_slots: K.  dim: D.
+        codebook_size: K.  dim: D.
         addressing: :class:`Addressing`: the similarity, the temperature
             (:class:`LearnedTemperature` β, or :class:`RelativeTemperature` 1/(τ·q̄) with τ's
             schedule) and ``top_k``.
         write: :class:`GradientWrite` (M a parameter) or :class:`MovingAverageWrite` (M a
             buffer; its decay, commitment, re-seeding and the encoder's gradient).
         train_read: the read in training mode ("soft" or "straight_through").
-        read_mode: the read in eval mode ("soft" or "hard"); may be changed after training.
+        eval_read: the read in eval mode ("soft" or "hard"); may be changed after training.
         impl: "dense" (holds N×K weights), "fused" (does not), or "auto" (fused when
             N·K > ``fused_threshold`` and the read allows it).
-        init: "random" (N(0, 1) slots) or "data" (see Bottleneck); default "random" for
-            the gradient write, "data" for the moving-average writes, whose N(0, 1) slots collapse
-            onto the few of smallest norm (measured: 3 slots in use after 300 updates).
+        init: "data" (the default, see Bottleneck) or "random" (N(0, 1) slots, the study's;
+            with a moving-average write N(0, 1) slots collapse onto the few of smallest norm,
+            measured: 3 slots in use after 300 updates).
         chunk: queries per chunk when statistics are computed without the full matrix
             (fewer when chunk·K would exceed ``fused_threshold``).
 
@@ -249,42 +111,32 @@ class MemoryRead(Bottleneck):
 
     def __init__(
         self,
-        num_slots: int,
+        codebook_size: int,
         dim: int,
         addressing: Addressing = Addressing(),
         write: GradientWrite | MovingAverageWrite = GradientWrite(),
         train_read: str = "soft",
-        read_mode: str = "soft",
+        eval_read: str = "soft",
         impl: str = "auto",
-        init: str | None = None,
+        init: str = "data",
         fused_threshold: int = 1 << 22,
         chunk: int = 4096,
     ):
         super().__init__()
-        for name, value, allowed in (("read_mode", read_mode, READ_MODES), ("train_read", train_read, TRAIN_READS),
-                                     ("impl", impl, IMPLS)):
-            _need(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
-        _need(isinstance(addressing, Addressing), f"addressing must be an Addressing, got {addressing!r}")
-        _need(isinstance(write, (GradientWrite, MovingAverageWrite)),
-              f"write must be a GradientWrite or a MovingAverageWrite, got {write!r}")
-        _need(addressing.top_k <= num_slots, f"top_k must be between 0 (dense) and the {num_slots} slots, got {addressing.top_k}")
-        self.num_slots, self.dim = num_slots, dim
+        if not isinstance(addressing, Addressing):
+            raise ValueError(f"addressing must be an Addressing, got {addressing!r}")
+        if not isinstance(write, (GradientWrite, MovingAverageWrite)):
+            raise ValueError(f"write must be a GradientWrite or a MovingAverageWrite, got {write!r}")
+        check_reads(train_read, eval_read, impl, addressing.top_k, codebook_size)
+        self.codebook_size, self.dim = codebook_size, dim
+        # The options are kept as their parts only; the properties below read them.
         self.addressing, self.write_rule = addressing, write
-        self.read_mode, self.train_read = read_mode, train_read
+        self._eval_read, self.train_read = eval_read, train_read
         self.impl, self.fused_threshold, self.chunk = impl, fused_threshold, chunk
-        # The parts as the read uses them (flat, so that forward reads one attribute each).
         t, ema = addressing.temperature, isinstance(write, MovingAverageWrite)
         relative = isinstance(t, RelativeTemperature)
-        self.similarity, self.top_k = addressing.similarity, addressing.top_k
-        self.temperature = "relative" if relative else "learned"
-        self.tau_range, self.tau_anneal = ((t.start, t.end), t.anneal) if relative else ((1.0, 0.1), 1)
-        self.distortion_decay = t.decay if relative else 0.99
-        self.write = f"{write.weights}_ema" if ema else "gradient"
-        self.decay, self.commitment = (write.decay, write.commitment) if ema else (0.99, 0.0)
-        self.reseed_fraction = write.reseed_fraction if ema else 0.0
-        self.encoder_gradient = write.encoder_gradient if ema else "read"
         beta_init = 1.0 if relative else t.beta_init
-        memory = torch.randn(num_slots, dim)
+        memory = torch.randn(codebook_size, dim)
         if not ema:
             self.memory = nn.Parameter(memory)
         else:
@@ -302,9 +154,55 @@ class MemoryRead(Bottleneck):
             self.register_buffer("distortion", torch.zeros(()))
         # Training forward passes so far: the τ schedule's clock, on the device (no host read).
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
-        self._setup_init(init or ("data" if ema else "random"))
+        self._setup_init(init)
 
     reads = ("soft", "hard")
+
+    # The parts' values, under the names the read uses.
+    @property
+    def similarity(self) -> str:
+        return self.addressing.similarity
+
+    @property
+    def top_k(self) -> int:
+        return self.addressing.top_k
+
+    @top_k.setter
+    def top_k(self, k: int) -> None:
+        """Read each query's k largest logits from now on (benchmarks compare k on one trained model)."""
+        check_reads(self.train_read, self.eval_read, self.impl, k, self.codebook_size)
+        self.addressing = dataclasses.replace(self.addressing, top_k=k)
+
+    @property
+    def temperature(self) -> str:
+        """ "relative" (β = 1/(τ·q̄)) or "learned"."""
+        return "relative" if isinstance(self.addressing.temperature, RelativeTemperature) else "learned"
+
+    @property
+    def write(self) -> str:
+        """ "gradient", "soft_ema" or "hard_ema"."""
+        w = self.write_rule
+        return f"{w.weights}_ema" if isinstance(w, MovingAverageWrite) else "gradient"
+
+    def _write_option(self, name: str, otherwise):
+        """A moving-average write's option ``name``; ``otherwise`` for the gradient write."""
+        return getattr(self.write_rule, name) if isinstance(self.write_rule, MovingAverageWrite) else otherwise
+
+    @property
+    def decay(self) -> float:
+        return self._write_option("decay", 0.99)
+
+    @property
+    def commitment(self) -> float:
+        return self._write_option("commitment", 0.0)
+
+    @property
+    def reseed_fraction(self) -> float:
+        return self._write_option("reseed_fraction", 0.0)
+
+    @property
+    def encoder_gradient(self) -> str:
+        return self._write_option("encoder_gradient", "read")
 
     @property
     def collective(self) -> bool:
@@ -325,27 +223,16 @@ class MemoryRead(Bottleneck):
     @classmethod
     def from_config(cls, b, dim: int) -> "MemoryRead":
         addressing, write = memory_parts(b)
-        return cls(b.slots, dim, addressing, write, train_read=b.train_read, read_mode=b.read_mode, impl=b.impl,
-                   **cls._init_option(b))
+        return cls(b.slots, dim, addressing, write, train_read=b.train_read, eval_read=b.eval_read, impl=b.impl,
+                   init=b.init)
 
     def evaluation_constants(self) -> dict[str, float]:
         return {"beta": float(self.beta())}
 
     @property
-    def eval_read(self) -> str:
-        return self.read_mode
-
-    @eval_read.setter
-    def eval_read(self, read: str) -> None:
-        Bottleneck.eval_read.fset(self, read)
-
-    def _set_eval_read(self, read: str) -> None:
-        self.read_mode = read
-
-    @property
     def discrete(self) -> bool:
         """One slot per position at test: the hard read."""
-        return self.read_mode == "hard"
+        return self.eval_read == "hard"
 
     def beta(self) -> torch.Tensor:
         """The effective β (scalar tensor): the learned value times its schedule, or with the
@@ -358,8 +245,9 @@ class MemoryRead(Bottleneck):
     def tau(self) -> torch.Tensor:
         """The annealed τ after ``updates`` training forward passes (a float32 scalar tensor;
         computed in float64, as a Python float would be)."""
-        start, end = self.tau_range
-        done = (self.updates.double() / self.tau_anneal).clamp(max=1.0)
+        t = self.addressing.temperature
+        start, end, anneal = (t.start, t.end, t.anneal) if self.temperature == "relative" else (1.0, 0.1, 1)
+        done = (self.updates.double() / anneal).clamp(max=1.0)
         # A Python base, not a tensor made from it: that would be a blocking copy to the GPU
         # at every update (the same float64 pow, to the bit).
         return (start * torch.pow(end / start, done)).float()
@@ -396,7 +284,8 @@ class MemoryRead(Bottleneck):
             total = torch.stack([distances.sum(), distances.new_tensor(float(distances.numel()))])
             torch.distributed.all_reduce(total)
             batch = total[0] / total[1]
-        moved = self.distortion_decay * self.distortion + (1 - self.distortion_decay) * batch
+        decay = self.addressing.temperature.decay
+        moved = decay * self.distortion + (1 - decay) * batch
         self.distortion.copy_(torch.where(self.distortion > 0, moved, batch))
 
     def logits(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -433,7 +322,7 @@ class MemoryRead(Bottleneck):
     def _chunk_rows(self, n: int) -> int:
         """Queries per chunk when N×K scores are taken chunk by chunk: at most ``chunk``, and
         at most ``fused_threshold`` scores at a time, however large K is (at least 1, at most N)."""
-        return max(1, min(self.chunk, self.fused_threshold // self.num_slots, n))
+        return max(1, min(self.chunk, self.fused_threshold // self.codebook_size, n))
 
     @torch.no_grad()
     def _chunked_statistics(self, x: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor, want_write: bool):
@@ -442,8 +331,8 @@ class MemoryRead(Bottleneck):
         Returns (codes N, stats dict of sums over N, counts K or None, sums K×D or None).
         """
         codes, stats = [], {}
-        counts = torch.zeros(self.num_slots, device=x.device) if want_write else None
-        sums = torch.zeros(self.num_slots, self.dim, device=x.device) if want_write else None
+        counts = torch.zeros(self.codebook_size, device=x.device) if want_write else None
+        sums = torch.zeros(self.codebook_size, self.dim, device=x.device) if want_write else None
         rows = self._chunk_rows(x.shape[0])
         for part in x.split(rows):
             logits = self.logits(part, memory, beta)
@@ -468,7 +357,7 @@ class MemoryRead(Bottleneck):
         nearest distances (the largest scores) first, costs no second product.
         """
         rows = self._chunk_rows(x.shape[0])
-        buffer = x.new_empty(rows, self.num_slots, dtype=torch.float32)
+        buffer = x.new_empty(rows, self.codebook_size, dtype=torch.float32)
         parts = [self.scores(part, memory, out=buffer[: part.shape[0]]).topk(self.top_k, dim=1) for part in x.split(rows)]
         return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
@@ -534,9 +423,9 @@ class MemoryRead(Bottleneck):
         counts = sums = None
         if want_write:
             wd, flat = w.detach(), slots.reshape(-1)
-            counts = torch.zeros(self.num_slots, device=x.device).index_add_(0, flat, wd.reshape(-1))
+            counts = torch.zeros(self.codebook_size, device=x.device).index_add_(0, flat, wd.reshape(-1))
             weighted = (wd[:, :, None] * x.detach().float()[:, None, :]).reshape(-1, x.shape[1])
-            sums = torch.zeros(self.num_slots, x.shape[1], device=x.device).index_add_(0, flat, weighted)
+            sums = torch.zeros(self.codebook_size, x.shape[1], device=x.device).index_add_(0, flat, weighted)
         return idx, stats, read, counts, sums
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
@@ -545,14 +434,14 @@ class MemoryRead(Bottleneck):
         x = Fn.flatten_positions(z)
         self._init_from_data(x, Fn.positions_per_item(z))
         n = x.shape[0]
-        mode = self.train_read if self.training else self.read_mode
+        mode = self.train_read if self.training else self.eval_read
         ema = self.training and self.write != "gradient"
         # A moving-average write changes the memory in place after the read; the read keeps its own copy.
         memory = self.memory.clone() if ema else self.memory
         loss = x.new_zeros(())
         weights = None
         fused_ok = mode in ("soft", "hard")
-        use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.num_slots > self.fused_threshold))
+        use_fused = fused_ok and (self.impl == "fused" or (self.impl == "auto" and n * self.codebook_size > self.fused_threshold))
         soft_sums = ema and self.write == "soft_ema"
         # With a straight-through or rotated gradient the read's own graph is never used.
         track = torch.is_grad_enabled() and self.encoder_gradient == "read"
@@ -596,15 +485,15 @@ class MemoryRead(Bottleneck):
                 if soft_sums:
                     wd = w.detach()
                     counts, sums = wd.sum(0), wd.t() @ x.detach().float()
-                weights = w.view(*Fn.position_shape(z), self.num_slots)
+                weights = w.view(*Fn.position_shape(z), self.codebook_size)
 
         if ema:
             if not soft_sums:
-                counts, sums = Fn.assignment_sums(idx, x, self.num_slots)
+                counts, sums = Fn.assignment_sums(idx, x, self.codebook_size)
             Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay)
             if self.reseed_fraction > 0:
                 Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances,
-                                     Fn.dead_count(self.reseed_fraction, n, self.num_slots, x.device), Fn.positions_per_item(z))
+                                     Fn.dead_count(self.reseed_fraction, n, self.codebook_size, x.device), Fn.positions_per_item(z))
 
         read = read.to(x.dtype)
         if self.write != "gradient" and self.training:
@@ -614,7 +503,7 @@ class MemoryRead(Bottleneck):
         elif self.encoder_gradient == "rotation":
             read = Fn.rotation_trick(x, read)
         metrics = {key: (value / n).detach() for key, value in stats.items()}
-        metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()
+        metrics["perplexity"] = Fn.perplexity_from_counts(Fn.code_counts(idx, self.codebook_size)).detach()
         metrics["beta"] = beta.detach()
         if self.training:
             self.updates += 1

@@ -35,10 +35,10 @@ class MixtureOptions(SlotOptions):
         check_shape(self.slots, self.k, self.levels)
 
 
-def check_shape(num_slots: int, k: int, levels: int) -> None:
-    """ValueError naming the key for a k or L no mixture of ``num_slots`` slots can have."""
-    if not 1 <= k <= num_slots:
-        raise ValueError(f"config key 'bottleneck.k' must be between 1 and the {num_slots} slots, got {k}")
+def check_shape(codebook_size: int, k: int, levels: int) -> None:
+    """ValueError naming the key for a k or L no mixture of ``codebook_size`` slots can have."""
+    if not 1 <= k <= codebook_size:
+        raise ValueError(f"config key 'bottleneck.k' must be between 1 and the {codebook_size} slots, got {k}")
     if levels < 1:
         raise ValueError(f"config key 'bottleneck.levels' must be >= 1, got {levels}")
     if k * math.log2(levels + 1) > 62:  # a grid point's key, Σ n_j (L+1)^(k-1-j), must fit in int64
@@ -59,11 +59,11 @@ def grid_points(levels: int, k: int) -> list[tuple[int, ...]]:
     return parts(levels, k, levels)
 
 
-def count_codes(num_slots: int, k: int, levels: int) -> int:
+def count_codes(codebook_size: int, k: int, levels: int) -> int:
     """The number of distinct reads Σ_j (n_j/L) M_{s_j} of at most k slots of K (for slots in
     general position): a read is a map slot -> count with m ≤ k slots of positive count summing
     to L, C(K, m) sets of slots times C(L − 1, m − 1) compositions of L into m positive parts."""
-    return sum(math.comb(num_slots, m) * math.comb(levels - 1, m - 1) for m in range(1, min(k, levels) + 1))
+    return sum(math.comb(codebook_size, m) * math.comb(levels - 1, m - 1) for m in range(1, min(k, levels) + 1))
 
 
 def round_to_grid(weights: torch.Tensor, levels: int) -> torch.Tensor:
@@ -137,14 +137,13 @@ class MixtureRead(Bottleneck):
     squared distance to its nearest slot (k-means++), and its average restarts at N/K.
 
     Args:
-        num_slots: K.  dim: D.
+        codebook_size: K.  dim: D.
         k: slots per position (1 ≤ k ≤ K).
         levels: L, the grid's resolution 1/L.
         way: "topk" or "pursuit".
         commitment, beta_init, decay, reseed_fraction: as above.
-        init: "random" (N(0, 1) slots; the default of the class, as vq's) or "data" (the
-            first training batch's encoder outputs; the default of a config, and of every
-            packaged one). With "data", the first batch's codebook term is 0 where every
+        init: "data" (the default: the first training batch's encoder outputs) or "random"
+            (N(0, 1) slots). With "data", the first batch's codebook term is 0 where every
             query is a slot (N ≤ K), so the slots' first gradient can be 0.
         max_elements: at most this many N×K entries are held at once (positions are chunked).
     """
@@ -155,25 +154,25 @@ class MixtureRead(Bottleneck):
     logged_metrics = ("beta", "max_weight", "slots_per_position")
     averaged_metrics = {"max_weight": "max_weight", "slots_per_position": "slots_per_position"}
 
-    def __init__(self, num_slots: int, dim: int, k: int = 2, levels: int = 3, way: str = "topk",
+    def __init__(self, codebook_size: int, dim: int, k: int = 2, levels: int = 3, way: str = "topk",
                  commitment: float = 0.25, beta_init: float = 1.0, decay: float = 0.99, reseed_fraction: float = 0.25,
-                 init: str = "random", max_elements: int = 1 << 21):
+                 init: str = "data", max_elements: int = 1 << 21):
         super().__init__()
-        check_shape(num_slots, k, levels)
+        check_shape(codebook_size, k, levels)
         if way not in WAYS:
             raise ValueError(f"way must be one of {', '.join(WAYS)}, got {way!r}")
         if not (beta_init > 0 and 0 < decay < 1 and commitment >= 0 and reseed_fraction >= 0):
             raise ValueError(f"need beta_init > 0, 0 < decay < 1, commitment >= 0 and reseed_fraction >= 0; got "
                              f"{beta_init}, {decay}, {commitment}, {reseed_fraction}")
-        self.num_slots, self.dim, self.k, self.levels, self.way = num_slots, dim, k, levels, way
+        self.codebook_size, self.dim, self.k, self.levels, self.way = codebook_size, dim, k, levels, way
         self.stages = k + 1  # symbols per position: k slot indices and the grid index
         self.commitment, self.decay, self.reseed_fraction = commitment, decay, reseed_fraction
         self.max_elements = max_elements
-        self.memory = nn.Parameter(torch.randn(num_slots, dim))
+        self.memory = nn.Parameter(torch.randn(codebook_size, dim))
         if way == "topk":  # pursuit has no temperature (DDP needs every parameter used)
             self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
             self.register_buffer("distortion", torch.zeros(()))  # q̄; 0 until the first training batch
-        self.register_buffer("usage", torch.full((num_slots,), -1.0))  # < 0: not yet set
+        self.register_buffer("usage", torch.full((codebook_size,), -1.0))  # < 0: not yet set
         points = grid_points(levels, k)
         grid = torch.tensor(points, dtype=torch.int64)
         # Not saved: they follow from k and L.
@@ -186,7 +185,7 @@ class MixtureRead(Bottleneck):
     @classmethod
     def from_config(cls, b, dim: int) -> "MixtureRead":
         return cls(b.slots, dim, k=b.k, levels=b.levels, way=b.way, commitment=b.commitment, beta_init=b.beta_init,
-                   decay=b.decay, reseed_fraction=b.reseed_fraction, init="data" if b.init == "default" else b.init)
+                   decay=b.decay, reseed_fraction=b.reseed_fraction, init=b.init)
 
     # ------------------------------------------------------------------ the face of a quantiser
     @property
@@ -202,22 +201,22 @@ class MixtureRead(Bottleneck):
     @property
     def bits_per_position(self) -> float:
         """The fixed-length bound k·log2 K + log2 C(L + k − 1, k − 1)."""
-        return self.k * math.log2(self.num_slots) + math.log2(math.comb(self.levels + self.k - 1, self.k - 1))
+        return self.k * math.log2(self.codebook_size) + math.log2(math.comb(self.levels + self.k - 1, self.k - 1))
 
     @property
     def code_bits(self) -> float:
         """log2 of the number of distinct canonical codes (:func:`count_codes`)."""
-        return math.log2(count_codes(self.num_slots, self.k, self.levels))
+        return math.log2(count_codes(self.codebook_size, self.k, self.levels))
 
     def symbol_sizes(self) -> tuple[int, ...]:
         """The values each symbol of a position's code takes: K for each slot index, C for the grid index."""
-        return (self.num_slots,) * self.k + (self.grid_size,)
+        return (self.codebook_size,) * self.k + (self.grid_size,)
 
     def slot_counts(self, codes: torch.Tensor) -> torch.Tensor:
         """K int64: how many positions of ``codes`` (…×(k+1)) read each slot with a weight > 0."""
         flat = codes.reshape(-1, self.k + 1)
         read = (self.grid[flat[:, self.k]] > 0).long()
-        return torch.zeros(self.num_slots, dtype=torch.int64, device=codes.device).index_add_(
+        return torch.zeros(self.codebook_size, dtype=torch.int64, device=codes.device).index_add_(
             0, flat[:, : self.k].reshape(-1), read.reshape(-1))
 
     def beta(self) -> torch.Tensor:
@@ -231,7 +230,7 @@ class MixtureRead(Bottleneck):
 
     # ------------------------------------------------------------------ choosing slots and weights
     def _chunk_rows(self, n: int) -> int:
-        return max(1, min(self.max_elements // self.num_slots, n))
+        return max(1, min(self.max_elements // self.codebook_size, n))
 
     @torch.no_grad()
     def nearest(self, x: torch.Tensor, memory: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +310,7 @@ class MixtureRead(Bottleneck):
                 counts[:, i] += moved
                 counts[:, j] -= moved
         slots = torch.where(counts > 0, slots, torch.zeros_like(slots))
-        key = counts * self.num_slots + (self.num_slots - 1 - slots)  # larger count first, then smaller slot
+        key = counts * self.codebook_size + (self.codebook_size - 1 - slots)  # larger count first, then smaller slot
         order = key.argsort(dim=1, descending=True, stable=True)
         slots, counts = slots.gather(1, order), counts.gather(1, order)
         grid = torch.searchsorted(self.grid_keys, -(counts * self.grid_radix).sum(1, keepdim=True)).squeeze(1)
@@ -356,7 +355,7 @@ class MixtureRead(Bottleneck):
             self._reseed(x, nearest, codes, positions)
         weights = self.grid[codes[:, self.k]]
         used = (weights > 0).long()
-        perplexity = Fn.perplexity_from_counts(torch.zeros(self.num_slots, dtype=torch.int64, device=x.device).index_add_(
+        perplexity = Fn.perplexity_from_counts(torch.zeros(self.codebook_size, dtype=torch.int64, device=x.device).index_add_(
             0, codes[:, : self.k].reshape(-1), used.reshape(-1)))
         metrics = {
             "perplexity": perplexity.detach(),
@@ -386,25 +385,22 @@ class MixtureRead(Bottleneck):
     def _reseed(self, x: torch.Tensor, nearest: torch.Tensor, codes: torch.Tensor, positions: int) -> None:
         """Move the usage averages by this batch's weight mass (summed over ranks) and give
         each slot below the threshold an encoder output of the global batch (see the class docstring)."""
-        mass = torch.zeros(self.num_slots + 1, device=x.device).index_add_(
+        mass = torch.zeros(self.codebook_size + 1, device=x.device).index_add_(
             0, codes[:, : self.k].reshape(-1), (self.grid[codes[:, self.k]].float() / self.levels).reshape(-1))
         mass[-1] = x.shape[0]  # positions, so that N is every rank's (shares may differ, or be empty)
         if Fn.distributed():
             torch.distributed.all_reduce(mass)
-        mean = mass[-1] / self.num_slots  # N/K, a tensor: no host read
+        mean = mass[-1] / self.codebook_size  # N/K, a tensor: no host read
         self.usage.copy_(torch.where(self.usage < 0, mean.expand_as(self.usage),
                                      self.decay * self.usage + (1 - self.decay) * mass[:-1]))
         rows = Fn.global_rows(torch.cat([x.detach().float(), nearest.float()[:, None]], 1), positions)
         if rows.shape[0] == 0:
             return
-        pick = torch.multinomial(rows[:, -1].clamp_min(0.0) + 1e-12, self.num_slots, replacement=True)
+        pick = torch.multinomial(rows[:, -1].clamp_min(0.0) + 1e-12, self.codebook_size, replacement=True)
         rows = Fn.same_on_every_rank(rows[pick, :-1].contiguous())
         dead = self.usage < self.reseed_fraction * mean
         self.memory.data.copy_(torch.where(dead[:, None], rows, self.memory.data))
         self.usage.copy_(torch.where(dead, mean.expand_as(self.usage), self.usage))
-
-    def slots(self) -> torch.Tensor:
-        return self.memory
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """B×H×W×(k+1) (or B×N×(k+1)) codes -> their reads, B×D×H×W (or B×N×D): the training

@@ -1,6 +1,8 @@
 """No bottleneck: the encoder's output goes to the decoder unchanged (the continuous control)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ class NoBottleneck(Bottleneck):
 
     The same encoder and decoder with nothing between them: the reconstruction error
     every bottleneck is measured against (its ceiling), and the fair comparison for a
-    soft read, which is continuous too. It has no slots (``num_slots`` = 0), no codes
+    soft read, which is continuous too. It has no slots (``codebook_size`` = 0), no codes
     (``codes`` is None) and no prior.
     """
 
@@ -27,9 +29,9 @@ class NoBottleneck(Bottleneck):
 
     Options = NoneOptions
 
-    def __init__(self, num_slots: int = 0, dim: int | None = None):
+    def __init__(self, dim: int | None = None):
         super().__init__()
-        self.num_slots, self.dim = 0, dim  # K is ignored: there are no slots; dim None: any width
+        self.codebook_size, self.dim = 0, dim  # no slots; dim None: any width
         self.register_buffer("memory", torch.zeros(0, dim or 0))
 
     @classmethod
@@ -38,6 +40,11 @@ class NoBottleneck(Bottleneck):
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         return BottleneckOutput(quantized=z, loss=z.new_zeros((), dtype=torch.float32), codes=None)
+
+    @property
+    def bits_per_position(self) -> float:
+        """No codes, so no finite rate: the decoder receives z's floats themselves."""
+        return math.inf
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("the continuous control (kind 'none') has no codes to decode")

@@ -35,7 +35,7 @@ class ResidualVQ(Bottleneck):
     of a stage learn what the earlier stages miss. S·log2 K bits per position.
 
     Args:
-        num_slots: K, slots per stage.  dim: D.
+        codebook_size: K, slots per stage.  dim: D.
         stages: S.
         commitment, decay, reseed_fraction, init: as for :class:`VectorQuantizerEMA`.
     """
@@ -43,25 +43,25 @@ class ResidualVQ(Bottleneck):
     Options = ResidualVQOptions
     collective = True  # moving averages and re-seeding are summed / drawn over ranks
 
-    def __init__(self, num_slots: int, dim: int, stages: int = 2, commitment: float = 0.25, decay: float = 0.99,
+    def __init__(self, codebook_size: int, dim: int, stages: int = 2, commitment: float = 0.25, decay: float = 0.99,
                  reseed_fraction: float = 0.0, init: str = "data"):
         super().__init__()
         if stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
-        self.num_slots, self.dim, self.stages = num_slots, dim, stages
+        self.codebook_size, self.dim, self.stages = codebook_size, dim, stages
         self.layers = nn.ModuleList(
-            VectorQuantizerEMA(num_slots, dim, commitment=commitment, decay=decay, init=init, reseed_fraction=reseed_fraction)
+            VectorQuantizerEMA(codebook_size, dim, commitment=commitment, decay=decay, init=init, reseed_fraction=reseed_fraction)
             for _ in range(stages))
 
     @classmethod
     def from_config(cls, b, dim: int) -> "ResidualVQ":
         return cls(b.slots, dim, stages=b.stages, commitment=b.commitment, decay=b.decay,
-                   reseed_fraction=b.reseed_fraction, **cls._init_option(b))
+                   reseed_fraction=b.reseed_fraction, init=b.init)
 
     @property
-    def memory(self) -> torch.Tensor:
-        """S·K×D: every stage's slots, stage by stage."""
-        return torch.cat([layer.memory for layer in self.layers])
+    def codebook(self) -> torch.Tensor:
+        """S×K×D: each stage's slots (a position's vector is the sum of one row per stage)."""
+        return torch.stack([layer.memory for layer in self.layers])
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         x = Fn.flatten_positions(z)
@@ -77,17 +77,14 @@ class ResidualVQ(Bottleneck):
             total = total + chosen
             residual = residual - chosen
         stacked = torch.stack(codes, 1)  # N×S
-        offsets = torch.arange(self.stages, device=x.device) * self.num_slots
-        perplexity = Fn.perplexity_from_counts(Fn.code_counts(stacked + offsets, self.stages * self.num_slots))
+        offsets = torch.arange(self.stages, device=x.device) * self.codebook_size
+        perplexity = Fn.perplexity_from_counts(Fn.code_counts(stacked + offsets, self.stages * self.codebook_size))
         return BottleneckOutput(
             quantized=Fn.unflatten_positions(Fn.straight_through(x, total), z),
             loss=loss,
             codes=stacked.view(*Fn.position_shape(z), self.stages),
             metrics={"perplexity": perplexity.detach()},
         )
-
-    def slots(self) -> torch.Tensor:
-        return self.memory
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """B×H×W×S (or B×N×S) stage indices -> the summed slot vectors, B×D×H×W (or B×N×D)."""

@@ -42,21 +42,21 @@ class SimVQ(Bottleneck):
     ``legacy: false``).
 
     Args:
-        num_slots: K.
+        codebook_size: K.
         dim: D, the width of z, of the basis and of each code.
         commitment: β (0.25).
     """
 
     Options = SimVQOptions
 
-    def __init__(self, num_slots: int, dim: int, commitment: float = 0.25):
+    def __init__(self, codebook_size: int, dim: int, commitment: float = 0.25):
         super().__init__()
-        if num_slots < 1:
-            raise ValueError(f"SimVQ needs at least one code, got num_slots = {num_slots}")
-        self.num_slots, self.dim, self.commitment = num_slots, dim, commitment
+        if codebook_size < 1:
+            raise ValueError(f"SimVQ needs at least one code, got codebook_size = {codebook_size}")
+        self.codebook_size, self.dim, self.commitment = codebook_size, dim, commitment
         # A buffer, not a parameter: no optimiser sees it, and it is saved with the model
         # (a run resumes with the same basis).
-        self.register_buffer("basis", torch.randn(num_slots, dim) / math.sqrt(dim))
+        self.register_buffer("basis", torch.randn(codebook_size, dim) / math.sqrt(dim))
         self.project = nn.Linear(dim, dim)
 
     @classmethod
@@ -67,14 +67,6 @@ class SimVQ(Bottleneck):
     def codebook(self) -> torch.Tensor:
         """K×D: Q = C Wᵀ + b, the vector the decoder receives for each code."""
         return self.project(self.basis)
-
-    @property
-    def bits_per_position(self) -> float:
-        """log2 K."""
-        return math.log2(self.num_slots)
-
-    def slots(self) -> torch.Tensor:
-        return self.codebook
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
@@ -88,5 +80,5 @@ class SimVQ(Bottleneck):
             quantized=Fn.unflatten_positions(Fn.straight_through(x, chosen), z),
             loss=loss,
             codes=idx.view(Fn.position_shape(z)),
-            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots)).detach()},
+            metrics={"perplexity": Fn.perplexity_from_counts(Fn.code_counts(idx, self.codebook_size)).detach()},
         )

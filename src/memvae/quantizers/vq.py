@@ -30,23 +30,23 @@ class VectorQuantizer(Bottleneck):
     z + sg(M_i* − z); loss ‖sg(z) − M_i*‖² + commitment·‖z − sg(M_i*)‖².
 
     Args:
-        num_slots: K.
+        codebook_size: K.
         dim: D, the width of z and of each slot.
         commitment: weight of the commitment term (0.25 in the paper).
-        init: "random" (uniform in ±1/K) or "data" (see Bottleneck).
+        init: "data" (the default: see Bottleneck) or "random" (uniform in ±1/K, the VQ-VAE paper's).
     """
 
     Options = VQOptions
 
-    def __init__(self, num_slots: int, dim: int, commitment: float = 0.25, init: str = "random"):
+    def __init__(self, codebook_size: int, dim: int, commitment: float = 0.25, init: str = "data"):
         super().__init__()
-        self.num_slots, self.dim, self.commitment = num_slots, dim, commitment
-        self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-1 / num_slots, 1 / num_slots))
+        self.codebook_size, self.dim, self.commitment = codebook_size, dim, commitment
+        self.memory = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
         self._setup_init(init)
 
     @classmethod
     def from_config(cls, b, dim: int) -> "VectorQuantizer":
-        return cls(b.slots, dim, commitment=b.commitment, **cls._init_option(b))
+        return cls(b.slots, dim, commitment=b.commitment, init=b.init)
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or B×N, weights None)."""
@@ -60,7 +60,7 @@ class VectorQuantizer(Bottleneck):
         commitment_loss = F.mse_loss(x, chosen.detach())
         quantized = Fn.unflatten_positions(Fn.straight_through(x, chosen), z)
         codes = idx.view(Fn.position_shape(z))
-        perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots))
+        perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.codebook_size))
         return BottleneckOutput(
             quantized=quantized,
             loss=codebook_loss + self.commitment * commitment_loss,

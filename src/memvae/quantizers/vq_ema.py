@@ -35,7 +35,7 @@ class VectorQuantizerEMA(Bottleneck):
     recent encoder vectors far from every slot (:func:`~memvae.quantizers.functional.reseed_dead_slots`).
 
     Args:
-        num_slots: K.
+        codebook_size: K.
         dim: D.
         commitment: weight of the commitment term.
         decay: γ of the moving averages (0.99).
@@ -60,21 +60,21 @@ class VectorQuantizerEMA(Bottleneck):
     collective = True  # moving averages and re-seeding are summed / drawn over ranks
 
     def __init__(
-        self, num_slots: int, dim: int, commitment: float = 0.25, decay: float = 0.99, eps: float = 1e-5,
+        self, codebook_size: int, dim: int, commitment: float = 0.25, decay: float = 0.99, eps: float = 1e-5,
         init: str = "data", reseed_fraction: float = 0.0,
     ):
         super().__init__()
         if reseed_fraction < 0:
             raise ValueError(f"reseed_fraction must be >= 0, got {reseed_fraction}")
-        self.num_slots, self.dim = num_slots, dim
+        self.codebook_size, self.dim = codebook_size, dim
         self.commitment, self.decay, self.eps, self.reseed_fraction = commitment, decay, eps, reseed_fraction
-        self._register_moving_averages(torch.randn(num_slots, dim))
+        self._register_moving_averages(torch.randn(codebook_size, dim))
         self._setup_init(init)
 
     @classmethod
     def from_config(cls, b, dim: int) -> "VectorQuantizerEMA":
         return cls(b.slots, dim, commitment=b.commitment, decay=b.decay, reseed_fraction=b.reseed_fraction,
-                   **cls._init_option(b))
+                   init=b.init)
 
     def _forward(self, z: torch.Tensor) -> BottleneckOutput:
         """z: B×D×H×W or B×N×D -> BottleneckOutput (quantized in z's layout, codes B×H×W or
@@ -84,14 +84,14 @@ class VectorQuantizerEMA(Bottleneck):
         idx, distances = Fn.nearest_distances(x, self.memory)
         chosen = self.memory[idx].clone()  # the read uses the slots before this batch's write
         if self.training:
-            counts, sums = Fn.assignment_sums(idx, x, self.num_slots)
+            counts, sums = Fn.assignment_sums(idx, x, self.codebook_size)
             Fn.ema_write(self.memory, self.cluster_size, self.embed_sum, counts, sums, self.decay, self.eps)
             if self.reseed_fraction > 0:
                 Fn.reseed_dead_slots(self.memory, self.cluster_size, self.embed_sum, x, distances,
-                                     Fn.dead_count(self.reseed_fraction, x.shape[0], self.num_slots, x.device),
+                                     Fn.dead_count(self.reseed_fraction, x.shape[0], self.codebook_size, x.device),
                                      Fn.positions_per_item(z))
         quantized = Fn.unflatten_positions(Fn.straight_through(x, chosen), z)
-        perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.num_slots))
+        perplexity = Fn.perplexity_from_counts(Fn.code_counts(idx, self.codebook_size))
         return BottleneckOutput(
             quantized=quantized,
             loss=self.commitment * Fn.mean_squared_error(x, chosen),

@@ -24,7 +24,7 @@ def evaluate_read(
     its k slots leave out (``outside_mass``).
     """
     model.eval()
-    k = model.bottleneck.num_slots
+    k = model.bottleneck.codebook_size
     counts = None  # the bottleneck's slot counts (S·K for S stages of K slots), summed over batches
     sq_error, pixels, positions = 0.0, 0, 0
     sums: dict[str, float] = {}
@@ -68,7 +68,7 @@ def reads_of(model: Autoencoder) -> list[str]:
 
 
 @contextmanager
-def read_mode(model: Autoencoder, read: str):
+def reading_with(model: Autoencoder, read: str):
     """Evaluate with ``read`` (one its bottleneck declares) inside the block."""
     bottleneck = model.bottleneck
     saved, bottleneck.eval_read = bottleneck.eval_read, read
@@ -87,7 +87,7 @@ def evaluate_model(model: Autoencoder, images: torch.Tensor, train_variance: flo
     reads = reads_of(model)
     results = {}
     for read in reads:
-        with read_mode(model, read):
+        with reading_with(model, read):
             results[read] = evaluate_read(model, images, train_variance, batch_size, device)
     for read in reads[1:]:
         results[f"{read}_gap"] = results[read]["nmse"] - results[reads[0]]["nmse"]
@@ -105,6 +105,6 @@ def reconstructions(model: Autoencoder, images: torch.Tensor, device="cpu") -> d
     model.eval()
     result = {}
     for read in reads_of(model):
-        with read_mode(model, read):
+        with reading_with(model, read):
             result[read] = to_uint8(model(to_input(images.to(device))).reconstruction).cpu()
     return result
