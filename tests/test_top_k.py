@@ -122,7 +122,7 @@ def test_in_training_the_outside_mass_is_that_of_every_s_th_query():
     """Above OUTSIDE_MASS_ROWS queries a training update measures the outside mass on every
     s-th query only (s = ⌈N / OUTSIDE_MASS_ROWS⌉); evaluation measures it on all of them.
     The read itself uses every query's k slots either way."""
-    from memvae.quantizers.memory import OUTSIDE_MASS_ROWS
+    from memvae.quantizers.memory_top_k import OUTSIDE_MASS_ROWS
 
     dense, top = pair("l2_learned", 4)
     gen = torch.Generator().manual_seed(5)
