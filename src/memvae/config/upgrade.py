@@ -23,6 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from memvae.errors import MemvaeError
 from memvae.quantizers import REGISTRY, bottleneck_class
 
@@ -119,8 +121,6 @@ def to_2_tau_and_reseed_in_updates(old: Old) -> Old:
         config = {**config, "bottleneck": new}
     checkpoint = old.checkpoint
     if checkpoint is not None:
-        import torch
-
         weights = checkpoint["model"]
         missing = [k for k in old.model.state_dict() if k.endswith("bottleneck.updates") and k not in weights]
         if missing:
