@@ -225,13 +225,14 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def from_dict(raw: dict, cfg: Config | None = None, saved: bool = False) -> Config:
+def from_dict(raw: dict, cfg: Config | None = None, saved: bool = False, what: str = "config") -> Config:
     """Nested dict (as in a TOML file) -> Config, checking every key and type. The dict is
     first brought to today's keys (:func:`memvae.config.upgrade.upgrade_config`, by its
     ``format_version``); ``saved``: it is a run's own config (config.toml, a checkpoint's),
-    whose keys of the former flat [bottleneck] section that its kind does not read are dropped."""
+    whose keys of the former flat [bottleneck] section that its kind does not read are dropped.
+    ``what``: the dict's file, named when its version is newer than this code reads."""
     cfg = cfg if cfg is not None else Config()
-    for top, value in upgrade_config(raw, saved).items():
+    for top, value in upgrade_config(raw, saved, what).items():
         if top == "name":
             _set(cfg, "name", _coerce("name", value, False, cfg))
         elif top in SECTIONS:
@@ -284,7 +285,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), saved
     ``saved``: the file is a run's own config.toml (see :func:`from_dict`)."""
     cfg = Config()
     if path is not None:
-        from_dict(read_toml(Path(path), "config file"), cfg, saved)
+        from_dict(read_toml(Path(path), "config file"), cfg, saved, f"config file {path}")
     return validate(apply_overrides(cfg, list(overrides)))
 
 
