@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from memvae.config import schema as C
+from memvae.config.upgrade import FLAT_BOTTLENECK
 from memvae.errors import MemvaeError
 from tests.conftest import CONFIGS
 
@@ -52,7 +53,7 @@ def test_a_key_its_kind_does_not_take_fails_in_one_line_naming_the_kinds_keys(wh
 def test_a_saved_run_of_the_flat_section_loads_without_its_other_kinds_keys(tmp_path):
     """Run directories written before each kind had its own keys hold all 20 keys of the one
     flat section; those its kind did not read are dropped (they did nothing), whatever their value."""
-    flat = dict(C.FLAT_BOTTLENECK, kind="vq_ema", reseed_fraction=0.25, init="data", similarity="cosine", levels="4,4")
+    flat = dict(FLAT_BOTTLENECK, kind="vq_ema", reseed_fraction=0.25, init="data", similarity="cosine", levels="4,4")
     cfg = C.from_dict({"bottleneck": flat}, saved=True)
     assert C.to_dict(cfg)["bottleneck"] == {"kind": "vq_ema", "slots": 512, "init": "data", "commitment": 0.25,
                                             "decay": 0.99, "reseed_fraction": 0.25}

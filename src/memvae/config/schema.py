@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from memvae.quantizers import REGISTRY, bottleneck_class
+from memvae.config.upgrade import REMOVED, VERSION_KEY, FORMAT_VERSION, upgrade_config
 from memvae.quantizers.base import Options as BottleneckOptions
 from memvae.errors import MemvaeError
 
@@ -50,18 +51,6 @@ def bottleneck_options(kind: str) -> BottleneckOptions:
     if kind not in REGISTRY:
         raise MemvaeError(f"config key 'bottleneck.kind' must be one of {', '.join(sorted(REGISTRY))}, got {kind!r}")
     return bottleneck_class(kind).Options(kind=kind)
-
-
-# The one flat [bottleneck] section every kind shared before each kind had its own options:
-# key -> its default then. A saved run's config (config.toml, a checkpoint) written then holds
-# them all; those its kind does not read did nothing, whatever their value, and are dropped
-# when a run is loaded (``saved``). A config file of a user's must name only its kind's keys.
-FLAT_BOTTLENECK = {
-    "kind": "vq", "slots": 512, "init": "default", "commitment": 0.25, "decay": 0.99, "similarity": "l2",
-    "beta_init": 1.0, "read_mode": "soft", "train_read": "soft", "tau_start": 1.0, "tau_end": 0.1,
-    "tau_anneal_updates": 2000, "temperature": "learned", "encoder_gradient": "read", "write": "gradient",
-    "reseed_fraction": 0.0, "levels": "8,8,8", "stages": 2, "impl": "auto", "top_k": 0,
-}
 
 
 @dataclass
@@ -128,72 +117,10 @@ def _not_an_option(key: str, b: BottleneckOptions) -> MemvaeError:
                        f"its keys: {', '.join(keys)}")
 
 
-# Keys that older configs may hold, removed because no measurement in docs/results showed a use:
-# key -> (why, the value at which it did nothing, or ANY_VALUE when it never acted on its own).
-# A saved run whose config holds a removed key at that value still loads (it trained the
-# model it would train today); any other value fails with the reason.
-ANY_VALUE = object()
-REMOVED = {
-    "bottleneck.beta_growth": ("the relative temperature's annealed τ (bottleneck.temperature = \"relative\") replaces it", 1.0),
-    "bottleneck.entropy_weight": ("the entropy penalty collapsed the read onto one slot at weight 0.01 and had no measured use", 0.0),
-    # Read only by train_read = "gumbel", which is refused on its own.
-    "bottleneck.gumbel_tau_start": ("the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_start", ANY_VALUE),
-    "bottleneck.gumbel_tau_end": ("the Gumbel read was removed; the relative temperature anneals with bottleneck.tau_end", ANY_VALUE),
-}
+def _a_kinds_key(name: str) -> bool:
+    """Whether ``name`` is a [bottleneck] key of some kind (a bare override such as ``--decay``)."""
+    return any(name in {f.name for f in dataclasses.fields(cls.Options)} for cls in REGISTRY.values())
 
-
-def _inert_removed_key(dotted: str, value) -> bool:
-    """True for a removed key set to the value at which it did nothing (an old run's config)."""
-    if dotted not in REMOVED:
-        return False
-    neutral = REMOVED[dotted][1]
-    return neutral is ANY_VALUE or value == neutral
-
-
-def _upgrade(raw: dict) -> dict:
-    """A saved config in today's keys: keys that were re-expressed are converted to the value
-    that trains the same model (defaults where the saved config leaves a key out).
-
-    - ``bottleneck.tau_anneal`` (a fraction of train.steps) -> ``tau_anneal_updates``
-      (updates); dropped where τ is unused (temperature other than "relative").
-    - ``bottleneck.reseed_threshold`` (a count of vectors per batch) -> ``reseed_fraction``
-      (of the mean count N/K, N = batch_size · (image_size / 4)² positions: the encoder
-      halves the side twice).
-    - ``bottleneck.read_mode`` -> ``eval_read`` (one name for the evaluation read).
-    - ``bottleneck.init = "default"`` -> the kind's default then (:func:`old_default_init`).
-    """
-    old = raw.get("bottleneck", {})
-    if not isinstance(old, dict) or not ({"tau_anneal", "reseed_threshold", "read_mode"} & set(old)
-                                         or old.get("init") == "default"):
-        return raw
-    defaults = Config()
-
-    def value(section: str, key: str):
-        default = FLAT_BOTTLENECK[key] if section == "bottleneck" else getattr(getattr(defaults, section), key)
-        got = raw.get(section, {})
-        return got.get(key, default) if isinstance(got, dict) else default
-
-    new = dict(old)
-    if "tau_anneal" in new:
-        fraction = new.pop("tau_anneal")
-        if value("bottleneck", "temperature") == "relative" and isinstance(fraction, (int, float)):
-            new["tau_anneal_updates"] = max(1, round(fraction * value("train", "steps")))
-    if "reseed_threshold" in new:
-        threshold = new.pop("reseed_threshold")
-        if isinstance(threshold, (int, float)):
-            positions = value("train", "batch_size") * (value("data", "image_size") // 4) ** 2
-            new["reseed_fraction"] = threshold * value("bottleneck", "slots") / positions
-    if "read_mode" in new and new.get("kind") == "memory":  # other kinds drop it with the flat section's keys
-        new["eval_read"] = new.pop("read_mode")
-    if new.get("init") == "default":
-        new["init"] = old_default_init(new.get("kind", FLAT_BOTTLENECK["kind"]), new.get("write", FLAT_BOTTLENECK["write"]))
-    return {**raw, "bottleneck": new}
-
-
-def old_default_init(kind: str, write: str) -> str:
-    """What ``init = "default"`` meant before every quantiser's default became "data": the
-    kind's own start (random for vq and for the memory's gradient write)."""
-    return "random" if kind == "vq" or (kind == "memory" and write == "gradient") else "data"
 
 
 def _unknown(key: str, candidates: list[str]) -> MemvaeError:
@@ -218,7 +145,7 @@ def resolve_key(key: str, cfg: Config | None = None) -> str:
     if len(matches) > 1:
         raise MemvaeError(f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
     name = key.removeprefix("bottleneck.")
-    if key not in REMOVED and (key.startswith("bottleneck.") or name in FLAT_BOTTLENECK) and "." not in name:
+    if key not in REMOVED and (key.startswith("bottleneck.") or _a_kinds_key(name)) and "." not in name:
         raise _not_an_option(name, cfg.bottleneck)
     raise _unknown(key, keys)
 
@@ -299,12 +226,14 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def from_dict(raw: dict, cfg: Config | None = None, saved: bool = False) -> Config:
-    """Nested dict (as in a TOML file) -> Config, checking every key and type. ``saved``: a
-    run's own config (config.toml, a checkpoint), in which the keys of the former flat
-    [bottleneck] section that its kind does not read are dropped (FLAT_BOTTLENECK)."""
+def from_dict(raw: dict, cfg: Config | None = None, saved: bool = False, what: str = "config") -> Config:
+    """Nested dict (as in a TOML file) -> Config, checking every key and type. The dict is
+    first brought to today's keys (:func:`memvae.config.upgrade.upgrade_config`, by its
+    ``format_version``); ``saved``: it is a run's own config (config.toml, a checkpoint's),
+    whose keys of the former flat [bottleneck] section that its kind does not read are dropped.
+    ``what``: the dict's file, named when its version is newer than this code reads."""
     cfg = cfg if cfg is not None else Config()
-    for top, value in _upgrade(raw).items():
+    for top, value in upgrade_config(raw, saved, what).items():
         if top == "name":
             _set(cfg, "name", _coerce("name", value, False, cfg))
         elif top in SECTIONS:
@@ -314,13 +243,9 @@ def from_dict(raw: dict, cfg: Config | None = None, saved: bool = False) -> Conf
                 value = {"kind": value["kind"], **value}
             for key, item in value.items():
                 dotted = f"{top}.{key}"
-                if _inert_removed_key(dotted, item):
-                    continue
                 if dotted not in all_keys(cfg):
                     if top != "bottleneck" or dotted in REMOVED:
                         raise _unknown(dotted, all_keys(cfg))
-                    if saved and key in FLAT_BOTTLENECK:
-                        continue
                     raise _not_an_option(key, cfg.bottleneck)
                 _set(cfg, dotted, _coerce(dotted, item, False, cfg))
         else:
@@ -361,7 +286,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), saved
     ``saved``: the file is a run's own config.toml (see :func:`from_dict`)."""
     cfg = Config()
     if path is not None:
-        from_dict(read_toml(Path(path), "config file"), cfg, saved)
+        from_dict(read_toml(Path(path), "config file"), cfg, saved, f"config file {path}")
     return validate(apply_overrides(cfg, list(overrides)))
 
 
@@ -384,9 +309,10 @@ def _toml_string(text: str) -> str:
 
 
 def to_toml(cfg: Config) -> str:
-    """The config as TOML text that :func:`load_config` reads back unchanged."""
+    """The config as TOML text that :func:`load_config` reads back unchanged, marked with the
+    format version it is written in (:mod:`memvae.config.upgrade`)."""
     raw = to_dict(cfg)
-    lines = [f"name = {_toml_string(raw['name'])}"]
+    lines = [f"{VERSION_KEY} = {FORMAT_VERSION}", f"name = {_toml_string(raw['name'])}"]
     for section in SECTIONS:
         lines += ["", f"[{section}]"]
         for key, value in raw[section].items():

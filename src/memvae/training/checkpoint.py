@@ -2,7 +2,8 @@
 
 Layout in a run directory::
 
-    checkpoints/step_00001000.pt   torch.save of a plain dict (weights_only-loadable)
+    checkpoints/step_00001000.pt   torch.save of a plain dict (weights_only-loadable), with
+                                   its "format_version" (memvae.config.upgrade)
     checkpoints/latest.json        {"file", "step", "size", "sha256"} of the newest good one
 
 A checkpoint is written to a temporary file, flushed to disk and renamed into place;
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from memvae.config.upgrade import FORMAT_VERSION, VERSION_KEY, version_of
 from memvae.errors import MemvaeError
 
 KEEP = 2  # checkpoint files kept besides the newest
@@ -59,7 +61,8 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict, step: int) -> Path:
-    """Write ``state`` as checkpoint ``step`` and point ``latest.json`` at it.
+    """Write ``state`` as checkpoint ``step``, marked with today's format version, and point
+    ``latest.json`` at it.
 
     Raises OSError when the disk refuses; the previous checkpoint stays the latest.
     """
@@ -69,7 +72,7 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, step: int) -> Pat
     # Serialise in memory first: torch.save straight into a file turns the OSError of a
     # full disk into an opaque RuntimeError; a plain write keeps it an OSError.
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, VERSION_KEY: FORMAT_VERSION}, buffer)
     _write_atomic(path, lambda f: f.write(buffer.getbuffer()))
     pointer = {"file": path.name, "step": step, "size": path.stat().st_size, "sha256": _sha256(path)}
     _write_atomic(directory / "latest.json", lambda f: f.write(json.dumps(pointer).encode()))
@@ -96,8 +99,10 @@ def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict] | None:
 
 
 def load_checkpoint(path: str | os.PathLike, pointer: dict | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a damaged or foreign file raises
-    MemvaeError naming it. ``pointer`` (from latest.json) adds a size and SHA-256 check."""
+    """Load a checkpoint with ``weights_only=True``; a damaged or foreign file, or one of a
+    newer format than this code reads, raises MemvaeError naming it. ``pointer`` (from
+    latest.json) adds a size and SHA-256 check. The dict is as saved: an autoencoder's is
+    brought to today's format by :func:`memvae.config.upgrade.upgrade_checkpoint`."""
     path = Path(path)
     if not path.is_file():
         raise MemvaeError(f"checkpoint {path} does not exist")
@@ -124,6 +129,7 @@ def load_checkpoint(path: str | os.PathLike, pointer: dict | None = None, map_lo
         raise MemvaeError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {detail})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise MemvaeError(f"checkpoint {path} is not a memvae checkpoint")
+    version_of(state, f"checkpoint {path}")
     return state
 
 

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from memvae.config import schema as C
+from memvae.config.upgrade import upgrade_checkpoint
 from memvae.data import EpochBatcher, ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.networks.autoencoder import Autoencoder, AutoencoderOutput
@@ -29,11 +30,7 @@ from memvae.training.distributed import Distributed
 from memvae.training.evaluate import evaluate_read
 from memvae.training.guard import NonfiniteGuard
 from memvae.training.metrics import nmse
-from memvae.training.runs import (
-    config_mismatch,
-    with_update_count,
-    without_untrained_parameters,
-)
+from memvae.training.runs import config_mismatch
 
 
 class IntervalMeter:
@@ -217,9 +214,9 @@ class Trainer:
         problem = config_mismatch(state["config"], self.cfg)
         if problem:
             raise MemvaeError(f"checkpoint {path} is from a different model configuration ({problem})")
-        weights, optimizer = without_untrained_parameters(state, self.model)
-        self.model.load_state_dict(with_update_count(weights, self.model, int(state["step"])))
-        self.optimizer.load_state_dict(optimizer)
+        state = upgrade_checkpoint(state, self.model, f"checkpoint {path}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the config's rate, not the saved one: a resumed
             group["lr"] = self.cfg.train.lr  # run may change train.lr, and config.toml says it did
         self.batcher.load_state_dict(state["batcher"])

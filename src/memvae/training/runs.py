@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from memvae.config import schema as C
+from memvae.config.upgrade import upgrade_checkpoint
 from memvae.errors import MemvaeError, os_error
 from memvae.networks.autoencoder import Autoencoder
 from memvae.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -82,41 +83,10 @@ def config_mismatch(saved: dict, cfg: C.Config) -> str | None:
     return None
 
 
-def with_update_count(weights: dict, model: torch.nn.Module, step: int) -> dict:
-    """A checkpoint's state dict with the update counters its model now keeps (the memory
-    read's ``updates``, the clock of its τ schedule) set to the checkpoint's update when the
-    checkpoint predates them: an old run then reads, and resumes, as it did at that update."""
-    missing = [k for k in model.state_dict() if k.endswith("bottleneck.updates") and k not in weights]
-    return {**weights, **{k: torch.tensor(step, dtype=torch.int64) for k in missing}} if missing else weights
-
-
-def without_untrained_parameters(saved: dict, model: torch.nn.Module) -> tuple[dict, dict]:
-    """A checkpoint's model and optimizer state, from before parameters that nothing trains
-    were removed (the memory read's log β under a relative temperature or behind a
-    straight-through encoder gradient), in today's shape: those entries dropped from the
-    weights and Adam's state, which is renumbered. Anything else is returned unchanged."""
-    weights, optimizer = saved["model"], saved["optimizer"]
-    today = model.state_dict()
-    params = {name for name, _ in model.named_parameters()}
-    dropped = {k for k in weights if k not in today and k.endswith("log_beta")}
-    if not dropped:
-        return weights, optimizer
-    # state_dict and named_parameters list the parameters in the same order, so the saved
-    # weights' parameter keys give Adam's numbering then.
-    numbered = [k for k in weights if k in params or k in dropped]
-    gone = {i for i, k in enumerate(numbered) if k in dropped}
-    renumber = {old: new for new, old in enumerate(i for i in range(len(numbered)) if i not in gone)}
-    optimizer = {
-        "state": {renumber[i]: v for i, v in optimizer["state"].items() if i not in gone},
-        "param_groups": [{**g, "params": [renumber[i] for i in g["params"] if i not in gone]} for g in optimizer["param_groups"]],
-    }
-    return {k: v for k, v in weights.items() if k not in dropped}, optimizer
-
-
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Autoencoder, C.Config, dict]:
     """The trained model of a run directory (newest checkpoint), in eval mode.
 
-    Returns (model, config, checkpoint dict).
+    Returns (model, config, checkpoint dict in today's format: see memvae.config.upgrade).
     """
     run_dir = Path(run_dir)
     found = latest_checkpoint(run_dir / "checkpoints")
@@ -125,8 +95,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     state = load_checkpoint(*found, map_location=device)
     cfg = C.validate(C.from_dict(state["config"], saved=True))
     model = Autoencoder.from_config(cfg).to(device)
+    state = upgrade_checkpoint(state, model, f"checkpoint {found[0]}")
     try:
-        model.load_state_dict(with_update_count(state["model"], model, int(state["step"])))
+        model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise MemvaeError(f"checkpoint {found[0]} does not fit its own config: {str(exc).splitlines()[0]}") from None
     return model.eval(), cfg, state
