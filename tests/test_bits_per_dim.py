@@ -23,12 +23,13 @@ from memvae.prior.bits_per_dim import (
     score,
 )
 from memvae.cli.main import main
-from memvae.experiments.compare import BPD_CAPTION, _summarise, results_table
+from memvae.experiments.report import BPD_CAPTION, _summarise, results_table
 from memvae.config.schema import load_config
 from memvae.data import ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.networks.pixelcnn import GatedPixelCNN
-from memvae.prior.fit import PriorOptions, extract_codes, nll_bits, train_prior
+from memvae.prior.codes import extract_codes, nll_bits
+from memvae.prior.fit import PriorOptions, train_prior
 from memvae.experiments.sweep import rate_tables
 from memvae.training.train import train
 from tests.cli_util import SMOKE
@@ -226,7 +227,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
         assert saved["lossless"]["sigma_fit"]["images"] == 4000 and saved["lossless"]["images"] == 500
 
     # The table of compare shows the column for this run, on its own read's row.
-    from memvae.experiments.compare import run_bits_per_dim
+    from memvae.experiments.report import run_bits_per_dim
 
     numbers, bound = run_bits_per_dim(run, 30)
     assert bound is True and numbers["test"] == saved["test"]["bits_per_dim"]

@@ -12,7 +12,9 @@ import time
 import pytest
 
 from memvae.config import schema as C
-from memvae.experiments.compare import compare, cpu_cores, resolve_jobs, updates_to_reach
+from memvae.experiments.compare import compare
+from memvae.experiments.report import updates_to_reach
+from memvae.experiments.side_by_side import cpu_cores, resolve_jobs
 from memvae.errors import MemvaeError
 from tests.conftest import REPO
 

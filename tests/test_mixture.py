@@ -13,7 +13,9 @@ from memvae.quantizers import functional as Fn
 from memvae.quantizers.mixture import count_codes, grid_points, round_to_grid
 from memvae.training.metrics import read_metrics
 from memvae.networks.pixelcnn import GatedPixelCNN
-from memvae.prior.fit import PriorOptions, codes_from_map, nll_bits, sample_images, symbol_ranges, train_prior
+from memvae.prior.codes import codes_from_map, nll_bits, symbol_ranges
+from memvae.prior.fit import PriorOptions, train_prior
+from memvae.prior.sample import sample_images
 from memvae.training.train import train
 from tests.conftest import CONFIGS
 

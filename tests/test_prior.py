@@ -17,15 +17,9 @@ from memvae.data import to_uint8
 from memvae.errors import MemvaeError
 from memvae.training.metrics import MetricsLog
 from memvae.networks.pixelcnn import GatedPixelCNN
-from memvae.prior.fit import (
-    PriorOptions,
-    extract_codes,
-    load_prior,
-    nll_bits,
-    sample_codes,
-    sample_images,
-    train_prior,
-)
+from memvae.prior.codes import extract_codes, nll_bits
+from memvae.prior.fit import PriorOptions, train_prior
+from memvae.prior.sample import load_prior, sample_codes, sample_images
 from memvae.training.runs import load_run
 from memvae.training.train import train
 

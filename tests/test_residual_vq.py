@@ -5,7 +5,8 @@ import torch
 
 from memvae.quantizers import bottleneck_class
 from memvae.config.schema import load_config
-from memvae.prior.fit import PriorOptions, sample_images, train_prior
+from memvae.prior.fit import PriorOptions, train_prior
+from memvae.prior.sample import sample_images
 from memvae.training.train import train
 from tests.conftest import CONFIGS
 
