@@ -175,3 +175,64 @@ def test_side_by_side_runs_stop_with_a_checkpoint_when_their_compare_is_killed(t
     assert not any(os.path.exists(f"/proc/{pid}") for pid in runs), "a run went on training after its compare died"
     for s in (0, 1):  # each stopped as on SIGTERM: with a checkpoint to resume from
         assert (tmp_path / "runs" / f"smoke-seed{s}" / "checkpoints" / "latest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal and process groups")
+def test_ctrl_c_stops_side_by_side_runs_cleanly_and_names_the_resume_command(tmp_path, data_dir):
+    """Ctrl-C (SIGINT to the terminal's foreground group) during a side-by-side compare with
+    progress bars: each run stops with a checkpoint and its log says the user interrupted
+    (not "SIGTERM"); the compare closes its bars before it speaks, then names the update of
+    each run and the command that resumes them, and exits 130 (issue 35)."""
+    import fcntl
+    import pty
+    import shlex
+    import struct
+    import termios
+    import threading
+
+    args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "smoke", "--seeds", "2",
+            "--steps", "100000", "--data-dir", str(data_dir), "--jobs", "2", "--checkpoint_every", "100000"]
+    screen, terminal = pty.openpty()  # the bars draw as on a terminal of 24 × 100
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(args, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    shown = bytearray()
+
+    def drain() -> None:  # a pseudo-terminal nobody reads blocks its writer
+        while True:
+            try:
+                chunk = os.read(screen, 4096)
+            except OSError:  # the compare ended
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    logs = [tmp_path / "runs" / f"smoke-seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    deadline = time.time() + 180
+    while not all(p.exists() for p in logs) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert all(p.exists() for p in logs), bytes(shown).decode(errors="replace")[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does; the runs, in sessions of their own, hear it from the compare
+    assert proc.wait(timeout=120) == 130
+    reader.join(timeout=10)
+    os.close(screen)
+    text = bytes(shown).decode(errors="replace").replace("\r\n", "\n")
+    assert "Traceback" not in text, text[-3000:]
+    assert "smoke-seed1" in text[:text.index("interrupted (Ctrl-C)")], "no bar was drawn"
+    said = text[text.index("interrupted (Ctrl-C): stopping 2 runs"):]
+    assert "\r" not in said and "\x1b" not in said, f"the bars drew after the message: {said!r}"
+    last = said.strip().splitlines()[-1]
+    resume = last.partition("resume with: ")[2]
+    assert shlex.split(resume) == ["memvae", *args[3:]], last
+    for s in (0, 1):
+        run = tmp_path / "runs" / f"smoke-seed{s}"
+        step = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+        assert f"smoke-seed{s} at update {step} (checkpoint saved)" in last
+        log = (tmp_path / "logs" / f"smoke-seed{s}.log").read_text()
+        assert "compare: interrupted (Ctrl-C): stopping this run" in log, log
+        assert f"stopped at update {step}, checkpoint saved; resume with: {resume}" in log, log
+        assert "SIGTERM" not in log

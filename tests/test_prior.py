@@ -336,3 +336,40 @@ def test_a_skipped_nonfinite_prior_update_is_undone_and_counted(run_dir, fitted,
     assert result["skipped_updates"] == 1 and math.isfinite(result["bits_per_index"])
     skipped = {r["step"]: r["skipped"] for r in MetricsLog(folder / "metrics.jsonl").read() if r["kind"] == "train"}
     assert skipped == {25: 0, 50: 1, 75: 0, 100: 0, 125: 0, 150: 0}
+
+
+@pytest.mark.slow
+def test_the_hint_after_ctrl_c_resumes_to_the_target_asked_for(run_dir, tmp_path, data_dir):
+    """Ctrl-C during `memvae prior RUN --steps 400 ...`: the printed --resume command
+    repeats the options given (the target above all, not the default 5,000), and running
+    it finishes the fit at update 400 (issue 35)."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    folder = tmp_path / "prior"
+    given = ["--steps", "400", "--batch-size", "16", "--width", "16", "--layers", "2", "--log-every", "10",
+             "--eval-every", "0", "--train-images", "500", "--test-images", "200", "--device", "cpu", "--threads", "1"]
+    memvae = [sys.executable, "-m", "memvae"]
+    proc = subprocess.Popen([*memvae, "prior", str(run_dir), *given, "--out", str(folder), "--data-dir", str(data_dir)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    log = folder / "metrics.jsonl"
+    while not (log.exists() and log.stat().st_size) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first record: the loop, which turns SIGINT into a checkpoint, is running
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    stopped = int(err.split("stopped at update ")[1].split(",")[0])
+    assert 0 < stopped < 400, err
+    hint = shlex.split(err.strip().splitlines()[-1].partition("resume with ")[2])
+    assert hint[:3] == ["memvae", "prior", str(run_dir)] and hint[-1] == "--resume", err
+    assert " ".join(given) in " ".join(hint) and f"--out {folder}" in " ".join(hint), hint
+    done = subprocess.run([*memvae, *hint[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((folder / "eval.json").read_text())["prior_step"] == 400
+    assert max(r["step"] for r in MetricsLog(folder / "metrics.jsonl").read()) == 400

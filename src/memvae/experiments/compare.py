@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from memvae.config import schema as C
 from memvae.data import load_data
 from memvae.errors import MemvaeError
 from memvae.experiments.report import report
-from memvae.experiments.side_by_side import cpu_cores, resolve_jobs, train_side_by_side
+from memvae.experiments.side_by_side import compare_command, cpu_cores, resolve_jobs, stop_reason, train_side_by_side
 from memvae.experiments.sweep import at_slots, is_discrete
 from memvae.training.checkpoint import latest_checkpoint
 from memvae.training.train import train
@@ -232,7 +233,13 @@ def compare(
         train_side_by_side(todo, workers, data_dir, out / "logs", show_progress)
     else:
         for cfg, run_dir, state in todo:  # each run shows its own bar (or plain lines)
-            train(cfg, run_dir, resume=state != "new", data=data, show_progress=show_progress)
+            try:
+                train(cfg, run_dir, resume=state != "new", data=data, show_progress=show_progress)
+            except KeyboardInterrupt as exc:  # train()'s "SIGINT: stopped at update N, ..."; resuming is this compare
+                name, _, stopped = str(exc).split(";")[0].partition(": ")
+                why = stop_reason(signal.Signals[name]) if name in ("SIGINT", "SIGTERM") else "stopped"
+                raise KeyboardInterrupt(f"{why}: {run_dir.name} {stopped or 'stopped'}; resume with: "
+                                        f"{compare_command()}") from None
     training = {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
     return report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from tqdm import tqdm
 
 from memvae.config import schema as C
 from memvae.errors import MemvaeError, os_error
+from memvae.training.checkpoint import latest_checkpoint
+from memvae.training.loop import StopRequest
 from memvae.training.metrics import progress_line, rate_since, read_metrics
 from memvae.training.train import train
 
@@ -49,24 +52,18 @@ def _logged_step(run_dir: Path) -> int:
     return max((r["step"] for r in records), default=0)
 
 
-class _StopOnTerm:
-    """While side-by-side runs train, SIGTERM to this process stops them as Ctrl-C does
-    (each run saves a checkpoint), instead of leaving them training on their own."""
+def compare_command() -> str:
+    """The command that resumes this compare: the same command line when this process is
+    ``memvae compare ...`` (a finished run is skipped, a stopped one resumes from its
+    checkpoint), else (compare called from Python) the same call."""
+    if sys.argv[1:2] == ["compare"]:
+        return shlex.join(["memvae", *sys.argv[1:]])
+    return "the same compare call"
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
 
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def stop_reason(signum: int) -> str:
+    """Who stopped the compare, in the user's words: SIGINT is almost always Ctrl-C."""
+    return "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped ({signal.Signals(signum).name} to the compare)"
 
 
 class RunProgress:
@@ -104,31 +101,48 @@ class RunProgress:
 
 
 def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, data_dir: str | None, log_dir: Path,
-                        show_progress: bool, poll_seconds: float = 1.0) -> None:
+                       show_progress: bool, poll_seconds: float = 1.0) -> None:
     """Train ``todo`` (config, run directory, state), ``workers`` runs at a time, each in a
     fresh interpreter (:func:`train_child`) whose output goes to ``log_dir/<run>.log``.
     Progress: one :class:`RunProgress` per running run. The first run that fails
-    stops the others (each saves a checkpoint) and raises its one-line error."""
+    stops the others (each saves a checkpoint) and raises its one-line error.
+
+    Ctrl-C (or SIGTERM) to the compare stops every run with a checkpoint: the runs live in
+    their own sessions, so the terminal's SIGINT reaches this process alone, which closes
+    the bars first (the terminal is left clean), passes the same signal on with a line in
+    each run's log that says why, waits for their checkpoints and raises KeyboardInterrupt
+    naming the interrupt, where each run stopped and the command that resumes them."""
     log_dir.mkdir(parents=True, exist_ok=True)
     bars: dict[Path, RunProgress] = {}
     pending, running, failure = list(todo), {}, None
+    resume = compare_command()
 
-    def stop_all() -> None:
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)  # train() saves a checkpoint and stops
+    def stop_all(signum: int, why: str) -> None:
+        for proc, (run_dir, log) in running.items():
+            log.write(f"compare: {why}: stopping this run (it saves a checkpoint)\n")
+            log.flush()
+            proc.send_signal(signum)  # train() saves a checkpoint and stops
         for proc in running:
             proc.wait()
 
-    try:
-        with _StopOnTerm():
-            while (pending and failure is None) or running:
+    def close_bars() -> None:
+        for bar in bars.values():
+            bar.close(None)
+        bars.clear()
+
+    # A flag, not an exception: Ctrl-C never lands in the middle of a bar's write.
+    with StopRequest() as stop:
+        try:
+            while ((pending and failure is None) or running) and stop.signal is None:
                 while pending and failure is None and len(running) < workers:
                     cfg, run_dir, state = pending.pop(0)
                     log = open(log_dir / f"{run_dir.name}.log", "a")
                     job = {"config": C.to_dict(cfg), "run_dir": str(run_dir), "resume": state != "new",
-                           "data_dir": data_dir, "parent": os.getpid(), "argv": sys.argv}
+                           "data_dir": data_dir, "parent": os.getpid(), "argv": sys.argv, "resume_command": resume}
+                    # Its own session: the terminal's Ctrl-C reaches the compare only, which decides.
                     proc = subprocess.Popen([sys.executable, "-c", "from memvae.experiments.side_by_side import train_child; train_child()"],
-                                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True)
+                                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                            start_new_session=True)
                     proc.stdin.write(json.dumps(job))
                     proc.stdin.close()
                     running[proc] = (run_dir, log)
@@ -148,15 +162,30 @@ def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, dat
                         said = lines[-1].removeprefix("error: ") if lines and lines[-1].startswith("error: ") else None
                         failure = f"{run_dir.name}: {said}" if said else (
                             f"{run_dir.name} failed (exit status {proc.returncode}); see {log_dir / run_dir.name}.log")
-                        stop_all()
-    except KeyboardInterrupt:
-        stop_all()
-        raise KeyboardInterrupt("stopped; every unfinished run saved a checkpoint: run the same compare again to resume")
-    finally:
-        for bar in bars.values():
-            bar.close(None)
+                        stop_all(signal.SIGTERM, f"{run_dir.name} failed")  # their bars close as they end
+        except BaseException:  # a bug or a refusing disk here: the runs must not train on unseen
+            close_bars()
+            stop_all(signal.SIGTERM, "the compare failed")
+            raise
+        close_bars()
+        if stop.signal is not None:
+            why = stop_reason(stop.signal)
+            if running:
+                print(f"{why}: stopping {len(running)} run{'s' * (len(running) > 1)}, each at its next update "
+                      "with a checkpoint ...", file=sys.stderr, flush=True)
+            stopped = [run_dir for run_dir, _ in running.values()]
+            stop_all(stop.signal, why)
+            at = [f"{d.name} at update {step} (checkpoint saved)" if (step := _checkpoint_step(d)) is not None
+                  else f"{d.name} before its first checkpoint" for d in stopped]
+            raise KeyboardInterrupt(f"{why}: stopped {', '.join(at) or 'between runs'}; resume with: {resume}")
     if failure is not None:
         raise MemvaeError(failure)
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The update of a run's newest checkpoint (None before its first)."""
+    found = latest_checkpoint(run_dir / "checkpoints")
+    return None if found is None else found[1]["step"]
 
 
 def train_child() -> None:
@@ -182,5 +211,8 @@ def train_child() -> None:
         print(f"error: {os_error(exc)}", flush=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        # The compare stopped it (Ctrl-C, SIGTERM or another run's failure): the way back is that compare.
-        print(f"stopped: {str(exc).split(';')[0]}; run the same memvae compare again to resume", flush=True)
+        # The compare stopped it (its line above says why) or died: the way back is that compare,
+        # not train()'s own `memvae train --resume` hint.
+        stopped = str(exc).split(";")[0].partition(": ")[2] or "stopped before its training began"
+        died = " (its compare ended)" if os.getppid() != job["parent"] else ""
+        print(f"{stopped}{died}; resume with: {job.get('resume_command', 'the same memvae compare')}", flush=True)

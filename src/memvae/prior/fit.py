@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -135,7 +136,10 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
         t.load_state_dict(saved)
     log = PriorLog(out_dir / "metrics.jsonl", t.step, progress)
     every = (options.log_every, options.eval_every, options.eval_every)  # a checkpoint at each evaluation
-    resume_command = f"memvae prior {run_dir}{'' if out_dir == prior_dir(run_dir) else f' --out {out_dir}'} --resume"
+    # A command that continues this fit as it was asked for: its target, network and data (issue 35).
+    resume_command = shlex.join(["memvae", "prior", str(run_dir), *options.command_flags(),
+                                 *([] if out_dir == prior_dir(run_dir) else ["--out", str(out_dir)]),
+                                 *([] if data_dir is None else ["--data-dir", str(data_dir)]), "--resume"])
     with repeatable(device):
         run_updates(t, log, ranks, options.steps, every, stop_after, resume_command)
     if t.step < options.steps:
