@@ -206,7 +206,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
     cfg = presets.load("vq_ema_reseed", SMALL_NETS + ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30"])
     run = _train(cfg, tmp_path / "run", cifar)
     train_prior(run, PriorOptions(steps=20, batch_size=16, width=16, layers=2, train_images=500, test_images=200,
-                                  eval_every=0, device="cpu", threads=1), data_dir=data_dir)
+                                  eval_every=0, device="cpu", threads=1), data=cifar)
     lossless = data_dir / LOSSLESS_NAME
     argv = ["bpd", str(run), "--data-dir", str(data_dir), "--sigma-images", "500", "--test-images", "500", "--device", "cpu"]
     argv += ["--lossless", str(lossless)] if lossless.exists() else []
@@ -242,7 +242,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
     copy = tmp_path / "further"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tensorboard"))
     more = presets.load("vq_ema_reseed", SMALL_NETS + ["train.steps=32", "train.eval_every=32", "train.checkpoint_every=32"])
-    train(more, copy, resume=True, data_dir=data_dir, show_progress=False)
+    train(more, copy, resume=True, data=cifar, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 30"):
         measure(copy, data_dir=data_dir, sigma_images=100, test_images=50, write=False)
 

@@ -30,6 +30,7 @@ def test_updates_to_reach_uses_the_first_logged_update_at_or_below_each_level():
     assert updates_to_reach(list(reversed(log)), (0.2,)) == {"0.2": 200}
 
 
+@pytest.mark.slow
 def test_tiny_compare_writes_every_file_with_finite_numbers(tmp_path, data_dir):
     models = ["vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write"]
     results = compare(tmp_path, models, steps=40, seeds=2, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged",
@@ -54,6 +55,7 @@ def test_tiny_compare_writes_every_file_with_finite_numbers(tmp_path, data_dir):
     assert table.count("\n| memory_l2 |") == 2 and "± " in table
 
 
+@pytest.mark.slow
 def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_dir):
     args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "vq,memory_l2",
             "--steps", "300", "--data-dir", str(data_dir), "--no-progress", "--test-images", "500"]
@@ -81,6 +83,7 @@ def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
     from memvae.errors import MemvaeError
 
@@ -90,6 +93,7 @@ def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
         compare(tmp_path, ["vq"], overrides=[*SMALL, "train.lr=0.01"], **common)
 
 
+@pytest.mark.slow
 def test_report_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path, data_dir, capsys):
     common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged", show_progress=False,
                   test_images=200, overrides=SMALL)
@@ -118,6 +122,7 @@ def _numbers(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "train_seconds"} for r in records]
 
 
+@pytest.mark.slow
 def test_side_by_side_runs_give_the_numbers_each_gives_alone(tmp_path, data_dir):
     """compare --jobs 2: each run trains in its own process with cores // 2 threads, and
     logs exactly what the same config trained alone with that thread count logs."""
@@ -141,6 +146,7 @@ def test_side_by_side_runs_give_the_numbers_each_gives_alone(tmp_path, data_dir)
     assert len(seeds) == 2, "the two seeds trained the same run"
 
 
+@pytest.mark.slow
 def test_a_failing_side_by_side_run_ends_the_compare_with_its_one_line_error(tmp_path, data_dir):
     # Seed 1's run directory already exists without a checkpoint: train() refuses it.
     (tmp_path / "runs" / "smoke-seed1").mkdir(parents=True)
@@ -155,6 +161,7 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the runs learn of their compare's death by PR_SET_PDEATHSIG")
 def test_side_by_side_runs_stop_with_a_checkpoint_when_their_compare_is_killed(tmp_path, data_dir):
     args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "smoke", "--seeds", "2",

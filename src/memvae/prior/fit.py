@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from memvae.data import load_data
+from memvae.data import ImageData, load_data
 from memvae.errors import MemvaeError
 from memvae.networks.pixelcnn import GatedPixelCNN
 from memvae.prior.codes import bits, extract_codes, nll_bits, symbol_ranges, unigram_bits, vocabulary
@@ -63,6 +63,7 @@ def train_prior(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    data: ImageData | None = None,
 ) -> dict:
     """Fit a gated PixelCNN to the slot maps of a trained run, then evaluate it.
 
@@ -84,11 +85,13 @@ def train_prior(
             but for those in :data:`RESUMABLE`; ``steps`` may grow).
         stop_after: stop with a checkpoint after this many updates in total, as on
             SIGTERM (for tests); returns ``{"stopped_at": update}`` then.
+        data: the run's images already in memory (skips loading them, as ``train``'s ``data``).
     """
     options = dataclasses.replace(options or PriorOptions()).validate()
     # RUN_DIR/prior has one writer, and the run does not train on meanwhile (memvae.training.runlock).
     with run_lock(run_dir, create=False):
-        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out), resume, stop_after)
+        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out), resume, stop_after,
+                            data)
 
 
 # Options a resumed prior may change: they change when it logs, stops or where it runs, not what it fits.
@@ -96,7 +99,8 @@ RESUMABLE = ("steps", "log_every", "eval_every", "eval_maps", "extract_batch", "
 
 
 def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: str | os.PathLike | None,
-                 overwrite: bool, progress, out_dir: Path, resume: bool, stop_after: int | None) -> dict:
+                 overwrite: bool, progress, out_dir: Path, resume: bool, stop_after: int | None,
+                 data: ImageData | None) -> dict:
     """:func:`train_prior`, with the run directory locked."""
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and not (overwrite or resume):
@@ -106,7 +110,8 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     device = resolve_device(options.device)
     model, cfg, state = load_run(run_dir, device)
     saved = _prior_to_resume(out_dir, options, int(state["step"]), device) if resume else None
-    data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
+    if data is None:
+        data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     train_images = data.train[: options.train_images or None]
     test_images = data.test[: options.test_images or None]
     if not model.bottleneck.discrete:
