@@ -16,6 +16,7 @@ from memvae.networks.pixelcnn import GatedPixelCNN
 
 
 def bits(nats: float) -> float:
+    """Nats -> bits."""
     return nats / math.log(2.0)
 
 
