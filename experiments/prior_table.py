@@ -24,7 +24,8 @@ import torch
 from memvae.cli.prior import save_grid
 from memvae.errors import MemvaeError, os_error
 from memvae.experiments.plots import image_panels
-from memvae.prior.fit import PriorOptions, prior_dir, sample_images, train_prior
+from memvae.prior.fit import PriorOptions, prior_dir, train_prior
+from memvae.prior.sample import sample_images
 from memvae.training.runs import load_run
 
 # (key in a row, column header, digits after the point) of the per-model summary.

@@ -83,9 +83,20 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cifar(data_dir):
+    """The real CIFAR-10, loaded once per session (about 2 s each time otherwise): pass it
+    as ``train(..., data=cifar)`` instead of a data directory to load it again."""
     from memvae.data import load_cifar10
 
     return load_cifar10(data_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def small_cifar(cifar):
+    """The first 2,000 training and 200 test images of the real CIFAR-10, in memory: runs
+    that need no more skip measuring all 50,000."""
+    from memvae.data import ImageData
+
+    return ImageData(cifar.train[:2000], cifar.test[:200], cifar.train_labels[:2000], cifar.test_labels[:200])
 
 
 @pytest.fixture(autouse=True)

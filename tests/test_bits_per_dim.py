@@ -23,13 +23,14 @@ from memvae.prior.bits_per_dim import (
     score,
 )
 from memvae.cli.main import main
-from memvae.experiments.compare import BPD_CAPTION, _summarise, results_table
+from memvae.experiments.report import BPD_CAPTION, _summarise, results_table
 from memvae.config.schema import load_config
 from memvae.data import ImageData, to_input
 from memvae.errors import MemvaeError
 from memvae.networks.pixelcnn import GatedPixelCNN
+from memvae.prior.codes import extract_codes, nll_bits
+from memvae.prior.fit import PriorOptions, train_prior
 from memvae.quantizers import bottleneck_class
-from memvae.prior.fit import PriorOptions, extract_codes, nll_bits, train_prior
 from memvae.experiments.sweep import rate_tables
 from memvae.training.train import train
 from tests.cli_util import SMOKE
@@ -206,7 +207,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
     cfg = presets.load("vq_ema_reseed", SMALL_NETS + ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30"])
     run = _train(cfg, tmp_path / "run", cifar)
     train_prior(run, PriorOptions(steps=20, batch_size=16, width=16, layers=2, train_images=500, test_images=200,
-                                  eval_every=0, device="cpu", threads=1), data_dir=data_dir)
+                                  eval_every=0, device="cpu", threads=1), data=cifar)
     lossless = data_dir / LOSSLESS_NAME
     argv = ["bpd", str(run), "--data-dir", str(data_dir), "--sigma-images", "500", "--test-images", "500", "--device", "cpu"]
     argv += ["--lossless", str(lossless)] if lossless.exists() else []
@@ -227,7 +228,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
         assert saved["lossless"]["sigma_fit"]["images"] == 4000 and saved["lossless"]["images"] == 500
 
     # The table of compare shows the column for this run, on its own read's row.
-    from memvae.experiments.compare import run_bits_per_dim
+    from memvae.experiments.report import run_bits_per_dim
 
     numbers, bound = run_bits_per_dim(run, 30)
     assert bound is True and numbers["test"] == saved["test"]["bits_per_dim"]
@@ -242,7 +243,7 @@ def test_the_command_on_a_tiny_vq_ema_reseed_run(tmp_path, cifar, data_dir, caps
     copy = tmp_path / "further"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tensorboard"))
     more = presets.load("vq_ema_reseed", SMALL_NETS + ["train.steps=32", "train.eval_every=32", "train.checkpoint_every=32"])
-    train(more, copy, resume=True, data_dir=data_dir, show_progress=False)
+    train(more, copy, resume=True, data=cifar, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 30"):
         measure(copy, data_dir=data_dir, sigma_images=100, test_images=50, write=False)
 

@@ -12,7 +12,9 @@ import time
 import pytest
 
 from memvae.config import schema as C
-from memvae.experiments.compare import compare, cpu_cores, resolve_jobs, updates_to_reach
+from memvae.experiments.compare import compare
+from memvae.experiments.report import updates_to_reach
+from memvae.experiments.side_by_side import cpu_cores, resolve_jobs
 from memvae.errors import MemvaeError
 from tests.conftest import REPO
 
@@ -28,6 +30,7 @@ def test_updates_to_reach_uses_the_first_logged_update_at_or_below_each_level():
     assert updates_to_reach(list(reversed(log)), (0.2,)) == {"0.2": 200}
 
 
+@pytest.mark.slow
 def test_tiny_compare_writes_every_file_with_finite_numbers(tmp_path, data_dir):
     models = ["vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write"]
     results = compare(tmp_path, models, steps=40, seeds=2, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged",
@@ -52,6 +55,7 @@ def test_tiny_compare_writes_every_file_with_finite_numbers(tmp_path, data_dir):
     assert table.count("\n| memory_l2 |") == 2 and "± " in table
 
 
+@pytest.mark.slow
 def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_dir):
     args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "vq,memory_l2",
             "--steps", "300", "--data-dir", str(data_dir), "--no-progress", "--test-images", "500"]
@@ -79,6 +83,7 @@ def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
     from memvae.errors import MemvaeError
 
@@ -88,6 +93,7 @@ def test_compare_refuses_a_run_made_with_another_config(tmp_path, data_dir):
         compare(tmp_path, ["vq"], overrides=[*SMALL, "train.lr=0.01"], **common)
 
 
+@pytest.mark.slow
 def test_report_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path, data_dir, capsys):
     common = dict(steps=10, data_dir=str(data_dir), config_dir=REPO / "src" / "memvae" / "config" / "packaged", show_progress=False,
                   test_images=200, overrides=SMALL)
@@ -116,6 +122,7 @@ def _numbers(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "train_seconds"} for r in records]
 
 
+@pytest.mark.slow
 def test_side_by_side_runs_give_the_numbers_each_gives_alone(tmp_path, data_dir):
     """compare --jobs 2: each run trains in its own process with cores // 2 threads, and
     logs exactly what the same config trained alone with that thread count logs."""
@@ -139,6 +146,7 @@ def test_side_by_side_runs_give_the_numbers_each_gives_alone(tmp_path, data_dir)
     assert len(seeds) == 2, "the two seeds trained the same run"
 
 
+@pytest.mark.slow
 def test_a_failing_side_by_side_run_ends_the_compare_with_its_one_line_error(tmp_path, data_dir):
     # Seed 1's run directory already exists without a checkpoint: train() refuses it.
     (tmp_path / "runs" / "smoke-seed1").mkdir(parents=True)
@@ -153,6 +161,7 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the runs learn of their compare's death by PR_SET_PDEATHSIG")
 def test_side_by_side_runs_stop_with_a_checkpoint_when_their_compare_is_killed(tmp_path, data_dir):
     args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "smoke", "--seeds", "2",
@@ -173,3 +182,64 @@ def test_side_by_side_runs_stop_with_a_checkpoint_when_their_compare_is_killed(t
     assert not any(os.path.exists(f"/proc/{pid}") for pid in runs), "a run went on training after its compare died"
     for s in (0, 1):  # each stopped as on SIGTERM: with a checkpoint to resume from
         assert (tmp_path / "runs" / f"smoke-seed{s}" / "checkpoints" / "latest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal and process groups")
+def test_ctrl_c_stops_side_by_side_runs_cleanly_and_names_the_resume_command(tmp_path, data_dir):
+    """Ctrl-C (SIGINT to the terminal's foreground group) during a side-by-side compare with
+    progress bars: each run stops with a checkpoint and its log says the user interrupted
+    (not "SIGTERM"); the compare closes its bars before it speaks, then names the update of
+    each run and the command that resumes them, and exits 130 (issue 35)."""
+    import fcntl
+    import pty
+    import shlex
+    import struct
+    import termios
+    import threading
+
+    args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "smoke", "--seeds", "2",
+            "--steps", "100000", "--data-dir", str(data_dir), "--jobs", "2", "--checkpoint_every", "100000"]
+    screen, terminal = pty.openpty()  # the bars draw as on a terminal of 24 × 100
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(args, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    shown = bytearray()
+
+    def drain() -> None:  # a pseudo-terminal nobody reads blocks its writer
+        while True:
+            try:
+                chunk = os.read(screen, 4096)
+            except OSError:  # the compare ended
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    logs = [tmp_path / "runs" / f"smoke-seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    deadline = time.time() + 180
+    while not all(p.exists() for p in logs) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert all(p.exists() for p in logs), bytes(shown).decode(errors="replace")[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does; the runs, in sessions of their own, hear it from the compare
+    assert proc.wait(timeout=120) == 130
+    reader.join(timeout=10)
+    os.close(screen)
+    text = bytes(shown).decode(errors="replace").replace("\r\n", "\n")
+    assert "Traceback" not in text, text[-3000:]
+    assert "smoke-seed1" in text[:text.index("interrupted (Ctrl-C)")], "no bar was drawn"
+    said = text[text.index("interrupted (Ctrl-C): stopping 2 runs"):]
+    assert "\r" not in said and "\x1b" not in said, f"the bars drew after the message: {said!r}"
+    last = said.strip().splitlines()[-1]
+    resume = last.partition("resume with: ")[2]
+    assert shlex.split(resume) == ["memvae", *args[3:]], last
+    for s in (0, 1):
+        run = tmp_path / "runs" / f"smoke-seed{s}"
+        step = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+        assert f"smoke-seed{s} at update {step} (checkpoint saved)" in last
+        log = (tmp_path / "logs" / f"smoke-seed{s}.log").read_text()
+        assert "compare: interrupted (Ctrl-C): stopping this run" in log, log
+        assert f"stopped at update {step}, checkpoint saved; resume with: {resume}" in log, log
+        assert "SIGTERM" not in log

@@ -190,7 +190,7 @@ def test_reseeding_replaces_exactly_the_dead_slots_with_batch_vectors():
 
 
 @pytest.mark.parametrize("config", ["vq_ema_reseed", "memory_discrete"])
-def test_reseeding_revives_unused_slots_in_a_real_run(config, tmp_path, data_dir):
+def test_reseeding_revives_unused_slots_in_a_real_run(config, tmp_path, cifar):
     """Slots start at N(0, 1), far from the encoder's outputs: without re-seeding few are
     ever read; with it, the slots in use rise."""
     used = {}
@@ -200,7 +200,7 @@ def test_reseeding_revives_unused_slots_in_a_real_run(config, tmp_path, data_dir
             "data.eval_images=300", "model.hidden=32", "model.res_hidden=8", "model.res_blocks=1",
             "bottleneck.slots=64", "bottleneck.init=random", f"bottleneck.reseed_fraction={threshold}",
         ])
-        train(cfg, tmp_path / f"t{threshold}", data_dir=data_dir, show_progress=False)
+        train(cfg, tmp_path / f"t{threshold}", data=cifar, show_progress=False)
         used[threshold] = [r for r in read_metrics(tmp_path / f"t{threshold}", "eval")][-1]["eval_slots_used"]
     assert used[0.03125] > 2 * used[0.0], used
 
@@ -299,7 +299,7 @@ def test_memory_read_as_a_layer_in_a_sequence_model_learns():
 
 
 # ---------------------------------------------------------------- kill and resume
-def test_q_bar_and_schedule_survive_resume(tmp_path, data_dir):
+def test_q_bar_and_schedule_survive_resume(tmp_path, cifar):
     """A discrete-memory run stopped after its first checkpoint and resumed ends with the same
     numbers (q̄, τ schedule, slots, re-seeding draws) as the unbroken run."""
     overrides = [
@@ -308,9 +308,9 @@ def test_q_bar_and_schedule_survive_resume(tmp_path, data_dir):
         "bottleneck.slots=64",
     ]
     cfg = load_config(CONFIGS / "memory_discrete.toml", overrides)
-    train(cfg, tmp_path / "whole", data_dir=data_dir, show_progress=False)
-    train(cfg, tmp_path / "split", data_dir=data_dir, show_progress=False, stop_after=20)
-    train(cfg, tmp_path / "split", data_dir=data_dir, show_progress=False, resume=True)
+    train(cfg, tmp_path / "whole", data=cifar, show_progress=False)
+    train(cfg, tmp_path / "split", data=cifar, show_progress=False, stop_after=20)
+    train(cfg, tmp_path / "split", data=cifar, show_progress=False, resume=True)
     for kind in ("train", "eval"):
         assert strip_times(read_metrics(tmp_path / "whole", kind)) == strip_times(read_metrics(tmp_path / "split", kind))
     whole, _, _ = load_run(tmp_path / "whole")

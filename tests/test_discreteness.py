@@ -70,7 +70,7 @@ def test_straight_through_is_the_hard_read_in_eval_mode_when_asked():
 
 # ---------------------------------------------------------------- the τ schedule in real runs
 @pytest.fixture(scope="module")
-def annealed_run(tmp_path_factory, data_dir) -> Path:
+def annealed_run(tmp_path_factory, cifar) -> Path:
     """A smoke discrete-memory model trained 20 updates with τ annealed 1 → 0.01."""
     path = tmp_path_factory.mktemp("annealed") / "run"
     cfg = load_config(ROOT / "src" / "memvae" / "config" / "packaged" / "memory_discrete.toml", [
@@ -78,7 +78,7 @@ def annealed_run(tmp_path_factory, data_dir) -> Path:
         "model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16", "bottleneck.slots=64",
         "bottleneck.tau_start=1.0", "bottleneck.tau_end=0.01", "bottleneck.tau_anneal_updates=20",
     ])
-    train(cfg, path, data_dir=data_dir, show_progress=False)
+    train(cfg, path, data=cifar, show_progress=False)
     return path
 
 
@@ -97,12 +97,12 @@ def test_loaded_model_reads_with_the_scheduled_tau(annealed_run):
     assert float(model.bottleneck.tau()) == pytest.approx(0.01)
 
 
-def test_a_stopped_and_resumed_run_continues_the_tau_schedule_exactly(annealed_run, tmp_path, data_dir):
+def test_a_stopped_and_resumed_run_continues_the_tau_schedule_exactly(annealed_run, tmp_path, cifar):
     """Stopped at update 10 of the 20 over which τ anneals, then resumed: the same β in every
     record and the same update count (τ's clock) as the unbroken run."""
     cfg = load_config(annealed_run / "config.toml")
-    train(cfg, tmp_path / "run", data_dir=data_dir, show_progress=False, stop_after=10)
-    train(cfg, tmp_path / "run", resume=True, data_dir=data_dir, show_progress=False)
+    train(cfg, tmp_path / "run", data=cifar, show_progress=False, stop_after=10)
+    train(cfg, tmp_path / "run", resume=True, data=cifar, show_progress=False)
     unbroken = [r.get("beta") for r in read_metrics(annealed_run)]
     resumed = [r.get("beta") for r in read_metrics(tmp_path / "run")]
     assert resumed == unbroken

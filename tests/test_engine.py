@@ -26,7 +26,6 @@ import memvae
 from memvae.config import schema as C
 from memvae.training import engine
 from memvae.training.checkpoint import load_latest
-from memvae.data import ImageData
 from memvae.errors import MemvaeError
 from memvae.training.metrics import MetricsLog
 from memvae.training.train import train
@@ -50,10 +49,6 @@ VARIANTS = {
 def variant(name: str, *overrides: str) -> C.Config:
     return C.load_config(CONFIGS / f"{name}.toml", [*SMOKE_NETWORKS, *SCHEDULE, *overrides])
 
-
-@pytest.fixture(scope="module")
-def small_cifar(cifar) -> ImageData:
-    return ImageData(cifar.train[:2000], cifar.test[:200], cifar.train_labels[:2000], cifar.test_labels[:200])
 
 
 @pytest.fixture(scope="module")

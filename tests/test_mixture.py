@@ -13,7 +13,9 @@ from memvae.quantizers import functional as Fn
 from memvae.quantizers.mixture import count_codes, grid_points, round_to_grid
 from memvae.training.metrics import read_metrics
 from memvae.networks.pixelcnn import GatedPixelCNN
-from memvae.prior.fit import PriorOptions, codes_from_map, nll_bits, sample_images, symbol_ranges, train_prior
+from memvae.prior.codes import codes_from_map, nll_bits, symbol_ranges
+from memvae.prior.fit import PriorOptions, train_prior
+from memvae.prior.sample import sample_images
 from memvae.training.train import train
 from tests.conftest import CONFIGS
 
@@ -249,12 +251,12 @@ def test_dead_slots_are_reseeded_from_the_batch():
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_a_short_real_training_lowers_the_loss(tmp_path, data_dir, way):
+def test_a_short_real_training_lowers_the_loss(tmp_path, cifar, way):
     cfg = C.load_config(CONFIGS / "smoke.toml", [
         "train.threads=1", "train.steps=50", "train.log_every=10", "train.eval_every=50", "train.checkpoint_every=50",
         "data.eval_images=100", "bottleneck.kind=mixture", f"bottleneck.way={way}", "bottleneck.slots=64",
         "bottleneck.k=2", "bottleneck.levels=3", "bottleneck.init=data"])
-    train(cfg, tmp_path / "run", show_progress=False)
+    train(cfg, tmp_path / "run", show_progress=False, data=cifar)
     records = read_metrics(tmp_path / "run")
     # Slots trained by gradient start as slowly as vq's (measured: the same NMSE as vq with
     # data initialisation, 1.06 -> 0.77 in 50 updates, where vq_ema reaches 0.59).
@@ -309,13 +311,14 @@ def test_other_codes_keep_one_shared_vocabulary():
 
 
 @pytest.mark.slow
-def test_a_prior_fits_the_codes_of_a_short_run_and_samples_decode(tmp_path, data_dir):
+def test_a_prior_fits_the_codes_of_a_short_run_and_samples_decode(tmp_path, cifar):
     cfg = C.load_config(CONFIGS / "mixture_pursuit_k2_K64_L63.toml", [
         "train.steps=30", "train.threads=1", "train.log_every=10", "train.eval_every=30", "train.checkpoint_every=30",
         "data.eval_images=100", "model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16"])
     run = tmp_path / "mix"
-    train(cfg, run, data_dir=str(data_dir), show_progress=False)
-    result = train_prior(run, PriorOptions(steps=30, width=8, layers=2, train_images=500, test_images=100, threads=1))
+    train(cfg, run, data=cifar, show_progress=False)
+    result = train_prior(run, PriorOptions(steps=30, width=8, layers=2, train_images=500, test_images=100, threads=1),
+                         data=cifar)
     assert result["map_shape"] == [8, 24]  # each position's 2 slots and grid index side by side
     assert result["symbol_ranges"] == [[0, 64], [64, 64], [128, 32]] and result["num_slots"] == 160
     assert result["uniform_bits_per_index"] == pytest.approx((6 + 6 + 5) / 3)

@@ -17,15 +17,9 @@ from memvae.data import to_uint8
 from memvae.errors import MemvaeError
 from memvae.training.metrics import MetricsLog
 from memvae.networks.pixelcnn import GatedPixelCNN
-from memvae.prior.fit import (
-    PriorOptions,
-    extract_codes,
-    load_prior,
-    nll_bits,
-    sample_codes,
-    sample_images,
-    train_prior,
-)
+from memvae.prior.codes import extract_codes, nll_bits
+from memvae.prior.fit import PriorOptions, train_prior
+from memvae.prior.sample import load_prior, sample_codes, sample_images
 from memvae.training.runs import load_run
 from memvae.training.train import train
 
@@ -91,18 +85,18 @@ def test_pixelcnn_shapes_and_nll():
 
 # ---------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_dir) -> Path:
+def run_dir(tmp_path_factory, cifar) -> Path:
     """A smoke VQ model trained for 60 updates on CIFAR-10."""
     path = tmp_path_factory.mktemp("prior") / "run"
     cfg = load_config(ROOT / "src" / "memvae" / "config" / "packaged" / "smoke.toml", ["train.steps=60", "train.threads=1"])
-    train(cfg, path, data_dir=data_dir, show_progress=False)
+    train(cfg, path, data=cifar, show_progress=False)
     return path
 
 
 @pytest.fixture(scope="module")
-def fitted(run_dir, data_dir) -> dict:
+def fitted(run_dir, cifar) -> dict:
     """The prior of ``run_dir``, fitted with OPTIONS; its eval.json contents."""
-    return train_prior(run_dir, OPTIONS, data_dir=data_dir)
+    return train_prior(run_dir, OPTIONS, data=cifar)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +104,7 @@ def test_images(cifar):
     return cifar.test[: OPTIONS.test_images]
 
 
+@pytest.mark.slow  # a prior fit
 def test_prior_writes_finite_results(run_dir, fitted):
     saved = json.loads((run_dir / "prior" / "eval.json").read_text())
     assert saved == json.loads(json.dumps(fitted))
@@ -125,6 +120,7 @@ def test_prior_writes_finite_results(run_dir, fitted):
     assert all(math.isfinite(r.get("train_bits_per_index", r.get("eval_bits_per_index"))) for r in records)
 
 
+@pytest.mark.slow  # a prior fit
 def test_prior_beats_uniform_and_slot_frequencies(run_dir, fitted):
     """The fitted prior must code test maps in fewer bits than log2 K (uniform) and than
     the training slot frequencies alone (no context), and improve during training."""
@@ -135,6 +131,7 @@ def test_prior_beats_uniform_and_slot_frequencies(run_dir, fitted):
     assert evals[-1] < evals[0]
 
 
+@pytest.mark.slow  # a prior fit
 def test_prior_checkpoint_is_plain_and_reproduces_the_evaluation(run_dir, fitted, test_images):
     ckpt = sorted((run_dir / "prior" / "checkpoints").glob("step_*.pt"))[-1]
     state = torch.load(ckpt, weights_only=True)
@@ -146,12 +143,14 @@ def test_prior_checkpoint_is_plain_and_reproduces_the_evaluation(run_dir, fitted
     assert nll_bits(prior, codes, batch_size=300) == pytest.approx(fitted["bits_per_index"], rel=1e-6)
 
 
-def test_prior_refuses_to_overwrite(run_dir, fitted, data_dir):
+@pytest.mark.slow  # a prior fit
+def test_prior_refuses_to_overwrite(run_dir, fitted, cifar):
     with pytest.raises(MemvaeError, match="--overwrite"):
-        train_prior(run_dir, OPTIONS, data_dir=data_dir)
+        train_prior(run_dir, OPTIONS, data=cifar)
 
 
 # ---------------------------------------------------------------- sampling
+@pytest.mark.slow  # a prior fit
 def test_sampling_is_repeatable_and_decodes(run_dir, fitted):
     images, codes = sample_images(run_dir, 6, temperature=1.0, seed=3)
     again_images, again_codes = sample_images(run_dir, 6, temperature=1.0, seed=3)
@@ -164,6 +163,7 @@ def test_sampling_is_repeatable_and_decodes(run_dir, fitted):
     assert torch.equal(images, to_uint8(model.decode_codes(codes)))
 
 
+@pytest.mark.slow  # a prior fit
 def test_cold_sampling_is_greedy(run_dir, fitted):
     """At a temperature near 0 each position takes the most likely index given the
     positions drawn before it: the raster-order loop conditions on the right context."""
@@ -173,6 +173,7 @@ def test_cold_sampling_is_greedy(run_dir, fitted):
         assert torch.equal(prior(codes).argmax(1), codes)
 
 
+@pytest.mark.slow  # a prior fit
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_sampled_frequencies_follow_the_tempered_distribution(run_dir, fitted, temperature):
     """On a 1×1 map the draws of position 0 must follow softmax(logits / T)."""
@@ -186,6 +187,7 @@ def test_sampled_frequencies_follow_the_tempered_distribution(run_dir, fitted, t
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all()
 
 
+@pytest.mark.slow  # a prior fit
 def test_sampling_rejects_bad_input(run_dir, fitted, tmp_path):
     prior, _ = load_prior(run_dir)
     with pytest.raises(MemvaeError, match="temperature"):
@@ -210,6 +212,7 @@ def cli(argv: list[str]) -> None:
     args.func(args, [])
 
 
+@pytest.mark.slow  # a prior fit
 def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys, data_dir):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("prior", "tensorboard"))
@@ -240,16 +243,18 @@ def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys, data_dir):
         cli(["sample", str(copy), "--out", str(tmp_path / "y.png"), "--temperature", "-1"])
 
 
-def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path, data_dir):
+@pytest.mark.slow  # a prior fit
+def test_sample_refuses_a_prior_of_an_older_checkpoint(run_dir, fitted, tmp_path, cifar):
     """Training the run further changes what its codes mean: the old prior is refused."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tensorboard"))
     cfg = load_config(ROOT / "src" / "memvae" / "config" / "packaged" / "smoke.toml", ["train.steps=62", "train.threads=1"])
-    train(cfg, copy, resume=True, data_dir=data_dir, show_progress=False)
+    train(cfg, copy, resume=True, data=cifar, show_progress=False)
     with pytest.raises(MemvaeError, match="fitted to the model at update 60"):
         sample_images(copy, 2, seed=0)
 
 
+@pytest.mark.slow  # a prior fit
 def test_a_second_prior_fits_beside_the_first_and_samples(run_dir, fitted, tmp_path, capsys, data_dir):
     first = (run_dir / "prior" / "eval.json").read_text()
     second = tmp_path / "prior_w8"
@@ -286,27 +291,29 @@ def records_without_time(folder: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "train_seconds"} for r in MetricsLog(folder / "metrics.jsonl").read()]
 
 
-def test_a_stopped_prior_resumes_exactly(run_dir, fitted, tmp_path, data_dir):
+@pytest.mark.slow  # a prior fit
+def test_a_stopped_prior_resumes_exactly(run_dir, fitted, tmp_path, cifar):
     """Stopped at update 75 (between checkpoints 50 and 100) and resumed: the same log,
     weights and test NLL as the unbroken fit of the fixture."""
     folder = tmp_path / "prior"
-    assert train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder, stop_after=75) == {"stopped_at": 75}
+    assert train_prior(run_dir, OPTIONS, data=cifar, out=folder, stop_after=75) == {"stopped_at": 75}
     assert not (folder / "eval.json").exists()
-    resumed = train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder, resume=True)
+    resumed = train_prior(run_dir, OPTIONS, data=cifar, out=folder, resume=True)
     assert resumed["bits_per_index"] == fitted["bits_per_index"]
     assert records_without_time(folder) == records_without_time(run_dir / "prior")
     ours, theirs = load_prior(run_dir, prior=folder)[0].state_dict(), load_prior(run_dir)[0].state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_a_prior_resumes_only_with_its_own_options(run_dir, fitted, tmp_path, data_dir):
+@pytest.mark.slow  # a prior fit
+def test_a_prior_resumes_only_with_its_own_options(run_dir, fitted, tmp_path, cifar):
     folder = tmp_path / "prior"
     shutil.copytree(run_dir / "prior", folder)
     other = PriorOptions(**{**OPTIONS.__dict__, "lr": 1e-3, "width": 16})
     with pytest.raises(MemvaeError, match=r"fitted with other options \(lr 0.002 -> 0.001, width 32 -> 16\)"):
-        train_prior(run_dir, other, data_dir=data_dir, out=folder, resume=True)
+        train_prior(run_dir, other, data=cifar, out=folder, resume=True)
     with pytest.raises(MemvaeError, match="--resume to continue it"):
-        train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder)
+        train_prior(run_dir, OPTIONS, data=cifar, out=folder)
 
 
 class NaNAt:
@@ -323,22 +330,61 @@ class NaNAt:
         monkeypatch.setattr(GatedPixelCNN, "nll", nll)
 
 
-def test_a_nonfinite_prior_loss_stops_keeping_the_last_checkpoint(run_dir, fitted, tmp_path, data_dir, monkeypatch):
+@pytest.mark.slow  # a prior fit
+def test_a_nonfinite_prior_loss_stops_keeping_the_last_checkpoint(run_dir, fitted, tmp_path, cifar, monkeypatch):
     folder = tmp_path / "prior"
     NaNAt(monkeypatch, at=60)
     with pytest.raises(MemvaeError, match=r"^the prior's loss is nan at update 60; stopped \(its last checkpoint in .* is kept\)"):
-        train_prior(run_dir, OPTIONS, data_dir=data_dir, out=folder)
+        train_prior(run_dir, OPTIONS, data=cifar, out=folder)
     saved = load_prior(run_dir, prior=folder)[1]
     assert saved["step"] == 50 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
-def test_a_skipped_nonfinite_prior_update_is_undone_and_counted(run_dir, fitted, tmp_path, data_dir, monkeypatch):
+@pytest.mark.slow  # a prior fit
+def test_a_skipped_nonfinite_prior_update_is_undone_and_counted(run_dir, fitted, tmp_path, cifar, monkeypatch):
     """In skip mode the NaN update is undone on the device and counted; the fit goes on finite."""
     import dataclasses
 
     folder = tmp_path / "prior"
     NaNAt(monkeypatch, at=30)
-    result = train_prior(run_dir, dataclasses.replace(OPTIONS, on_nonfinite="skip"), data_dir=data_dir, out=folder)
+    result = train_prior(run_dir, dataclasses.replace(OPTIONS, on_nonfinite="skip"), data=cifar, out=folder)
     assert result["skipped_updates"] == 1 and math.isfinite(result["bits_per_index"])
     skipped = {r["step"]: r["skipped"] for r in MetricsLog(folder / "metrics.jsonl").read() if r["kind"] == "train"}
     assert skipped == {25: 0, 50: 1, 75: 0, 100: 0, 125: 0, 150: 0}
+
+
+@pytest.mark.slow
+def test_the_hint_after_ctrl_c_resumes_to_the_target_asked_for(run_dir, tmp_path, data_dir):
+    """Ctrl-C during `memvae prior RUN --steps 400 ...`: the printed --resume command
+    repeats the options given (the target above all, not the default 5,000), and running
+    it finishes the fit at update 400 (issue 35)."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    folder = tmp_path / "prior"
+    given = ["--steps", "400", "--batch-size", "16", "--width", "16", "--layers", "2", "--log-every", "10",
+             "--eval-every", "0", "--train-images", "500", "--test-images", "200", "--device", "cpu", "--threads", "1"]
+    memvae = [sys.executable, "-m", "memvae"]
+    proc = subprocess.Popen([*memvae, "prior", str(run_dir), *given, "--out", str(folder), "--data-dir", str(data_dir)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    log = folder / "metrics.jsonl"
+    while not (log.exists() and log.stat().st_size) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first record: the loop, which turns SIGINT into a checkpoint, is running
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    stopped = int(err.split("stopped at update ")[1].split(",")[0])
+    assert 0 < stopped < 400, err
+    hint = shlex.split(err.strip().splitlines()[-1].partition("resume with ")[2])
+    assert hint[:3] == ["memvae", "prior", str(run_dir)] and hint[-1] == "--resume", err
+    assert " ".join(given) in " ".join(hint) and f"--out {folder}" in " ".join(hint), hint
+    done = subprocess.run([*memvae, *hint[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((folder / "eval.json").read_text())["prior_step"] == 400
+    assert max(r["step"] for r in MetricsLog(folder / "metrics.jsonl").read()) == 400

@@ -24,7 +24,7 @@ import torch
 from memvae.training import checkpoint
 from memvae.config import schema as C
 from memvae.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
-from memvae.data import ImageData, to_input
+from memvae.data import to_input
 from memvae.errors import MemvaeError
 from memvae.training.metrics import MetricsLog, read_metrics
 from memvae.networks.autoencoder import Autoencoder
@@ -46,12 +46,6 @@ TRAIN_ARGS = [
 def smoke(*overrides: str) -> C.Config:
     return C.load_config(SMOKE, ["train.threads=1", *overrides])
 
-
-@pytest.fixture(scope="module")
-def small_cifar(cifar) -> ImageData:
-    """The first 2,000 training and 200 test images of the real CIFAR-10, in memory: the
-    in-process runs below need no more, and skip loading and measuring all 50,000."""
-    return ImageData(cifar.train[:2000], cifar.test[:200], cifar.train_labels[:2000], cifar.test_labels[:200])
 
 
 def small_state(seed: int) -> dict:

@@ -1,11 +1,13 @@
 """Residual VQ: stage s quantises what stages < s left; prior and samples over S codes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from memvae.quantizers import bottleneck_class
 from memvae.config.schema import load_config
-from memvae.prior.fit import PriorOptions, sample_images, train_prior
+from memvae.prior.fit import PriorOptions, train_prior
+from memvae.prior.sample import sample_images
 from memvae.training.train import train
 from tests.conftest import CONFIGS
 
@@ -39,14 +41,16 @@ def test_sequences_and_gradient_reach_z():
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
-def test_two_stage_prior_and_samples_from_a_short_real_run(tmp_path, data_dir):
+@pytest.mark.slow
+def test_two_stage_prior_and_samples_from_a_short_real_run(tmp_path, cifar):
     cfg = load_config(CONFIGS / "residual_vq.toml", [
         "train.steps=30", "train.threads=1", "train.log_every=10", "train.eval_every=30", "train.checkpoint_every=30",
         "data.eval_images=100", "model.hidden=32", "model.res_hidden=8", "model.res_blocks=1", "model.embedding_dim=16",
         "bottleneck.slots=64"])
     run = tmp_path / "rvq"
-    train(cfg, run, data_dir=str(data_dir), show_progress=False)
-    result = train_prior(run, PriorOptions(steps=20, width=8, layers=2, train_images=500, test_images=100, threads=1))
+    train(cfg, run, data=cifar, show_progress=False)
+    result = train_prior(run, PriorOptions(steps=20, width=8, layers=2, train_images=500, test_images=100, threads=1),
+                         data=cifar)
     assert result["map_shape"] == [8, 16]  # each position's 2 stage codes side by side
     assert result["bits_per_index"] < 6.5  # log2 64 = 6: trained a little, near uniform or below
     images, codes = sample_images(run, 4, seed=0)

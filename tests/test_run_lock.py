@@ -107,6 +107,7 @@ def test_train_resume_into_a_live_run_fails_at_once_and_the_live_run_ends_identi
     _assert_identical(run, uninterrupted)
 
 
+@pytest.mark.slow
 def test_train_resume_on_a_run_compare_is_training_fails_at_once(tmp_path):
     out_dir = tmp_path / "cmp"
     run = out_dir / "runs" / "smoke-seed0"

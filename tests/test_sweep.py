@@ -63,6 +63,7 @@ def test_tiny_sweep_writes_tables_and_figure_then_resumes(tmp_path, data_dir, ca
         compare(tmp_path, **{**run, "steps": 30})
 
 
+@pytest.mark.slow
 def test_a_sweep_continues_beside_its_collected_small_files(tmp_path, data_dir, capsys):
     """The small files experiments/collect_results.sh keeps (no checkpoints) are reported
     again as they were, and later seeds (--first-seed) train beside them."""

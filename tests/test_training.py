@@ -35,12 +35,13 @@ def strip_times(records: list[dict]) -> list[dict]:
     ],
     ids=["vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write"],
 )
-def test_short_real_run_lowers_nmse_clearly(tmp_path, data_dir, bottleneck):
+@pytest.mark.slow
+def test_short_real_run_lowers_nmse_clearly(tmp_path, cifar, bottleneck):
     # The soft write needs sharp weights (β above soft k-means' critical value, which
     # scales with 1/variance of the encoder outputs): 200 suffices for the study's
     # networks, the smoke networks' smaller outputs need 5000 (measured: 1000 stays at NMSE 1).
     cfg = smoke("train.steps=300", "train.log_every=50", "train.eval_every=300", *bottleneck)
-    train(cfg, tmp_path / "run", show_progress=False)
+    train(cfg, tmp_path / "run", show_progress=False, data=cifar)
     records = read_metrics(tmp_path / "run")
     first, last = records[0]["train_nmse"], records[-1]["train_nmse"]
     assert last < 0.7 * first, f"train NMSE {first:.3f} -> {last:.3f}"
@@ -48,9 +49,9 @@ def test_short_real_run_lowers_nmse_clearly(tmp_path, data_dir, bottleneck):
     assert evals[-1]["eval_nmse"] < 0.7, evals[-1]
 
 
-def test_checkpoint_round_trip_gives_the_same_model(tmp_path, data_dir):
+def test_checkpoint_round_trip_gives_the_same_model(tmp_path, cifar):
     cfg = smoke("train.steps=20", "bottleneck.kind=vq_ema")
-    train(cfg, tmp_path / "run", show_progress=False)
+    train(cfg, tmp_path / "run", show_progress=False, data=cifar)
     state = load_latest(tmp_path / "run" / "checkpoints")
     # Plain data only: loadable with weights_only=True (load_latest uses it).
     assert state["step"] == 20 and isinstance(state["config"], dict)
@@ -68,13 +69,13 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path, data_dir):
                                   "bottleneck.encoder_gradient=straight_through", "bottleneck.reseed_fraction=0.25"]],
     ids=["vq_ema", "memory_discrete"],
 )
-def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, data_dir, bottleneck):
+def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, cifar, bottleneck):
     """Re-seeding draws random numbers every update: RNG state must be restored too."""
     cfg = smoke("train.steps=60", "train.log_every=10", "train.eval_every=30", "train.checkpoint_every=1000", *bottleneck)
-    train(cfg, tmp_path / "straight", show_progress=False)
-    train(cfg, tmp_path / "split", show_progress=False, stop_after=27)  # mid-interval
+    train(cfg, tmp_path / "straight", show_progress=False, data=cifar)
+    train(cfg, tmp_path / "split", show_progress=False, stop_after=27, data=cifar)  # mid-interval
     assert load_latest(tmp_path / "split" / "checkpoints")["step"] == 27
-    train(cfg, tmp_path / "split", resume=True, show_progress=False)
+    train(cfg, tmp_path / "split", resume=True, show_progress=False, data=cifar)
     a = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert strip_times(a) == strip_times(b)
@@ -83,18 +84,19 @@ def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, data_dir, bottl
         assert torch.equal(ma["model"][key], mb["model"][key]), key
 
 
-def test_same_seed_same_numbers_different_seed_different(tmp_path, data_dir):
+def test_same_seed_same_numbers_different_seed_different(tmp_path, cifar):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train(smoke("train.steps=20", "train.log_every=10", f"train.seed={seed}"), tmp_path / name, show_progress=False)
+        train(smoke("train.steps=20", "train.log_every=10", f"train.seed={seed}"), tmp_path / name, show_progress=False,
+              data=cifar)
         runs[name] = strip_times(read_metrics(tmp_path / name))
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
 
 
-def test_run_directory_holds_what_the_readme_promises(tmp_path, data_dir):
+def test_run_directory_holds_what_the_readme_promises(tmp_path, cifar):
     cfg = smoke("train.steps=20", "train.log_every=10", "train.eval_every=10")
-    train(cfg, tmp_path / "run", show_progress=False)
+    train(cfg, tmp_path / "run", show_progress=False, data=cifar)
     run = tmp_path / "run"
     assert C.load_config(run / "config.toml") == cfg
     meta = json.loads((run / "meta.json").read_text())

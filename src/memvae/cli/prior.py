@@ -79,7 +79,7 @@ def cmd_prior(args, extra: list[str]) -> None:
 
 
 def cmd_sample(args, extra: list[str]) -> None:
-    from memvae.prior.fit import sample_images
+    from memvae.prior.sample import sample_images
     from memvae.training.runlock import run_lock
     from memvae.training.train import resolve_device
 

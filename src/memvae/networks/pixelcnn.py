@@ -101,7 +101,7 @@ class GatedPixelCNN(nn.Module):
             columns hold S kinds of symbol in turn (column j holds kind j mod S), S pairs
             (first, size): kind s takes the values [first, first + size) of the K. The logits
             of the other values are −∞ there, so the likelihood puts no mass on indices a
-            column cannot hold (a mixture's slot indices and grid index, memvae.prior.fit).
+            column cannot hold (a mixture's slot indices and grid index, memvae.prior.codes).
     """
 
     def __init__(self, num_slots: int, width: int = 64, layers: int = 8, kernel: int = 3,

@@ -40,7 +40,9 @@ import torch
 from memvae.data import load_array_images, load_data, to_input
 from memvae.errors import MemvaeError
 from memvae.networks.autoencoder import Autoencoder
-from memvae.prior.fit import extract_codes, load_prior, nll_bits, prior_dir
+from memvae.prior.codes import extract_codes, nll_bits
+from memvae.prior.fit import prior_dir
+from memvae.prior.sample import load_prior
 from memvae.training.runlock import run_lock
 from memvae.training.runs import load_run
 
@@ -183,7 +185,7 @@ def score(model: Autoencoder, images: torch.Tensor, sigma: torch.Tensor, prior=N
           batch_size: int = 500, device: str | torch.device = "cpu") -> dict:
     """The bits of uint8 N×3×H×W ``images`` under a model, σ per channel and a prior.
 
-    ``prior``: a PixelCNN over the model's codes (:func:`memvae.prior.fit.load_prior`), or None
+    ``prior``: a PixelCNN over the model's codes (:func:`memvae.prior.sample.load_prior`), or None
     for a model whose own read is continuous (then only the decoder term is returned, and
     ``bits_per_dim`` is that term). Means over the images, in bits.
     """

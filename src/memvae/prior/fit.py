@@ -16,6 +16,9 @@ Layout inside a run directory::
 
 The prior is tied to the run's checkpoint it was fitted on (``model_step``): if the run
 trains further, its codes change meaning and the prior must be refitted.
+
+The codes themselves (extraction, vocabulary, bits) are :mod:`memvae.prior.codes`; drawing
+and decoding samples is :mod:`memvae.prior.sample`.
 """
 from __future__ import annotations
 
@@ -23,125 +26,27 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from memvae.training.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
-from memvae.data import load_data, to_input, to_uint8
+from memvae.data import ImageData, load_data
+from memvae.errors import MemvaeError
+from memvae.networks.pixelcnn import GatedPixelCNN
+from memvae.prior.codes import bits, extract_codes, nll_bits, symbol_ranges, unigram_bits, vocabulary
+from memvae.prior.options import PriorOptions
+from memvae.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memvae.training.distributed import Distributed, repeatable, resolve_device
 from memvae.training.guard import NonfiniteGuard
 from memvae.training.loop import run_updates
-from memvae.errors import MemvaeError
 from memvae.training.metrics import MetricsLog
-from memvae.networks.autoencoder import Autoencoder
-from memvae.networks.pixelcnn import GatedPixelCNN
-from memvae.prior.options import PriorOptions
 from memvae.training.runlock import run_lock
 from memvae.training.runs import load_run
 
 PRIOR_DIR = "prior"
-
-
-def bits(nats: float) -> float:
-    return nats / math.log(2.0)
-
-
-@torch.no_grad()
-def extract_codes(model: Autoencoder, images: torch.Tensor, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The slot map of every image: uint8 N×3×H×W -> int64 N×h×w (on the CPU); for S stages
-    of codes per position (residual VQ, N×h×w×S) an N×h×(w·S) map, each position's stages
-    side by side, so that the PixelCNN's raster order reads stage s of a position after its
-    stages < s and after every earlier position (:func:`stages_from_map` undoes it).
-
-    A code whose symbols take different values (a mixture's k slot indices in [0, K) and its
-    grid index in [0, C)) is written in the prior's vocabulary (:func:`symbol_ranges`):
-    symbol s of a position shifted to its own range; :func:`codes_from_map` undoes both.
-
-    The model runs in eval mode, so a memory model reads with its evaluation read; its
-    codes are the argmax weights either way. The model's mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        maps = [model(to_input(batch.to(device))).bottleneck.codes.cpu() for batch in images.split(batch_size)]
-    finally:
-        model.train(was_training)
-    codes = torch.cat(maps)
-    ranges = symbol_ranges(model.bottleneck)
-    if ranges is not None:
-        codes = codes + torch.tensor([first for first, _ in ranges])
-    return codes.flatten(2) if codes.dim() == 4 else codes
-
-
-def symbol_ranges(bottleneck) -> list[tuple[int, int]] | None:
-    """The prior's vocabulary for a bottleneck's codes: None when every symbol of a position
-    takes the same K values (one code, or residual VQ's stages: the vocabulary is K), else
-    (first, size) per symbol of a position, each symbol its own range of the vocabulary
-    Σ sizes, in order (a mixture: k ranges of K slot indices, then one of C grid indices).
-    The PixelCNN gives each column only its symbol's range, so its NLL is the cost of the
-    codes themselves, with no mass on values a symbol cannot take."""
-    sizes = bottleneck.symbol_sizes()
-    if len(set(sizes)) == 1:
-        return None
-    firsts = [sum(sizes[:s]) for s in range(len(sizes))]
-    return list(zip(firsts, sizes))
-
-
-def vocabulary(bottleneck) -> int:
-    """The number of values a prior over ``bottleneck``'s codes models (see :func:`symbol_ranges`)."""
-    ranges = symbol_ranges(bottleneck)
-    return bottleneck.codebook_size if ranges is None else sum(size for _, size in ranges)
-
-
-def stages_from_map(codes: torch.Tensor, stages: int) -> torch.Tensor:
-    """N×h×(w·S) -> N×h×w×S, the inverse of :func:`extract_codes`' layout (S = 1: unchanged)."""
-    return codes if stages == 1 else codes.view(codes.shape[0], codes.shape[1], -1, stages)
-
-
-def codes_from_map(codes: torch.Tensor, bottleneck) -> torch.Tensor:
-    """A map in the prior's vocabulary (:func:`extract_codes`) -> the bottleneck's own codes,
-    N×h×w or N×h×w×S, ready for its ``decode_codes``."""
-    codes = stages_from_map(codes, bottleneck.stages)
-    ranges = symbol_ranges(bottleneck)
-    if ranges is not None:
-        codes = codes - torch.tensor([first for first, _ in ranges], device=codes.device)
-    return codes
-
-
-@torch.no_grad()
-def nll_bits(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
-    """Mean negative log2-likelihood per index of N×h×w codes under ``prior`` (float64 sum)."""
-    prior.eval()
-    total, count = 0.0, 0
-    for batch in codes.split(batch_size):
-        batch = batch.to(device)
-        total += float(F.cross_entropy(prior(batch), batch, reduction="sum").double())
-        count += batch.numel()
-    return bits(total / count)
-
-
-def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, num_slots: int,
-                 ranges: list[tuple[int, int]] | None = None) -> float:
-    """Bits per index of the test codes under the training codes' slot frequencies
-    (add-one smoothed): the baseline a prior that models context must beat. With
-    ``ranges`` (:func:`symbol_ranges`) each kind of symbol (column j mod S) has its own
-    frequencies over its own range."""
-    if ranges is None:
-        counts = torch.bincount(train_codes.reshape(-1), minlength=num_slots).double() + 1.0
-        logp = (counts / counts.sum()).log()
-        return bits(float(-logp[test_codes.reshape(-1)].mean()))
-    total, count = 0.0, 0
-    for kind, (first, size) in enumerate(ranges):
-        train_s = train_codes[..., kind::len(ranges)].reshape(-1) - first
-        test_s = test_codes[..., kind::len(ranges)].reshape(-1) - first
-        counts = torch.bincount(train_s, minlength=size).double() + 1.0
-        total += float(-(counts / counts.sum()).log()[test_s].sum())
-        count += test_s.numel()
-    return bits(total / count)
 
 
 def prior_dir(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
@@ -158,6 +63,7 @@ def train_prior(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    data: ImageData | None = None,
 ) -> dict:
     """Fit a gated PixelCNN to the slot maps of a trained run, then evaluate it.
 
@@ -179,11 +85,13 @@ def train_prior(
             but for those in :data:`RESUMABLE`; ``steps`` may grow).
         stop_after: stop with a checkpoint after this many updates in total, as on
             SIGTERM (for tests); returns ``{"stopped_at": update}`` then.
+        data: the run's images already in memory (skips loading them, as ``train``'s ``data``).
     """
     options = dataclasses.replace(options or PriorOptions()).validate()
     # RUN_DIR/prior has one writer, and the run does not train on meanwhile (memvae.training.runlock).
     with run_lock(run_dir, create=False):
-        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out), resume, stop_after)
+        return _train_prior(run_dir, options, data_dir, overwrite, progress, prior_dir(run_dir, out), resume, stop_after,
+                            data)
 
 
 # Options a resumed prior may change: they change when it logs, stops or where it runs, not what it fits.
@@ -191,7 +99,8 @@ RESUMABLE = ("steps", "log_every", "eval_every", "eval_maps", "extract_batch", "
 
 
 def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: str | os.PathLike | None,
-                 overwrite: bool, progress, out_dir: Path, resume: bool, stop_after: int | None) -> dict:
+                 overwrite: bool, progress, out_dir: Path, resume: bool, stop_after: int | None,
+                 data: ImageData | None) -> dict:
     """:func:`train_prior`, with the run directory locked."""
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and not (overwrite or resume):
@@ -201,7 +110,8 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     device = resolve_device(options.device)
     model, cfg, state = load_run(run_dir, device)
     saved = _prior_to_resume(out_dir, options, int(state["step"]), device) if resume else None
-    data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
+    if data is None:
+        data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     train_images = data.train[: options.train_images or None]
     test_images = data.test[: options.test_images or None]
     if not model.bottleneck.discrete:
@@ -231,7 +141,10 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
         t.load_state_dict(saved)
     log = PriorLog(out_dir / "metrics.jsonl", t.step, progress)
     every = (options.log_every, options.eval_every, options.eval_every)  # a checkpoint at each evaluation
-    resume_command = f"memvae prior {run_dir}{'' if out_dir == prior_dir(run_dir) else f' --out {out_dir}'} --resume"
+    # A command that continues this fit as it was asked for: its target, network and data (issue 35).
+    resume_command = shlex.join(["memvae", "prior", str(run_dir), *options.command_flags(),
+                                 *([] if out_dir == prior_dir(run_dir) else ["--out", str(out_dir)]),
+                                 *([] if data_dir is None else ["--data-dir", str(data_dir)]), "--resume"])
     with repeatable(device):
         run_updates(t, log, ranks, options.steps, every, stop_after, resume_command)
     if t.step < options.steps:
@@ -291,7 +204,7 @@ class PriorTrainer:
 
     ``codes``: int64 N×h×w training maps (moved to the prior's device once); ``eval_codes``:
     the test maps of the "eval" records; ``meta``: num_slots, map_shape, model_step (and
-    symbol_ranges, see :func:`symbol_ranges`), kept in
+    symbol_ranges, see :func:`memvae.prior.codes.symbol_ranges`), kept in
     every checkpoint.
     """
 
@@ -392,84 +305,3 @@ class PriorLog:
 
     def close(self) -> None:
         pass
-
-
-def load_prior(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
-               prior: str | os.PathLike | None = None) -> tuple[GatedPixelCNN, dict]:
-    """The trained prior of a run directory (in ``prior``, default RUN_DIR/prior), in eval
-    mode, and its checkpoint dict."""
-    state = load_latest(prior_dir(run_dir, prior) / "checkpoints", map_location=device)
-    if state is None:
-        where = f" in {prior}" if prior is not None else ""
-        out = f" --out {prior}" if prior is not None else ""
-        raise MemvaeError(f"{run_dir} has no trained prior{where}; run `memvae prior {run_dir}{out}` first")
-    opts = state["options"]
-    ranges = state.get("symbol_ranges")
-    prior = GatedPixelCNN(int(state["num_slots"]), int(opts["width"]), int(opts["layers"]), int(opts["kernel"]),
-                          None if ranges is None else [tuple(r) for r in ranges]).to(device)
-    try:
-        prior.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise MemvaeError(f"the prior checkpoint of {run_dir} does not fit its own options: {str(exc).splitlines()[0]}") from None
-    return prior.eval(), state
-
-
-@torch.no_grad()
-def sample_codes(
-    prior: GatedPixelCNN,
-    n: int,
-    map_shape: tuple[int, int],
-    temperature: float = 1.0,
-    seed: int | None = None,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Draw ``n`` maps from the prior in raster order -> int64 n×h×w.
-
-    Each position is drawn from softmax(logits / temperature) given the positions
-    already drawn; temperature < 1 sharpens the distribution, > 1 flattens it. The
-    draws use their own generator seeded with ``seed`` (None: a fresh random seed), so
-    they are repeatable and leave torch's global random state alone. One forward pass
-    per position: h·w passes in all.
-    """
-    if not temperature > 0:
-        raise MemvaeError(f"temperature must be > 0, got {temperature!r}")
-    if n <= 0:
-        raise MemvaeError(f"number of samples must be > 0, got {n!r}")
-    prior.eval()
-    device = torch.device(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-    h, w = map_shape
-    codes = torch.zeros(n, h, w, dtype=torch.int64, device=device)
-    for i in range(h):
-        for j in range(w):
-            # Positions from (i, j) on are still zeros; causality makes them irrelevant here.
-            probs = (prior(codes)[:, :, i, j].double() / temperature).softmax(1)
-            codes[:, i, j] = torch.multinomial(probs, 1, generator=gen)[:, 0]
-    return codes
-
-
-def sample_images(
-    run_dir: str | os.PathLike,
-    n: int,
-    temperature: float = 1.0,
-    seed: int | None = None,
-    device: str | torch.device = "cpu",
-    prior_path: str | os.PathLike | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``n`` slot maps from a run's prior (in ``prior_path``, default RUN_DIR/prior)
-    and decode them with the run's model.
-
-    Returns (uint8 images n×3×H×W, int64 codes n×h×w). Refuses a prior fitted to an
-    earlier checkpoint of the run than the one loaded.
-    """
-    prior, state = load_prior(run_dir, device, prior_path)
-    model, _, model_state = load_run(run_dir, device)
-    if int(model_state["step"]) != int(state["model_step"]):
-        raise MemvaeError(
-            f"the prior of {run_dir} was fitted to the model at update {state['model_step']}, but the run is now at "
-            f"update {model_state['step']}; fit it again with `memvae prior {run_dir} --overwrite`"
-        )
-    codes = sample_codes(prior, n, tuple(state["map_shape"]), temperature, seed, device)
-    images = to_uint8(model.decode_codes(codes_from_map(codes, model.bottleneck)))
-    return images.cpu(), codes.cpu()

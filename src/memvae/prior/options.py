@@ -2,7 +2,7 @@
 command line can show its defaults without importing torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from memvae.errors import MemvaeError
 
@@ -63,3 +63,18 @@ class PriorOptions:
         if self.kernel < 3 or self.kernel % 2 == 0:
             raise MemvaeError(f"prior option kernel must be odd and >= 3, got {self.kernel!r}")
         return self
+
+    def command_flags(self) -> list[str]:
+        """The ``memvae prior`` options that give these options, defaults left out: what a
+        command that continues this fit must repeat (a resumed fit trains to the ``steps``
+        its command names, and refuses other network options)."""
+        words = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name not in NO_FLAG and value != field.default:
+                words += [f"--{field.name.replace('_', '-')}", str(value)]
+        return words
+
+
+# Options that ``memvae prior`` does not take (the library's alone); neither changes the fit.
+NO_FLAG = ("eval_maps", "extract_batch")
