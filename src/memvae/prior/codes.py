@@ -64,7 +64,7 @@ def symbol_ranges(bottleneck) -> list[tuple[int, int]] | None:
 def vocabulary(bottleneck) -> int:
     """The number of values a prior over ``bottleneck``'s codes models (see :func:`symbol_ranges`)."""
     ranges = symbol_ranges(bottleneck)
-    return bottleneck.num_slots if ranges is None else sum(size for _, size in ranges)
+    return bottleneck.codebook_size if ranges is None else sum(size for _, size in ranges)
 
 
 def stages_from_map(codes: torch.Tensor, stages: int) -> torch.Tensor:
