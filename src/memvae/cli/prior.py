@@ -5,7 +5,6 @@ Library code never imports this module.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,8 +42,10 @@ def save_grid(images, out: str | Path) -> Path:
 
 
 def cmd_prior(args, extra: list[str]) -> None:
+    from memvae.cli.main import existing_run_dirs
     from memvae.prior.fit import PriorOptions, train_prior
 
+    existing_run_dirs([args.run_dir])
     options = PriorOptions(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, width=args.width,
         layers=args.layers, kernel=args.kernel, log_every=args.log_every, eval_every=args.eval_every,
@@ -83,6 +84,9 @@ def cmd_sample(args, extra: list[str]) -> None:
     from memvae.training.runlock import run_lock
     from memvae.training.train import resolve_device
 
+    from memvae.cli.main import existing_run_dirs
+
+    existing_run_dirs([args.run_dir])
     if args.n <= 0:
         raise MemvaeError(f"--n must be > 0, got {args.n}")
     if args.threads:
@@ -90,21 +94,37 @@ def cmd_sample(args, extra: list[str]) -> None:
 
         torch.set_num_threads(args.threads)
     # A grid written into the run is a write into it: one writer at a time (memvae.training.runlock).
+    from memvae.training.runs import load_run
+
+    model, _, _ = load_run(args.run_dir, "cpu")
+    if not model.bottleneck.discrete:  # no codes: no prior to fit, so do not advise fitting one
+        raise MemvaeError(f"{args.run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): it has "
+                          "no codes, so no prior can be fitted to it or sampled from; sample a discrete model's run "
+                          "(vq, vq_ema, memory_discrete, fsq, ...)")
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir, create=False) if into_run else nullcontext():
         images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device), args.prior)
         print(f"wrote {save_grid(images, args.out)}")
 
 
-def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
-    """Add ``prior`` and ``sample`` to ``sub`` (the subparsers of the memvae parser);
-    ``common`` is the parent parser holding --debug."""
+def add_prior_commands(sub) -> None:
+    """Add ``prior`` and ``sample`` to ``sub`` (the subparsers of the memvae parser; it adds
+    --debug to each, last)."""
     from memvae.prior.options import PriorOptions
 
     d = PriorOptions()
-    p = sub.add_parser("prior", parents=[common], help="fit a gated PixelCNN prior to a run's slot maps; writes RUN_DIR/prior/")
+    p = sub.add_parser("prior", help="fit a gated PixelCNN prior to a run's slot maps; writes RUN_DIR/prior/")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
     p.add_argument("--steps", type=int, default=d.steps, help=f"Adam updates (default {d.steps})")
+    p.add_argument("--out", help="the prior's folder (default RUN_DIR/prior/): a second prior beside the first")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the prior in RUN_DIR/prior/ (or --out) from its newest checkpoint, exactly; "
+                        "--steps may grow, the options that shape the fit must be its own")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--data-dir", help="data directory (default: the run's, else $MEMVAE_DATA_DIR, else ~/.cache/memvae)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
+    p.add_argument("--quiet", action="store_true", help="print only the final result")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"maps per update (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     p.add_argument("--width", type=int, default=d.width, help=f"PixelCNN channels (default {d.width})")
@@ -116,26 +136,17 @@ def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
                    help=f"updates between test-subset records and checkpoints; 0: only at the end (default {d.eval_every})")
     p.add_argument("--train-images", type=int, default=0, help="use only the first N training images (default 0: all)")
     p.add_argument("--test-images", type=int, default=0, help="use only the first N test images (default 0: all)")
-    p.add_argument("--data-dir", help="data directory (default: the run's, else $MEMVAE_DATA_DIR, else ~/.cache/memvae)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
-    p.add_argument("--out", help="the prior's folder (default RUN_DIR/prior/): a second prior beside the first")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the prior in RUN_DIR/prior/ (or --out) from its newest checkpoint, exactly; "
-                        "--steps may grow, the options that shape the fit must be its own")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite,
                    help=f"a NaN/Inf loss stops the fit (its last checkpoint kept) or skips the update (default {d.on_nonfinite})")
-    p.add_argument("--quiet", action="store_true", help="print only the final result")
     p.set_defaults(func=cmd_prior)
 
-    p = sub.add_parser("sample", parents=[common], help="draw slot maps from a run's prior and decode them into an image grid")
+    p = sub.add_parser("sample", help="draw slot maps from a run's prior and decode them into an image grid")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a fitted prior (memvae prior)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output PNG: a grid of ceil(sqrt(n)) columns")
-    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; < 1 sharper, > 1 more varied (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a fresh random one)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.set_defaults(func=cmd_sample)
