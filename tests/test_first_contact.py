@@ -135,3 +135,21 @@ def test_resume_at_or_past_the_target_and_hints_on_a_continuous_run(tmp_path):
     assert "no codes" in out.stderr and "memvae prior" not in out.stderr
     out = run_memvae("prior", run, "--steps", 2)
     assert out.returncode == 2 and "a prior needs one code per position" in out.stderr
+
+
+def test_the_bar_shows_one_rate_and_one_time_left_the_plain_lines():
+    import io
+
+    from tqdm import tqdm
+
+    from memvae.training.metrics import BAR_FORMAT, progress_line, rate_text
+
+    record, clock = {"step": 300, "train_seconds": 40.0, "train_nmse": 0.1}, (100, 20.0)
+    assert rate_text(record, 1000, clock) == ", 10.00 updates/s, about 70 s left"
+    assert progress_line("vq", record, 1000, clock).endswith(rate_text(record, 1000, clock))
+    out = io.StringIO()
+    bar = tqdm(total=1000, initial=300, file=out, bar_format=BAR_FORMAT, desc="vq")
+    bar.set_postfix_str("NMSE 0.1000" + rate_text(record, 1000, clock))
+    bar.close()
+    shown = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert shown.count("/s") == 1 and shown.count("left") == 1 and "it/s" not in shown, shown

@@ -20,12 +20,14 @@ def grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def save_grid(images, out: str | Path) -> Path:
-    """uint8 N×3×H×W images -> a PNG grid (see :func:`grid_shape`) with ``GRID_GAP``
-    white pixels between and around them; its size is
-    (cols·(W + gap) + gap) × (rows·(H + gap) + gap)."""
+SAMPLE_SCALE = 4  # screen pixels per image pixel in the sample command's figure: 32×32 samples at 128×128
+
+
+def grid_pixels(images):
+    """uint8 N×3×H×W images -> an H'×W'×3 uint8 grid (see :func:`grid_shape`) with
+    ``GRID_GAP`` white pixels between and around them: H' = rows·(H + gap) + gap,
+    W' = cols·(W + gap) + gap."""
     import numpy as np
-    from PIL import Image
 
     n, _, h, w = images.shape
     rows, cols = grid_shape(n)
@@ -35,9 +37,16 @@ def save_grid(images, out: str | Path) -> Path:
     for k in range(n):
         r, c = divmod(k, cols)
         canvas[g + r * (h + g) : g + r * (h + g) + h, g + c * (w + g) : g + c * (w + g) + w] = pixels[k]
+    return canvas
+
+
+def save_grid(images, out: str | Path) -> Path:
+    """uint8 N×3×H×W images -> a PNG of :func:`grid_pixels`, pixel for pixel."""
+    from PIL import Image
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out)
+    Image.fromarray(grid_pixels(images)).save(out)
     return out
 
 
@@ -96,7 +105,9 @@ def cmd_sample(args, extra: list[str]) -> None:
     # A grid written into the run is a write into it: one writer at a time (memvae.training.runlock).
     from memvae.training.runs import load_run
 
-    model, _, _ = load_run(args.run_dir, "cpu")
+    from memvae.experiments.plots import sample_figure
+
+    model, cfg, state = load_run(args.run_dir, "cpu")
     if not model.bottleneck.discrete:  # no codes: no prior to fit, so do not advise fitting one
         raise MemvaeError(f"{args.run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): it has "
                           "no codes, so no prior can be fitted to it or sampled from; sample a discrete model's run "
@@ -104,7 +115,11 @@ def cmd_sample(args, extra: list[str]) -> None:
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir, create=False) if into_run else nullcontext():
         images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device), args.prior)
-        print(f"wrote {save_grid(images, args.out)}")
+        seed = "a random seed" if args.seed is None else f"seed {args.seed}"
+        prior = args.prior or Path(args.run_dir) / "prior"
+        title = (f"{args.n} samples of {args.run_dir} ({cfg.name}, update {int(state['step'])}) from the prior in {prior}, "
+                 f"temperature {args.temperature:g}, {seed}")
+        print(f"wrote {sample_figure(grid_pixels(images), args.out, title, SAMPLE_SCALE)}")
 
 
 def add_prior_commands(sub) -> None:
@@ -143,7 +158,8 @@ def add_prior_commands(sub) -> None:
     p = sub.add_parser("sample", help="draw slot maps from a run's prior and decode them into an image grid")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a fitted prior (memvae prior)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", required=True, help="output PNG: a grid of ceil(sqrt(n)) columns")
+    p.add_argument("--out", required=True, help="output PNG: a grid of ceil(sqrt(n)) columns, each sample shown "
+                   f"{SAMPLE_SCALE}× its size, under a title")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; < 1 sharper, > 1 more varied (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a fresh random one)")
     p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
