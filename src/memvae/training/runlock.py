@@ -46,7 +46,7 @@ def holder_command() -> str:
 
 
 @contextmanager
-def run_lock(run_dir: str | os.PathLike, create: bool = True, remove_if_unused: bool | None = None):
+def run_lock(run_dir: str | os.PathLike, create: bool = True, remove_if_unused: bool = False):
     """Hold the lock on ``run_dir`` while the block runs.
 
     Args:
@@ -54,7 +54,7 @@ def run_lock(run_dir: str | os.PathLike, create: bool = True, remove_if_unused: 
         create: make it (and missing parents) first, as training does; without it the
             directory must exist (prior, eval, sample write into a trained run).
         remove_if_unused: on release, remove the lock file and ``run_dir`` if nothing else
-            is in it (default: when this call created ``run_dir``).
+            is in it (``train`` asks for it when it creates the run directory).
 
     Raises MemvaeError, one line: another process holds the lock (its pid and command),
     or the directory cannot be created or written (permission, read-only file system,
@@ -64,8 +64,6 @@ def run_lock(run_dir: str | os.PathLike, create: bool = True, remove_if_unused: 
     if fcntl is None:
         yield
         return
-    if remove_if_unused is None:
-        remove_if_unused = create and not run_dir.exists()
     while True:
         fd = _open_lock_file(run_dir, create)
         try:
@@ -101,8 +99,8 @@ def _still_named(fd: int, run_dir: Path) -> bool:
 
 
 def _remove_if_unused(run_dir: Path) -> None:
-    """Remove the lock file and ``run_dir`` (which this process created) when nothing else was
-    written into it; called with the lock held. Anything left in the way is left as it is."""
+    """Remove the lock file and ``run_dir`` when nothing else was written into it; called with
+    the lock held. Anything in the way is left as it is."""
     try:
         if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
             (run_dir / LOCK_FILE).unlink()
