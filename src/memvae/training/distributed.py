@@ -122,9 +122,10 @@ def default_threads() -> int:
     set (a cluster job's share of its cores, torchrun's 1), else 1.
 
     One, not torch's own default of one per core: a run whose threads outnumber the cores
-    free to it (two runs side by side, or any other work on the machine) slows down many
+    free to it (two runs side by side, or any other work on the machine) slows down several
     times over, as its threads wait on each other (memory_discrete on the busy 2-core
-    machine: 2.9 updates/s at 1 thread, 0.25 at 2; README, "How long it takes"). More
+    machine at about the same load: 0.82–1.15 updates/s at 1 thread, 0.28 at 2; README,
+    "What the two commands print, and how long they take"). More
     threads are for a machine known to be idle (--threads N). A fixed rule, not one read
     from the machine's load, because the count changes a run's numbers.
     """
