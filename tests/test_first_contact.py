@@ -124,6 +124,10 @@ def test_resume_at_or_past_the_target_and_hints_on_a_continuous_run(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == (
         f"done: {run} (already at update 6 of 6, nothing to train; checkpoint of update 6)")
+    # named by its config too: the run's own target, not the config's default of 25,000
+    out = run_memvae("train", "--config", "smoke", "--kind", "memory", "--eval_every", 6, "--log_every", 6, "--eval_images", 50,
+                     "--resume", "--run-dir", run, "--no-progress")
+    assert out.returncode == 0 and "already at update 6 of 6" in out.stdout, out.stdout + out.stderr
     # past it: a run is not shortened, one line and status 2
     out = run_memvae("train", "--resume", "--run-dir", run, "--steps", 4, "--no-progress")
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [

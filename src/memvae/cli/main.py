@@ -58,6 +58,15 @@ def cmd_train(args, extra: list[str]) -> None:
         raise MemvaeError("memvae train needs --config NAME or FILE (`memvae configs` lists the names), "
                           "or --resume with --run-dir of an existing run")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    steps_given = any(o.split("=", 1)[0] in ("steps", "train.steps") for o in overrides)
+    if args.resume and args.config is not None and not steps_given and (run_dir / "config.toml").exists():
+        # Resuming keeps the target the run was given (its config.toml), not the named config's default.
+        import dataclasses
+
+        from memvae.config import schema as C
+
+        saved = C.load_config(run_dir / "config.toml", saved=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=saved.train.steps))
     last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
         # The model the run leaves is its newest checkpoint on disk: say which update that is.
