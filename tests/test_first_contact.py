@@ -131,8 +131,8 @@ def test_resume_at_or_past_the_target_and_hints_on_a_continuous_run(tmp_path):
     # past it: a run is not shortened, one line and status 2
     out = run_memvae("train", "--resume", "--run-dir", run, "--steps", 4, "--no-progress")
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
-        f"error: run {run} is already at update 6, past train.steps 4: nothing to train (a run is not shortened; "
-        "resume with --steps above 6 to train further)"])
+        (f"error: run {run} is already at update 6, past train.steps 4: nothing to train (a run is not shortened; "
+         "resume with --steps above 6 to train further)")])
     # a soft read has no codes: sample does not advise the prior that prior refuses
     out = run_memvae("sample", run, "--n", 4, "--out", tmp_path / "s.png")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1

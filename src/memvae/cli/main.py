@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     from memvae.cli.prior import add_prior_commands
 
     add_prior_commands(sub)
-    for name, p in sub.choices.items():  # last in each --help: the most used options come first
+    for p in sub.choices.values():  # last in each --help: the most used options come first
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.set_defaults(subparser=p)
     return parser
