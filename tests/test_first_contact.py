@@ -38,3 +38,122 @@ def test_a_missing_data_dir_is_one_line_not_a_download(tmp_path):
         f"error: data folder {tmp_path / 'typo'} does not exist; check the path (for CIFAR-10, --download creates it "
         "and downloads the data into it)"]
     assert not (tmp_path / "typo").exists() and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ issue 35: first contact, second pass
+MOST_USED = {  # what a newcomer reaches for first, in the order --help lists it
+    "train": ["--config", "--steps", "--run-dir", "--resume", "--threads"],
+    "eval": ["--data-dir"],
+    "compare": ["--models", "--steps", "--seeds", "--out", "--jobs", "--test-images"],
+    "prior": ["--steps", "--out", "--resume", "--threads"],
+    "sample": ["--n", "--out", "--temperature"],
+}
+
+
+def test_help_lists_the_most_used_options_first_and_debug_last():
+    import argparse
+
+    from memvae.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        options = [a.option_strings[-1] for a in sub._actions if a.option_strings]
+        assert options[0] == "--help" and options[-1] == "--debug", (name, options)
+        assert options[1:1 + len(MOST_USED.get(name, []))] == MOST_USED.get(name, []), (name, options)
+    text = commands["train"].format_help()
+    assert "--steps N" in text and "--threads N" in text and "--train.lr" in text
+
+
+def test_a_new_run_trains_with_one_thread_unless_told_otherwise(monkeypatch):
+    """The default does not follow the core count (threads beyond the free cores collapse a
+    run on a shared machine), but an explicit OMP_NUM_THREADS (a cluster job) and a resumed
+    run's own count still win; the count is fixed, never read from the machine's load."""
+    from memvae.training.distributed import choose_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(0, None, 0, False) == (1, None)
+    assert choose_threads(2, None, 0, False) == (2, None)
+    assert choose_threads(0, 2, 10, True) == (2, None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(0, None, 0, False) == (3, None)
+
+
+def test_a_typo_of_an_option_says_which_was_meant():
+    out = run_memvae("train", "--confg", "memory_discrete")
+    assert (out.returncode, out.stderr.strip().splitlines()) == (
+        2, ["error: unknown option --confg; did you mean --config? (memvae train --help lists them)"])
+    out = run_memvae("compare", "--stpes", "3")
+    assert out.returncode == 2 and "did you mean --steps?" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_memvae("eval", "runs/x", "--bogus")
+    assert (out.returncode, out.stderr.strip().splitlines()) == (
+        2, ["error: unrecognized arguments: --bogus (memvae eval --help lists the options)"])
+
+
+def test_commands_on_a_run_directory_that_does_not_exist_say_so(tmp_path):
+    missing = tmp_path / "no_such_run"
+    for args in (("eval", missing), ("reconstruct", missing, "--out", tmp_path / "g.png"), ("bpd", missing),
+                 ("prior", missing), ("sample", missing, "--out", tmp_path / "s.png")):
+        out = run_memvae(*args)
+        assert (out.returncode, out.stderr.strip().splitlines()) == (
+            2, [f"error: run directory {missing} does not exist"]), args
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path):
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    run = tmp_path / "runs" / "r"
+    out = run_memvae("train", "--config", "smoke", "--run-dir", run, "--data.source", "folder", "--data-dir", empty)
+    assert out.returncode == 2 and out.stderr.startswith("error: image folder")
+    assert not run.exists()
+
+
+def _smoke_memory_run(tmp_path, steps: int = 6):
+    """The smoke networks with the study's soft memory read (continuous: no codes), trained ``steps`` updates."""
+    run = tmp_path / "mem"
+    out = run_memvae("train", "--config", "smoke", "--kind", "memory", "--steps", steps, "--run-dir", run,
+                     "--eval_every", steps, "--log_every", steps, "--eval_images", 50, "--no-progress", timeout=600)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+def test_resume_at_or_past_the_target_and_hints_on_a_continuous_run(tmp_path):
+    run = _smoke_memory_run(tmp_path)
+    # at its target: nothing to train, exit 0 with a done line
+    out = run_memvae("train", "--resume", "--run-dir", run, "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == (
+        f"done: {run} (already at update 6 of 6, nothing to train; checkpoint of update 6)")
+    # named by its config too: the run's own target, not the config's default of 25,000
+    out = run_memvae("train", "--config", "smoke", "--kind", "memory", "--eval_every", 6, "--log_every", 6, "--eval_images", 50,
+                     "--resume", "--run-dir", run, "--no-progress")
+    assert out.returncode == 0 and "already at update 6 of 6" in out.stdout, out.stdout + out.stderr
+    # past it: a run is not shortened, one line and status 2
+    out = run_memvae("train", "--resume", "--run-dir", run, "--steps", 4, "--no-progress")
+    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
+        (f"error: run {run} is already at update 6, past train.steps 4: nothing to train (a run is not shortened; "
+         "resume with --steps above 6 to train further)")])
+    # a soft read has no codes: sample does not advise the prior that prior refuses
+    out = run_memvae("sample", run, "--n", 4, "--out", tmp_path / "s.png")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "no codes" in out.stderr and "memvae prior" not in out.stderr
+    out = run_memvae("prior", run, "--steps", 2)
+    assert out.returncode == 2 and "a prior needs one code per position" in out.stderr
+
+
+def test_the_bar_shows_one_rate_and_one_time_left_the_plain_lines():
+    import io
+
+    from tqdm import tqdm
+
+    from memvae.training.metrics import BAR_FORMAT, progress_line, rate_text
+
+    record, clock = {"step": 300, "train_seconds": 40.0, "train_nmse": 0.1}, (100, 20.0)
+    assert rate_text(record, 1000, clock) == ", 10.00 updates/s, about 70 s left"
+    assert progress_line("vq", record, 1000, clock).endswith(rate_text(record, 1000, clock))
+    out = io.StringIO()
+    bar = tqdm(total=1000, initial=300, file=out, bar_format=BAR_FORMAT, desc="vq")
+    bar.set_postfix_str("NMSE 0.1000" + rate_text(record, 1000, clock))
+    bar.close()
+    shown = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert shown.count("/s") == 1 and shown.count("left") == 1 and "it/s" not in shown, shown

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memvae.cli.prior import GRID_GAP, add_prior_commands, grid_shape
+from memvae.cli.prior import GRID_GAP, SAMPLE_SCALE, add_prior_commands, grid_shape
 from memvae.config.schema import load_config
 from memvae.data import to_uint8
 from memvae.errors import MemvaeError
@@ -201,9 +201,9 @@ def parser() -> argparse.ArgumentParser:
     """A parser built the way memvae.cli.main builds its own."""
     p = argparse.ArgumentParser(prog="memvae")
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true")
-    add_prior_commands(sub, common)
+    add_prior_commands(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true")
     return p
 
 
@@ -231,9 +231,10 @@ def test_cli_prior_and_sample_end_to_end(run_dir, tmp_path, capsys, data_dir):
         png = tmp_path / f"samples{n}.png"
         cli(["sample", str(copy), "--n", str(n), "--out", str(png), "--seed", "5", "--temperature", "0.8"])
         rows, cols = grid_shape(n)
-        with Image.open(png) as img:
-            assert img.size == (cols * (32 + GRID_GAP) + GRID_GAP, rows * (32 + GRID_GAP) + GRID_GAP)
-            assert img.mode == "RGB"
+        with Image.open(png) as img:  # each sample shown SAMPLE_SCALE× its size, under a title
+            assert img.size[0] == SAMPLE_SCALE * (cols * (32 + GRID_GAP) + GRID_GAP)
+            assert img.size[1] > SAMPLE_SCALE * (rows * (32 + GRID_GAP) + GRID_GAP)
+            assert img.mode in ("RGB", "RGBA")
     assert (rows, cols) == (8, 8) and grid_shape(10) == (3, 4)
     first = (tmp_path / "samples64.png").read_bytes()
     cli(["sample", str(copy), "--n", "64", "--out", str(tmp_path / "again.png"), "--seed", "5", "--temperature", "0.8"])

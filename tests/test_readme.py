@@ -13,15 +13,60 @@ from tests.cli_util import cli_env
 from tests.conftest import REPO, _data_dir
 
 README = (REPO / "README.md").read_text()
+REFERENCE = (REPO / "docs" / "reference.md").read_text()  # the README's reference material, moved
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+def _blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_python_examples_run(index):
-    exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), {})
+PYTHON = [(f"README.md python block {i}", b) for i, b in enumerate(_blocks("python"))] + \
+         [(f"docs/reference.md python block {i}", b) for i, b in enumerate(_blocks("python", REFERENCE))]
+
+
+@pytest.mark.parametrize("where", [where for where, _ in PYTHON])
+def test_python_examples_run(where):
+    exec(compile(dict(PYTHON)[where], where, "exec"), {})
+
+
+def _setup_lines() -> list[str]:
+    """The README's first block: the line that installs and runs the main job, the line that
+    installs and runs the tests."""
+    return _blocks("bash")[0].strip().splitlines()
+
+
+def test_the_readme_opens_with_the_two_commands_and_holds_no_other_bash_block_untested():
+    main_job, tests = _setup_lines()
+    assert README.startswith("# memvae\n\n```bash\n")
+    assert main_job.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
+    assert main_job.split(" && ")[-1].startswith("memvae compare ")
+    assert tests.split(" && ")[-2:] == ["MEMVAE_DATA_DIR=../shared/data python -m pytest -q --run-slow", "lint-imports"]
+    assert len(_blocks("bash")) == 2 and _blocks("bash")[1] == _example_block()
+    assert _blocks("bash", REFERENCE) == []  # reference commands are in tables and prose, run by other tests
+
+
+def test_lint_imports_of_the_test_line_passes():
+    """The test line's last command: the import layers (pyproject.toml [tool.importlinter])."""
+    linter = Path(sys.executable).parent / "lint-imports"
+    if not linter.exists():
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    out = subprocess.run([str(linter)], cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_with_fewer_updates(tmp_path):
+    """The first line's memvae command verbatim, with 20 updates per run and 200 test images
+    (in full: five runs of 25,000 updates, hours on a CPU; README, "How long they take")."""
+    command = _setup_lines()[0].split(" && ")[-1].replace("../shared/data", str(_data_dir()))
+    env = cli_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = subprocess.run(["bash", "-e", "-c", f"{command} --steps 20 --test-images 200 --no-progress"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=1500, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "wrote runs/compare/convergence.png, reconstructions.png, results.md, results.json" in out.stdout
+    for name in ("convergence.png", "reconstructions.png", "results.md", "results.json"):
+        assert (tmp_path / "runs" / "compare" / name).exists(), name
 
 
 def _example_block() -> str:

@@ -7,8 +7,9 @@ command differed from the first updates on (issue 12; docs/reliability.md).
 
 The reference of each bottleneck is trained twice in this process (``train.threads=2``);
 the killed and resumed runs are real ``python -m memvae train`` subprocesses whose default
-thread count is 2 (``OMP_NUM_THREADS=2``, no ``--train.threads``: what a user gets on a
-2-core machine), so the comparison also spans processes. "Identical" means every number of
+thread count is 2 (``OMP_NUM_THREADS=2``, no ``--train.threads``: what a cluster job with 2
+cores per task gets; without OMP_NUM_THREADS a new run takes 1), so the comparison also
+spans processes. "Identical" means every number of
 metrics.jsonl except ``train_seconds`` (wall time), and every tensor of the final
 checkpoint (weights, buffers, Adam's state).
 """

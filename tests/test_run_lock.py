@@ -328,3 +328,20 @@ def test_a_failed_write_of_the_run_is_one_line_and_status_2(tmp_path, monkeypatc
     assert main([*SHORT, "--run-dir", str(tmp_path / "run")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == f"error: {tmp_path / 'run' / 'config.toml'}: No space left on device", line
+
+
+def test_a_directory_left_holding_only_the_lock_is_removed_and_a_waiter_on_its_file_starts_again(tmp_path):
+    """train asks for it (remove_if_unused) when it created the run directory; a second
+    writer that opened the removed file before it went does not hold a lock on it, but locks
+    the file the folder names now."""
+    from memvae.training import runlock
+
+    run = tmp_path / "runs" / "new"
+    with run_lock(run, remove_if_unused=True):
+        stale = os.open(run / LOCK_FILE, os.O_RDWR)  # a second writer that opened the file, not yet locked
+    assert not run.exists() and (tmp_path / "runs").is_dir()
+    assert not runlock._still_named(stale, run)
+    os.close(stale)
+    with run_lock(run, remove_if_unused=True):
+        (run / "config.toml").write_text("")  # something written: the folder is a run now, and stays
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "config.toml"]

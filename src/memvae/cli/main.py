@@ -31,12 +31,21 @@ def _overrides(tokens: list[str]) -> list[str]:
     return pairs
 
 
+def existing_run_dirs(run_dirs: list[str]) -> None:
+    """A run directory that does not exist is named as such (not as one holding no checkpoint)."""
+    for run_dir in run_dirs:
+        if not Path(run_dir).is_dir():
+            raise MemvaeError(f"run directory {run_dir} does not exist" + (" (it is a file)" if Path(run_dir).exists() else ""))
+
+
 def cmd_train(args, extra: list[str]) -> None:
     from memvae.config import presets
     from memvae.training.checkpoint import latest_checkpoint
     from memvae.training.train import train
 
     overrides = _overrides(extra)
+    overrides += [f"train.{key}={value}" for key, value in (("steps", args.steps), ("threads", args.threads))
+                  if value is not None]
     if args.data_dir:  # recorded in config.toml, so that eval/reconstruct find the same data
         overrides.append(f"data.dir={Path(args.data_dir).resolve()}")
     if args.config is not None:
@@ -49,12 +58,24 @@ def cmd_train(args, extra: list[str]) -> None:
         raise MemvaeError("memvae train needs --config NAME or FILE (`memvae configs` lists the names), "
                           "or --resume with --run-dir of an existing run")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    steps_given = any(o.split("=", 1)[0] in ("steps", "train.steps") for o in overrides)
+    if args.resume and args.config is not None and not steps_given and (run_dir / "config.toml").exists():
+        # Resuming keeps the target the run was given (its config.toml), not the named config's default.
+        import dataclasses
+
+        from memvae.config import schema as C
+
+        saved = C.load_config(run_dir / "config.toml", saved=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=saved.train.steps))
     last = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
-    if last and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
         # The model the run leaves is its newest checkpoint on disk: say which update that is.
         found = latest_checkpoint(run_dir / "checkpoints")
         saved = f"checkpoint of update {found[1]['step']}" if found else "no checkpoint"
-        print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f}, {saved})")
+        if last:
+            print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f}, {saved})")
+        else:  # resumed at its target: nothing to train
+            print(f"done: {run_dir} (already at update {cfg.train.steps} of {cfg.train.steps}, nothing to train; {saved})")
 
 
 def cmd_configs(args, extra: list[str]) -> None:
@@ -114,6 +135,7 @@ def cmd_eval(args, extra: list[str]) -> None:
     from memvae.training.runs import load_run
     from memvae.training.train import resolve_device
 
+    existing_run_dirs(args.run_dirs)
     device = resolve_device(args.device)
     rows, cache = [], {}
     for run_dir in args.run_dirs:
@@ -147,6 +169,7 @@ def cmd_reconstruct(args, extra: list[str]) -> None:
     from memvae.experiments.plots import reconstruction_grid
     from memvae.training.runs import load_run
 
+    existing_run_dirs(args.run_dirs)
     images, rows = None, []
     for run_dir in args.run_dirs:
         model, cfg, _ = load_run(run_dir)
@@ -164,10 +187,9 @@ def cmd_plot(args, extra: list[str]) -> None:
     from memvae.training.metrics import read_metrics
     from memvae.experiments.plots import convergence_figure
 
+    existing_run_dirs(args.run_dirs)
     curves = {}
     for run_dir in args.run_dirs:
-        if not Path(run_dir).is_dir():
-            raise MemvaeError(f"run directory {run_dir} does not exist")
         records = read_metrics(run_dir)
         if not records:
             raise MemvaeError(f"{run_dir} has no training records in metrics.jsonl")
@@ -220,6 +242,7 @@ def cmd_bpd(args, extra: list[str]) -> None:
     from memvae.prior.bits_per_dim import BPD_FILE, measure, table
     from memvae.training.train import resolve_device
 
+    existing_run_dirs([args.run_dir])
     if args.threads:
         import torch
 
@@ -248,14 +271,41 @@ def check_data_dir(data_dir: str | None, download: bool) -> None:
     Path(data_dir).mkdir(parents=True)
 
 
+def check_options(subparser: argparse.ArgumentParser, extra: list[str], overrides_ok: bool) -> None:
+    """Options argparse did not know: a typo of one of the command's options (``--confg``)
+    fails with the closest one; where config overrides are taken (train, compare), any
+    other ``--section.key`` or bare config key is left for the config to check."""
+    import difflib
+
+    if not extra:
+        return
+    options = [o for o in subparser._option_string_actions if o.startswith("--")]
+    for token in extra:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if overrides_ok and ("." in name or name[2:] in _bare_config_keys()):
+            continue
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        if close:
+            raise MemvaeError(f"unknown option {name}; did you mean {close[0]}? (memvae {subparser.prog.split()[-1]} --help lists them)")
+    if not overrides_ok:
+        raise MemvaeError(f"unrecognized arguments: {' '.join(extra)} (memvae {subparser.prog.split()[-1]} --help lists the options)")
+
+
+def _bare_config_keys() -> set[str]:
+    """Config keys that may be given without their section (--lr for --train.lr)."""
+    from memvae.config import schema as C
+
+    return {key.split(".")[-1] for key in C.all_keys()} | set(C.FLAT_BOTTLENECK)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memvae import __version__
 
     parser = argparse.ArgumentParser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
     parser.add_argument("--version", action="version", version=f"memvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
     def data_dir_arg(p):
         p.add_argument("--data-dir", help="data directory (holds cifar-10-batches-py, or the image folder); "
@@ -263,20 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--download", action="store_true", help="create --data-dir if it does not exist and download "
                        "CIFAR-10 into it (without this flag a missing --data-dir is an error, not a download)")
 
-    p = sub.add_parser("train", parents=[common], help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000")
+    p = sub.add_parser("train", help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000",
+                       epilog="Any config key is an option too: --train.lr 1e-3, --model.hidden 64, --bottleneck.slots "
+                       "1024, or the bare name when it is unique (--lr 1e-3); `memvae configs NAME` prints them all.")
     p.add_argument("--config", help="a packaged config's name (`memvae configs` lists them) or a TOML file")
+    p.add_argument("--steps", type=int, metavar="N", help="updates to train to (train.steps; default: the config's, "
+                   "25000 for the study's; with --resume: the run's own target unless given)")
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
-    data_dir_arg(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (train.threads; default "
+                   "$OMP_NUM_THREADS, else 1, which does not slow down when other work shares the cores; with --resume: "
+                   "the run's own count, which keeps its numbers exact)")
+    data_dir_arg(p)
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: one plain line per log interval")
     p.set_defaults(func=cmd_train, extra_ok=True)
 
-    p = sub.add_parser("configs", parents=[common], help="list the packaged model configs, one line each (or print one)")
+    p = sub.add_parser("configs", help="list the packaged model configs, one line each (or print one)")
     p.add_argument("name", nargs="?", help="print this config's TOML text (to read, or to copy and edit)")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("eval", parents=[common], help="evaluate runs on the whole test set; writes RUN_DIR/eval.json")
+    p = sub.add_parser("eval", help="evaluate runs on the whole test set; writes RUN_DIR/eval.json")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     data_dir_arg(p)
     p.add_argument("--lossless", help="also evaluate on uint8 N×H×W×3 images in this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz)")
@@ -287,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "lock, so that it also reads a run that is still training, or one in a folder you may not write)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("reconstruct", parents=[common], help="grid of test images and each run's reconstructions")
+    p = sub.add_parser("reconstruct", help="grid of test images and each run's reconstructions")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--n", type=int, default=10, help="number of test images")
@@ -295,32 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("plot", parents=[common], help="NMSE (log) and perplexity against update for runs")
+    p = sub.add_parser("plot", help="NMSE (log) and perplexity against update for runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--smoothing", type=int, default=5, help="moving-average window in log records")
     p.set_defaults(func=cmd_plot)
-    p = sub.add_parser("compare", parents=[common], help="the study's experiment: train models alike, then figures and tables")
+    p = sub.add_parser("compare", help="the study's experiment: train models alike, then figures and tables")
     p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine,memory_l2_write",
                    help="comma-separated config names (packaged, or in --config-dir) or paths to .toml files")
     p.add_argument("--steps", type=int, default=25000, help="updates per run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (FIRST..FIRST+N-1)")
-    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--out", default="runs/compare", help="output directory (runs go in OUT/runs)")
-    p.add_argument("--config-dir", default=None, help="look model names up in this folder of NAME.toml files instead of the packaged configs")
-    p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
-    p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
     p.add_argument("--jobs", default=None, help="runs trained at once, each in its own process with the CPU cores "
                    "split between them (train.threads = cores // jobs): a number, or auto = one per core, up to the "
                    "number of runs (default: auto, measured faster on 2 cores; see docs/benchmarks.md)")
-    p.add_argument("--report-only", action="store_true", help="train nothing: evaluate and tabulate the runs "
-                   "that have finished (the others are named), e.g. while the rest still trains")
+    p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
+    data_dir_arg(p)
     p.add_argument("--slots", help="the rate sweep: train every discrete model at each of these codebook sizes K "
                    "(e.g. 64,512,4096; runs MODEL-kK-seedS) and continuous models once; writes rate_distortion.md and .png")
     p.add_argument("--extend", action="store_true", help="continue finished runs trained for fewer than --steps "
                    "updates (without it a larger --steps than a run's is refused)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: evaluate and tabulate the runs "
+                   "that have finished (the others are named), e.g. while the rest still trains")
     p.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per run and log interval")
-    data_dir_arg(p)
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
+    p.add_argument("--config-dir", default=None, help="look model names up in this folder of NAME.toml files instead of the packaged configs")
+    p.add_argument("--lossless", help="also evaluate on this .npz of lossless images (x_test)")
     p.add_argument("--plan", metavar="FILE", help="train nothing: write one self-contained shell command per unfinished "
                    "run (memvae train ... --resume, the same run directory) into FILE, for a Slurm array, GNU parallel "
                    "or bash; collect with --report-only (docs/cluster.md)")
@@ -345,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a further sbatch option (e.g. qos=high, constraint=a100, exclusive); repeat for more")
     p.set_defaults(func=cmd_compare, extra_ok=True)
 
-    p = sub.add_parser("bpd", parents=[common], help="bits per dimension of a run (prior bits of its codes + a "
+    p = sub.add_parser("bpd", help="bits per dimension of a run (prior bits of its codes + a "
                        "discretised Gaussian decoder likelihood); writes RUN_DIR/bits_per_dim.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (a discrete model needs its prior: memvae prior)")
     p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
@@ -362,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from memvae.cli.prior import add_prior_commands
 
-    add_prior_commands(sub, common)
+    add_prior_commands(sub)
+    for p in sub.choices.values():  # last in each --help: the most used options come first
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        p.set_defaults(subparser=p)
     return parser
 
 
@@ -386,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (error := missing_train_extra()) is not None:
             raise error
-        if extra and not getattr(args, "extra_ok", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        check_options(args.subparser, extra, getattr(args, "extra_ok", False))
         check_data_dir(getattr(args, "data_dir", None), getattr(args, "download", False))
         args.func(args, extra)
     except MemvaeError as exc:

@@ -5,7 +5,6 @@ Library code never imports this module.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,12 +20,14 @@ def grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def save_grid(images, out: str | Path) -> Path:
-    """uint8 N×3×H×W images -> a PNG grid (see :func:`grid_shape`) with ``GRID_GAP``
-    white pixels between and around them; its size is
-    (cols·(W + gap) + gap) × (rows·(H + gap) + gap)."""
+SAMPLE_SCALE = 4  # screen pixels per image pixel in the sample command's figure: 32×32 samples at 128×128
+
+
+def grid_pixels(images):
+    """uint8 N×3×H×W images -> an H'×W'×3 uint8 grid (see :func:`grid_shape`) with
+    ``GRID_GAP`` white pixels between and around them: H' = rows·(H + gap) + gap,
+    W' = cols·(W + gap) + gap."""
     import numpy as np
-    from PIL import Image
 
     n, _, h, w = images.shape
     rows, cols = grid_shape(n)
@@ -36,15 +37,24 @@ def save_grid(images, out: str | Path) -> Path:
     for k in range(n):
         r, c = divmod(k, cols)
         canvas[g + r * (h + g) : g + r * (h + g) + h, g + c * (w + g) : g + c * (w + g) + w] = pixels[k]
+    return canvas
+
+
+def save_grid(images, out: str | Path) -> Path:
+    """uint8 N×3×H×W images -> a PNG of :func:`grid_pixels`, pixel for pixel."""
+    from PIL import Image
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out)
+    Image.fromarray(grid_pixels(images)).save(out)
     return out
 
 
 def cmd_prior(args, extra: list[str]) -> None:
+    from memvae.cli.main import existing_run_dirs
     from memvae.prior.fit import PriorOptions, train_prior
 
+    existing_run_dirs([args.run_dir])
     options = PriorOptions(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, width=args.width,
         layers=args.layers, kernel=args.kernel, log_every=args.log_every, eval_every=args.eval_every,
@@ -79,32 +89,54 @@ def cmd_prior(args, extra: list[str]) -> None:
 
 
 def cmd_sample(args, extra: list[str]) -> None:
+    from memvae.cli.main import existing_run_dirs
+    from memvae.experiments.plots import sample_figure
     from memvae.prior.sample import sample_images
     from memvae.training.runlock import run_lock
+    from memvae.training.runs import load_run
     from memvae.training.train import resolve_device
 
+    existing_run_dirs([args.run_dir])
     if args.n <= 0:
         raise MemvaeError(f"--n must be > 0, got {args.n}")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    model, cfg, state = load_run(args.run_dir, "cpu")
+    if not model.bottleneck.discrete:  # no codes: no prior to fit, so do not advise fitting one
+        raise MemvaeError(f"{args.run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): it has "
+                          "no codes, so no prior can be fitted to it or sampled from; sample a discrete model's run "
+                          "(vq, vq_ema, memory_discrete, fsq, ...)")
     # A grid written into the run is a write into it: one writer at a time (memvae.training.runlock).
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir, create=False) if into_run else nullcontext():
         images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device), args.prior)
-        print(f"wrote {save_grid(images, args.out)}")
+        seed = "a random seed" if args.seed is None else f"seed {args.seed}"
+        prior = args.prior or Path(args.run_dir) / "prior"
+        title = (f"{args.n} samples of {args.run_dir} ({cfg.name}, update {int(state['step'])}) from the prior in {prior}, "
+                 f"temperature {args.temperature:g}, {seed}")
+        print(f"wrote {sample_figure(grid_pixels(images), args.out, title, SAMPLE_SCALE)}")
 
 
-def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
-    """Add ``prior`` and ``sample`` to ``sub`` (the subparsers of the memvae parser);
-    ``common`` is the parent parser holding --debug."""
+def add_prior_commands(sub) -> None:
+    """Add ``prior`` and ``sample`` to ``sub`` (the subparsers of the memvae parser; it adds
+    --debug to each, last)."""
     from memvae.prior.options import PriorOptions
 
     d = PriorOptions()
-    p = sub.add_parser("prior", parents=[common], help="fit a gated PixelCNN prior to a run's slot maps; writes RUN_DIR/prior/")
+    p = sub.add_parser("prior", help="fit a gated PixelCNN prior to a run's slot maps; writes RUN_DIR/prior/")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
     p.add_argument("--steps", type=int, default=d.steps, help=f"Adam updates (default {d.steps})")
+    p.add_argument("--out", help="the prior's folder (default RUN_DIR/prior/): a second prior beside the first")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the prior in RUN_DIR/prior/ (or --out) from its newest checkpoint, exactly; "
+                        "--steps may grow, the options that shape the fit must be its own")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--data-dir", help="data directory (default: the run's, else $MEMVAE_DATA_DIR, else ~/.cache/memvae)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
+    p.add_argument("--quiet", action="store_true", help="print only the final result")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"maps per update (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     p.add_argument("--width", type=int, default=d.width, help=f"PixelCNN channels (default {d.width})")
@@ -116,26 +148,18 @@ def add_prior_commands(sub, common: argparse.ArgumentParser) -> None:
                    help=f"updates between test-subset records and checkpoints; 0: only at the end (default {d.eval_every})")
     p.add_argument("--train-images", type=int, default=0, help="use only the first N training images (default 0: all)")
     p.add_argument("--test-images", type=int, default=0, help="use only the first N test images (default 0: all)")
-    p.add_argument("--data-dir", help="data directory (default: the run's, else $MEMVAE_DATA_DIR, else ~/.cache/memvae)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
-    p.add_argument("--out", help="the prior's folder (default RUN_DIR/prior/): a second prior beside the first")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the prior in RUN_DIR/prior/ (or --out) from its newest checkpoint, exactly; "
-                        "--steps may grow, the options that shape the fit must be its own")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite,
                    help=f"a NaN/Inf loss stops the fit (its last checkpoint kept) or skips the update (default {d.on_nonfinite})")
-    p.add_argument("--quiet", action="store_true", help="print only the final result")
     p.set_defaults(func=cmd_prior)
 
-    p = sub.add_parser("sample", parents=[common], help="draw slot maps from a run's prior and decode them into an image grid")
+    p = sub.add_parser("sample", help="draw slot maps from a run's prior and decode them into an image grid")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a fitted prior (memvae prior)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", required=True, help="output PNG: a grid of ceil(sqrt(n)) columns")
-    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
+    p.add_argument("--out", required=True, help="output PNG: a grid of ceil(sqrt(n)) columns, each sample shown "
+                   f"{SAMPLE_SCALE}× its size, under a title")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; < 1 sharper, > 1 more varied (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a fresh random one)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.set_defaults(func=cmd_sample)

@@ -67,7 +67,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the networks
     channels_last: bool = False
     on_nonfinite: str = "stop"  # "stop" or "skip" an update whose loss is NaN/Inf
-    threads: int = 0  # CPU threads for torch; 0: torch's default (resuming: the count the run was trained with)
+    threads: int = 0  # CPU threads for torch; 0: $OMP_NUM_THREADS, else 1 (resuming: the run's own count)
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are always repeatable at a fixed thread count
 
 

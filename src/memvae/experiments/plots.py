@@ -98,10 +98,33 @@ def image_panels(panels: list[tuple[str, str | os.PathLike]], out: str | os.Path
     return _save(fig, out, tight=True)
 
 
-def rate_distortion_figure(rows: dict, out: str | os.PathLike, steps: int) -> Path:
+def sample_figure(grid: np.ndarray, out: str | os.PathLike, title: str, scale: int = 4) -> Path:
+    """A grid of images (H×W×3 uint8, e.g. :func:`memvae.cli.prior.grid_pixels`) shown at
+    ``scale`` screen pixels per image pixel, large enough to judge a sample, under ``title``
+    (wrapped to the width). The PNG is W·scale pixels wide."""
+    import textwrap
+
+    h, w = grid.shape[:2]
+    dpi = 100
+    lines = textwrap.wrap(title, max(20, w * scale // 9))  # about 7 pixels a character at 10 points
+    band = 0.18 * len(lines) + 0.12  # inches of title above the grid
+    fig = plt.figure(figsize=(w * scale / dpi, h * scale / dpi + band), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, (h * scale / dpi) / (h * scale / dpi + band)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+    fig.text(0.5, 1 - 0.06 / (h * scale / dpi + band), "\n".join(lines), ha="center", va="top", fontsize=10)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def rate_distortion_figure(rows: dict, out: str | os.PathLike, steps: int, test_images: str = "whole test set") -> Path:
     """``rows`` as :func:`memvae.experiments.sweep.collect` gives them. Two panels: test NMSE (mean ± std over seeds) against log2 K, and against the prior's
     measured bits per index; one line per discrete model, continuous models as horizontal
-    lines with their seed band."""
+    lines with their seed band. ``test_images`` names the images evaluated (the y label);
+    the legend sits below the panels, where it covers no point."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     bases = list(dict.fromkeys(r["base"] for r in rows.values() if r["k"] is not None))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -124,12 +147,18 @@ def rate_distortion_figure(rows: dict, out: str | os.PathLike, steps: int) -> Pa
             ax.axhspan(mean - std, mean + std, color="0.8", alpha=0.5)
     axes[0].set_xlabel("bits per position (log2 K)")
     axes[1].set_xlabel("prior's test bits per index (measured rate)")
-    axes[0].set_ylabel("test NMSE (own read, whole test set)")
+    axes[0].set_ylabel(f"test NMSE, own read\n({test_images})")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="center right")  # the middle band is free: lines sit above, the ceiling below
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4), frameon=False)
     if not any("prior_bits_per_index" in r for r in rows.values()):
         axes[1].text(0.5, 0.5, "no prior fitted yet\n(memvae prior RUN_DIR)", ha="center", va="center", transform=axes[1].transAxes)
     fig.suptitle(f"CIFAR-10 distortion against rate, {steps} updates, mean ± std over seeds", fontsize=10)
-    return _save(fig, out)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 4), 1, 1))  # room below the panels for the legend
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -186,7 +186,8 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
     if sweep:
         rows = collect(results, run_dirs)
         (out / "rate_distortion.md").write_text(rate_tables(rows, steps, len(test)))
-        rate_distortion_figure(rows, out / "rate_distortion.png", steps)
+        rate_distortion_figure(rows, out / "rate_distortion.png", steps, f"first {len(test):,} test images"
+                               if len(test) < len(data.test) else f"whole test set, {len(test):,} images")
     return results
 
 

@@ -19,7 +19,7 @@ from memvae.config import schema as C
 from memvae.errors import MemvaeError, os_error
 from memvae.training.checkpoint import latest_checkpoint
 from memvae.training.loop import StopRequest
-from memvae.training.metrics import progress_line, rate_since, read_metrics
+from memvae.training.metrics import BAR_FORMAT, progress_line, rate_text, read_metrics
 from memvae.training.train import train
 
 
@@ -77,7 +77,7 @@ class RunProgress:
         self.shown = self.start = _logged_step(run_dir)
         self.start_seconds = None
         self.bar = tqdm(total=total, initial=self.start, desc=run_dir.name, position=position, dynamic_ncols=True,
-                        leave=False) if bar else None
+                        leave=False, bar_format=BAR_FORMAT) if bar else None
 
     def refresh(self) -> None:
         records = [r for r in read_metrics(self.run_dir) if r["step"] > self.shown] if (self.run_dir / "metrics.jsonl").exists() else []
@@ -85,9 +85,8 @@ class RunProgress:
             # The first record of this process starts the run's own clock.
             self.start_seconds = self.start_seconds or (record["step"], record["train_seconds"])
             if self.bar is not None:
-                rate = rate_since(self.start_seconds, record)
                 self.bar.update(record["step"] - self.bar.n)
-                self.bar.set_postfix_str(f"NMSE {record['train_nmse']:.4f}" + (f", {rate:.2f} updates/s" if rate else ""))
+                self.bar.set_postfix_str(f"NMSE {record['train_nmse']:.4f}" + rate_text(record, self.total, self.start_seconds))
             else:
                 print(progress_line(self.run_dir.name, record, self.total, self.start_seconds), flush=True)
             self.shown = record["step"]

@@ -117,16 +117,34 @@ def repeatable(device: torch.device, deterministic: bool = False):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[3], previous[4]
 
 
+def default_threads() -> int:
+    """The thread count of a new run when train.threads is 0: ``$OMP_NUM_THREADS`` where it is
+    set (a cluster job's share of its cores, torchrun's 1), else 1.
+
+    One, not torch's own default of one per core: a run whose threads outnumber the cores
+    free to it (two runs side by side, or any other work on the machine) slows down several
+    times over, as its threads wait on each other (memory_discrete on the busy 2-core
+    machine at about the same load: 0.82–1.15 updates/s at 1 thread, 0.28 at 2; README,
+    "What the two commands print, and how long they take"). More
+    threads are for a machine known to be idle (--threads N). A fixed rule, not one read
+    from the machine's load, because the count changes a run's numbers.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def choose_threads(requested: int, saved: int | None, step: int, resuming: bool) -> tuple[int, str | None]:
     """The CPU thread count to train with, and a one-line note when it breaks exactness.
 
     The thread count changes the numbers (how convolutions and sums split their work), so
     a resumed run keeps the count recorded in its checkpoint unless ``train.threads``
     asks for another; then the note says from which update the numbers differ.
-    ``requested`` 0 means torch's default (or, resuming, the recorded count).
+    ``requested`` 0 means :func:`default_threads` for a new run (resuming: the recorded
+    count; a checkpoint that records none, written when the default was torch's own
+    count, continues with torch's count, the count it most likely had).
     """
     if not resuming:
-        return requested or torch.get_num_threads(), None
+        return requested or default_threads(), None
     if saved is None:
         threads = requested or torch.get_num_threads()
         return threads, (f"note: the checkpoint of update {step} does not record its thread count; if it was not "

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from memvae.config import schema as C
 from memvae.training.distributed import Distributed
-from memvae.training.metrics import MetricsLog, progress_line
+from memvae.training.metrics import BAR_FORMAT, MetricsLog, progress_line, rate_text
 from memvae.training.runs import environment
 
 
@@ -80,7 +80,7 @@ class RunLog:
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
         self.bar = tqdm(total=cfg.train.steps, initial=step, disable=not (show_progress and self.is_main),
-                        desc=cfg.name, dynamic_ncols=True)
+                        desc=cfg.name, dynamic_ncols=True, bar_format=BAR_FORMAT)
         self.name, self.total, self.clock = cfg.name, cfg.train.steps, None  # clock: the first record's (update, seconds)
         if self.is_main and resume and step:
             print(f"{cfg.name}: resuming {run_dir} from update {step} of {cfg.train.steps}", flush=True)
@@ -95,9 +95,11 @@ class RunLog:
             for key, value in record.items():
                 if key not in ("kind", "step"):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
-        self.bar.set_postfix(nmse=f"{record['train_nmse']:.4f}", ppl=f"{record['train_perplexity']:.1f}")
+        self.clock = self.clock or (record["step"], record["train_seconds"])
+        # The bar's one rate and time left are the plain line's: training seconds since this process's first record.
+        self.bar.set_postfix_str(f"NMSE {record['train_nmse']:.4f}, perplexity {record['train_perplexity']:.1f}"
+                                 + rate_text(record, self.total, self.clock))
         if self.is_main and self.bar.disable:  # --no-progress: one plain line per log record
-            self.clock = self.clock or (record["step"], record["train_seconds"])
             print(progress_line(self.name, record, self.total, self.clock), flush=True)
         return record
 

@@ -62,12 +62,22 @@ def rate_since(start: tuple[int, float] | None, record: dict) -> float | None:
     return (record["step"] - start[0]) / (record["train_seconds"] - start[1])
 
 
-def progress_line(name: str, record: dict, total: int, clock: tuple[int, float] | None) -> str:
-    """``name: update s/total, train NMSE x, r updates/s, about t left`` for a train record;
-    the rate from ``clock`` (the first record this process saw: update, training seconds)."""
+# Progress bars show one rate and one time left, the log's (:func:`rate_text`), not tqdm's own.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
+def rate_text(record: dict, total: int, clock: tuple[int, float] | None) -> str:
+    """``, r updates/s, about t left`` for a train record, the rate measured from ``clock``
+    (the first record this process saw: update, training seconds); empty before there is
+    a measured interval. Both the progress bars and the plain progress lines show it."""
     rate = rate_since(clock, record)
-    left = f", {rate:.2f} updates/s, about {duration_text((total - record['step']) / rate)} left" if rate else ""
-    return f"{name}: update {record['step']}/{total}, train NMSE {record['train_nmse']:.4f}{left}"
+    return f", {rate:.2f} updates/s, about {duration_text((total - record['step']) / rate)} left" if rate else ""
+
+
+def progress_line(name: str, record: dict, total: int, clock: tuple[int, float] | None) -> str:
+    """``name: update s/total, train NMSE x, r updates/s, about t left`` for a train record
+    (see :func:`rate_text`)."""
+    return f"{name}: update {record['step']}/{total}, train NMSE {record['train_nmse']:.4f}{rate_text(record, total, clock)}"
 
 
 def duration_text(seconds: float) -> str:

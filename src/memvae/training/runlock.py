@@ -9,9 +9,14 @@ take none. Under ``torchrun`` only rank 0 takes it: the other ranks write nothin
 
 The lock is ``fcntl.flock`` on the file, which the OS releases when the process ends,
 however it ends: a run killed with SIGKILL leaves the file (its pid still in it) but no
-lock, and the next run takes it. The file is never removed, even by ``--overwrite``: a
-process that removed it while holding it would let a second one lock a new file of the
-same name, and the two would both write.
+lock, and the next run takes it. ``--overwrite`` keeps the file. The one time it is
+removed is when the process that created the run directory leaves it holding nothing but
+the lock file (a run that failed before it wrote anything, e.g. on unreadable data): then
+the lock file and the directory go, while the lock is still held, so that no empty folder
+is left for the next ``train`` to step around. A process that was waiting on the removed
+file would then hold a lock on a file no longer in the folder: every holder checks, once
+it has the lock, that the file it locked is the one the folder names, and starts again if
+not, so two writers never hold different files of the same name.
 """
 from __future__ import annotations
 
@@ -41,13 +46,15 @@ def holder_command() -> str:
 
 
 @contextmanager
-def run_lock(run_dir: str | os.PathLike, create: bool = True):
+def run_lock(run_dir: str | os.PathLike, create: bool = True, remove_if_unused: bool = False):
     """Hold the lock on ``run_dir`` while the block runs.
 
     Args:
         run_dir: the run directory.
         create: make it (and missing parents) first, as training does; without it the
             directory must exist (prior, eval, sample write into a trained run).
+        remove_if_unused: on release, remove the lock file and ``run_dir`` if nothing else
+            is in it (``train`` asks for it when it creates the run directory).
 
     Raises MemvaeError, one line: another process holds the lock (its pid and command),
     or the directory cannot be created or written (permission, read-only file system,
@@ -57,20 +64,49 @@ def run_lock(run_dir: str | os.PathLike, create: bool = True):
     if fcntl is None:
         yield
         return
-    fd = _open_lock_file(run_dir, create)
-    try:
+    while True:
+        fd = _open_lock_file(run_dir, create)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MemvaeError(f"run directory {run_dir} is in use by {_holder(fd)}; wait for it to end, "
+            holder = _holder(fd)
+            os.close(fd)
+            raise MemvaeError(f"run directory {run_dir} is in use by {holder}; wait for it to end, "
                               "or stop it, before writing into this run") from None
+        if _still_named(fd, run_dir):
+            break
+        os.close(fd)  # its holder removed the file (and maybe the folder) before we locked it: start again
+    try:
         _write(fd, f"{os.getpid()} {holder_command()}\n")
         try:
             yield
         finally:
             _write(fd, "")  # released: the file no longer names a holder
+            if remove_if_unused:
+                _remove_if_unused(run_dir)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _still_named(fd: int, run_dir: Path) -> bool:
+    """Whether the locked file ``fd`` is still RUN_DIR/.lock (and not a file removed since)."""
+    try:
+        named = os.stat(run_dir / LOCK_FILE)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove the lock file and ``run_dir`` when nothing else was written into it; called with
+    the lock held. Anything in the way is left as it is."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _open_lock_file(run_dir: Path, create: bool) -> int:

@@ -57,9 +57,10 @@ def train(
     run_dir, ranks = Path(run_dir), Distributed(cfg.train.device)
     if cfg.train.batch_size % ranks.world:
         raise MemvaeError(f"batch size {cfg.train.batch_size} does not split evenly over {ranks.world} processes")
+    new = not run_dir.exists()  # a run that fails before writing anything leaves no folder behind
     if ranks.is_main and not (resume or overwrite):
         prepare_run_dir(run_dir, resume, overwrite)  # an existing folder is refused before it gets a lock file
-    with run_lock(run_dir) if ranks.is_main else nullcontext():
+    with run_lock(run_dir, remove_if_unused=new) if ranks.is_main else nullcontext():
         return _train(cfg, run_dir, ranks, resume, overwrite, data_dir, show_progress, stop_after, data)
 
 
@@ -71,6 +72,9 @@ def _train(cfg: C.Config, run_dir: Path, ranks: Distributed, resume: bool, overw
         prepare_run_dir(run_dir, resume, overwrite)
     ranks.barrier()
     found, state = _checkpoint_to_resume(run_dir, resume, ranks)
+    if state is not None and int(state["step"]) > tc.steps:
+        raise MemvaeError(f"run {run_dir} is already at update {int(state['step'])}, past train.steps {tc.steps}: nothing "
+                          f"to train (a run is not shortened; resume with --steps above {int(state['step'])} to train further)")
     thread_history = _set_threads(tc.threads, state, ranks)
     torch.manual_seed(tc.seed)
     if data is None:
