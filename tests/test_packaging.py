@@ -82,7 +82,8 @@ def test_compare_looks_names_up_in_the_packaged_configs_unless_given_a_folder(tm
 
 def test_public_api_is_stated_typed_and_documented_with_shapes():
     assert sorted(memvae.__all__) == sorted([
-        "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "FSQ", "ResidualVQ", "BottleneckOutput", "Autoencoder",
+        "MemoryRead", "VectorQuantizer", "VectorQuantizerEMA", "FSQ", "ResidualVQ", "SimVQ", "IBQ", "LFQ", "MixtureRead",
+        "NoBottleneck", "BottleneckOutput", "Autoencoder",
         "Config", "load_config",
         "Addressing", "LearnedTemperature", "RelativeTemperature", "GradientWrite", "MovingAverageWrite",  # MemoryRead's parts
     ])

@@ -103,14 +103,14 @@ def cmd_sample(args, extra: list[str]) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, cfg, state = load_run(args.run_dir, "cpu")
-    if not model.bottleneck.discrete:  # no codes: no prior to fit, so do not advise fitting one
-        raise MemvaeError(f"{args.run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): it has "
-                          "no codes, so no prior can be fitted to it or sampled from; sample a discrete model's run "
-                          "(vq, vq_ema, memory_discrete, fsq, ...)")
     # A grid written into the run is a write into it: one writer at a time (memvae.training.runlock).
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir, create=False) if into_run else nullcontext():
+        model, cfg, state = load_run(args.run_dir, "cpu")
+        if not model.bottleneck.discrete:  # no codes: no prior to fit, so do not advise fitting one
+            raise MemvaeError(f"{args.run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): it "
+                              "has no codes, so no prior can be fitted to it or sampled from; sample a discrete model's run "
+                              "(vq, vq_ema, memory_discrete, fsq, ...)")
         images, _ = sample_images(args.run_dir, args.n, args.temperature, args.seed, resolve_device(args.device), args.prior)
         seed = "a random seed" if args.seed is None else f"seed {args.seed}"
         prior = args.prior or Path(args.run_dir) / "prior"
