@@ -51,7 +51,7 @@ def save_grid(images, out: str | Path) -> Path:
 
 
 def cmd_prior(args, extra: list[str]) -> None:
-    from memvae.cli.main import existing_run_dirs
+    from memvae.cli.runs import existing_run_dirs
     from memvae.prior.fit import PriorOptions, train_prior
 
     existing_run_dirs([args.run_dir])
@@ -89,7 +89,7 @@ def cmd_prior(args, extra: list[str]) -> None:
 
 
 def cmd_sample(args, extra: list[str]) -> None:
-    from memvae.cli.main import existing_run_dirs
+    from memvae.cli.runs import existing_run_dirs
     from memvae.experiments.plots import sample_figure
     from memvae.prior.sample import sample_images
     from memvae.training.runlock import run_lock
