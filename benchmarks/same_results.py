@@ -67,7 +67,9 @@ def compare(args) -> int:
         first = next(((i, k) for i, (ra, rb) in enumerate(zip(a, b)) for k in sorted(set(ra) | set(rb))
                       if ra.get(k) != rb.get(k)), None)
         if first is None and len(a) == len(b):
-            print(f"{name:28s} same ({len(a)} records, last {a[-1]})" if a else f"{name:28s} same (no records)")
+            last = next((r for r in reversed(a) if "eval_nmse" in r), {})
+            print(f"{name:28s} same ({len(a)} records; at update {last.get('step')} eval NMSE {last.get('eval_nmse')})"
+                  if a else f"{name:28s} same (no records)")
         else:
             differ += 1
             i, key = first if first else (min(len(a), len(b)), "(record count)")
