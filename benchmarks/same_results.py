@@ -64,8 +64,9 @@ def compare(args) -> int:
             differ += 1
             continue
         a, b = before[name], after[name]
+        # json.dumps compares floats bit for bit (repr round-trips) and NaN equal to NaN.
         first = next(((i, k) for i, (ra, rb) in enumerate(zip(a, b)) for k in sorted(set(ra) | set(rb))
-                      if ra.get(k) != rb.get(k)), None)
+                      if json.dumps(ra.get(k)) != json.dumps(rb.get(k))), None)
         if first is None and len(a) == len(b):
             last = next((r for r in reversed(a) if "eval_nmse" in r), {})
             print(f"{name:28s} same ({len(a)} records; at update {last.get('step')} eval NMSE {last.get('eval_nmse')})"

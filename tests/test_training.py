@@ -28,10 +28,10 @@ def strip_times(records: list[dict]) -> list[dict]:
     "bottleneck",
     [
         ["bottleneck.kind=vq"],
-        ["bottleneck.kind=vq_ema"],
+        ["bottleneck.kind=vq_ema", "bottleneck.init=data"],  # smoke's init is vq's "random"; each kind's start as before
         ["bottleneck.kind=memory"],
         ["bottleneck.kind=memory", "bottleneck.similarity=cosine"],
-        ["bottleneck.kind=memory", "bottleneck.write=soft_ema", "bottleneck.beta_init=5000"],
+        ["bottleneck.kind=memory", "bottleneck.write=soft_ema", "bottleneck.beta_init=5000", "bottleneck.init=data"],
     ],
     ids=["vq", "vq_ema", "memory_l2", "memory_cosine", "memory_l2_write"],
 )
