@@ -168,13 +168,9 @@ def check_options(subparser: argparse.ArgumentParser, extra: list[str], override
 
 def _bare_config_keys() -> set[str]:
     """Config keys that may be given without their section (--lr for --train.lr)."""
-    import dataclasses
-
     from memvae.config import schema as C
-    from memvae.quantizers import REGISTRY
 
-    every_kinds = {f.name for cls in REGISTRY.values() for f in dataclasses.fields(cls.Options)}
-    return {key.split(".")[-1] for key in C.all_keys()} | every_kinds
+    return {key.split(".")[-1] for key in C.all_keys()} | C.every_kinds_keys()
 
 
 def build_parser() -> argparse.ArgumentParser:

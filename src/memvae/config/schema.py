@@ -117,9 +117,9 @@ def _not_an_option(key: str, b: BottleneckOptions) -> MemvaeError:
                        f"its keys: {', '.join(keys)}")
 
 
-def _a_kinds_key(name: str) -> bool:
-    """Whether ``name`` is a [bottleneck] key of some kind (a bare override such as ``--decay``)."""
-    return any(name in {f.name for f in dataclasses.fields(cls.Options)} for cls in REGISTRY.values())
+def every_kinds_keys() -> set[str]:
+    """The [bottleneck] keys of every kind (what a bare override such as ``--decay`` may name)."""
+    return {f.name for cls in REGISTRY.values() for f in dataclasses.fields(cls.Options)}
 
 
 
@@ -145,7 +145,7 @@ def resolve_key(key: str, cfg: Config | None = None) -> str:
     if len(matches) > 1:
         raise MemvaeError(f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
     name = key.removeprefix("bottleneck.")
-    if key not in REMOVED and (key.startswith("bottleneck.") or _a_kinds_key(name)) and "." not in name:
+    if key not in REMOVED and (key.startswith("bottleneck.") or name in every_kinds_keys()) and "." not in name:
         raise _not_an_option(name, cfg.bottleneck)
     raise _unknown(key, keys)
 
