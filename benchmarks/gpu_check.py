@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "src" / "memvae" / "configs"
 TOP_K = 16
 
 
@@ -60,7 +59,9 @@ def load_images(data_dir: str | None):
 
 def rows() -> list[tuple[str, str, list[str]]]:
     """(row name, packaged config, overrides): every packaged config, and the top-k read."""
-    found = [(p.stem, p.stem, []) for p in sorted(CONFIGS.glob("*.toml")) if p.stem != "smoke"]
+    from memvae.config import presets
+
+    found = [(name, name, []) for name in presets.names() if name != "smoke"]
     return found + [(f"memory_discrete_top{TOP_K}", "memory_discrete", [f"bottleneck.top_k={TOP_K}"])]
 
 
@@ -104,10 +105,10 @@ def _nothing():
 
 def measure(name: str, config: str, overrides: list[str], batch: int, updates: int, warmup: int, data, device) -> dict:
     """One row: a fresh Trainer of the config at batch ``batch``, warmed up, then timed."""
-    from memvae.config import schema as C
+    from memvae.config import presets
     from memvae.training import distributed, engine
 
-    cfg = C.load_config(CONFIGS / f"{config}.toml", [*overrides, f"train.batch_size={batch}", f"train.device={device}"])
+    cfg = presets.load(config, [*overrides, f"train.batch_size={batch}", f"train.device={device}"])
     torch.manual_seed(cfg.train.seed)
     with tempfile.TemporaryDirectory() as run_dir, distributed.repeatable(device, cfg.train.deterministic):
         trainer = engine.Trainer(cfg, data, distributed.Distributed(str(device)), Path(run_dir))

@@ -121,20 +121,19 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def row_config(name: str, k: int, config_dir: Path) -> tuple[dict | None, str | None]:
+def row_config(name: str, k: int) -> tuple[dict | None, str | None]:
     """The packaged config ``name``'s [bottleneck] section at K = k, as a dict, or (None, why
     this memvae cannot run it). FSQ's levels are those of the config when their product is
     K, else 8s and one last factor (K = 4096: 8,8,8,8; 16384: 8,8,8,8,4). ``name`` may
     carry ``:key=value`` overrides of the section."""
-    from memvae.config.schema import load_config
+    from memvae.config import presets
     from memvae.errors import MemvaeError
 
     name, *overrides = name.split(":")
-    path = config_dir / f"{name}.toml"
-    if not path.exists():
+    if name not in presets.names():
         return None, f"no packaged config {name!r} in this memvae"
     try:
-        cfg = dataclasses.asdict(load_config(path, [f"bottleneck.{o}" for o in overrides]).bottleneck)
+        cfg = dataclasses.asdict(presets.load(name, [f"bottleneck.{o}" for o in overrides]).bottleneck)
     except MemvaeError as exc:
         return None, str(exc)
     cfg["slots"] = k
@@ -333,11 +332,11 @@ def run_worker(spec: dict, timeout: float, mmap_threshold: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-def plan_rows(row_names: list[str], k: int, config_dir: Path, positions: int) -> tuple[list[dict], list[dict]]:
+def plan_rows(row_names: list[str], k: int, positions: int) -> tuple[list[dict], list[dict]]:
     """-> (rows: name, memvae config, peer spec, or skipped; distinct contestants to run)."""
     rows, contestants = [], {}
     for name in row_names:
-        cfg, why = row_config(name, k, config_dir)
+        cfg, why = row_config(name, k)
         if cfg is None:
             rows.append({"row": name, "skipped": why})
             continue
@@ -389,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from memvae.training.runs import environment
 
-    config_dir = Path(__file__).resolve().parents[1] / "src" / "memvae" / "configs"
     row_names = [r.strip() for r in args.rows.split(",") if r.strip()]
     thread_counts = ints(args.threads)
     env = {**environment(), "device": "cpu", "cpu_model": cpu_model(), "peer": PEER, "peer_version": peer_version,
@@ -401,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in ints(args.batch):
         n = b * SIDE * SIDE
         for k in ints(args.k):
-            rows, contestants = plan_rows(row_names, k, config_dir, b * SIDE * SIDE)
+            rows, contestants = plan_rows(row_names, k, b * SIDE * SIDE)
             memory = {}
             for c in contestants:
                 if c["side"] in ("matmul", "select"):

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/top_k_read.json", help="JSON output path")
     args = parser.parse_args(argv)
 
-    from memvae.config import schema as C
+    from memvae.config import presets
     from memvae.data import load_cifar10
     from memvae.training.metrics import nmse
     from memvae.training.runs import environment, load_run
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(args.run_dir) if args.run_dir else Path(scratch) / "memory_discrete"
         if not args.run_dir:
-            configs = Path(__file__).resolve().parents[1] / "src" / "memvae" / "configs"
-            cfg = C.load_config(configs / "memory_discrete.toml", [
+            cfg = presets.load("memory_discrete", [
                 f"train.steps={args.steps}", f"bottleneck.tau_anneal_updates={args.steps}", f"train.threads={args.threads}",
                 f"train.checkpoint_every={args.steps}", f"train.eval_every={args.steps}", "train.log_every=50"])
             train(cfg, run_dir, show_progress=False, data=data)

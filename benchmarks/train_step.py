@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from memvae.config.schema import Config
+from memvae.config.schema import Config, load_config
 from memvae.data import EpochBatcher, ImageData, load_cifar10, to_input
 from memvae.training.distributed import Distributed
 from memvae.training.engine import Trainer
@@ -66,6 +66,12 @@ BOTTLENECKS = {
     "memory_cosine": {"kind": "memory", "similarity": "cosine"},
 }
 BARE, STUDY = "bare", "study_loop"
+
+
+def config(bottleneck: dict, args, overrides: list[str] = ()) -> Config:
+    """The defaults with ``bottleneck``'s keys (its kind first), K = args.slots, D = args.dim."""
+    keys = [f"bottleneck.{key}={value}" for key, value in bottleneck.items()]
+    return load_config(None, [*keys, f"bottleneck.slots={args.slots}", f"model.embedding_dim={args.dim}", *overrides])
 
 
 def cpu_model() -> str:
@@ -167,24 +173,16 @@ def build_variants(batch_size: int, images: torch.Tensor, study_set: StudyCifar,
     def bare_loss(model, x):
         return F.mse_loss(model(x), x)
 
-    def config(bottleneck: dict) -> Config:
-        cfg = Config()
-        cfg.bottleneck.slots = args.slots
-        cfg.model.embedding_dim = args.dim
-        for key, value in bottleneck.items():
-            setattr(cfg.bottleneck, key, value)
-        return cfg
-
     torch.manual_seed(0)
     bare = torch.nn.Sequential(Encoder(dim=args.dim), Decoder(dim=args.dim)).to(device)
     variants.append(Variant(BARE, bare, torch.optim.Adam(bare.parameters(), lr=args.lr), memvae_fetch(0), bare_loss))
     for name, bottleneck in BOTTLENECKS.items():
         torch.manual_seed(0)
-        model = Autoencoder.from_config(config(bottleneck)).to(device)
+        model = Autoencoder.from_config(config(bottleneck, args)).to(device)
         variants.append(Variant(name, model, torch.optim.Adam(model.parameters(), lr=args.lr), memvae_fetch(0), autoencoder_loss))
 
     torch.manual_seed(0)
-    study = Autoencoder.from_config(config(BOTTLENECKS["memory_l2"])).to(device)
+    study = Autoencoder.from_config(config(BOTTLENECKS["memory_l2"], args)).to(device)
     loader = DataLoader(study_set, batch_size=batch_size, shuffle=True, num_workers=args.loader_workers)
 
     def study_fetch():
@@ -202,11 +200,7 @@ def build_repeatability_variants(batch_size: int, data: ImageData, device, args)
     images = data.train.to(device)
     variants = []
     for name, bottleneck in BOTTLENECKS.items():
-        cfg = Config()
-        cfg.bottleneck.slots, cfg.model.embedding_dim = args.slots, args.dim
-        cfg.train.batch_size, cfg.train.lr, cfg.train.device = batch_size, args.lr, str(device)
-        for key, value in bottleneck.items():
-            setattr(cfg.bottleneck, key, value)
+        cfg = config(bottleneck, args, [f"train.batch_size={batch_size}", f"train.lr={args.lr}", f"train.device={device}"])
         for mode in ("before", "deterministic"):
             torch.manual_seed(0)
             model = Autoencoder.from_config(cfg).to(device)
