@@ -137,8 +137,35 @@ def test_resume_at_or_past_the_target_and_hints_on_a_continuous_run(tmp_path):
     out = run_memvae("sample", run, "--n", 4, "--out", tmp_path / "s.png")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "no codes" in out.stderr and "memvae prior" not in out.stderr
-    out = run_memvae("prior", run, "--steps", 2)
-    assert out.returncode == 2 and "a prior needs one code per position" in out.stderr
+    empty = tmp_path / "no-data"  # refused before the data loads: an empty data folder is never read
+    empty.mkdir()
+    out = run_memvae("prior", run, "--steps", 2, "--data-dir", empty)
+    assert out.returncode == 2 and "a prior needs one code per position" in out.stderr, out.stderr
+
+
+def test_commands_that_read_runs_take_a_trainings_default_thread_count(monkeypatch):
+    import torch
+
+    from memvae.cli.main import build_parser
+    from memvae.cli.runs import use_threads
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("eval", "reconstruct", "bpd", "prior", "sample"):
+        threads = [a for a in commands[name]._actions if a.dest == "threads"]
+        assert threads and threads[0].default == 0 and "OMP_NUM_THREADS" in threads[0].help, name
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        use_threads(0)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        use_threads(0)
+        assert torch.get_num_threads() == 2
+        use_threads(3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_bar_shows_one_rate_and_one_time_left_the_plain_lines():

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from memvae.cli.runs import cmd_bpd, cmd_eval, cmd_plot, cmd_reconstruct
+from memvae.cli.runs import THREADS_HELP, cmd_bpd, cmd_eval, cmd_plot, cmd_reconstruct
 from memvae.errors import MemvaeError, os_error
 
 
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lossless-key", default="x_test", help="array name in the --lossless file (default x_test)")
     p.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--no-write", action="store_true", help="print the table only: write no eval.json (and take no "
                    "lock, so that it also reads a run that is still training, or one in a folder you may not write)")
     p.set_defaults(func=cmd_eval)
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10, help="number of test images")
     p.add_argument("--first", type=int, default=0, help="index of the first test image")
     data_dir_arg(p)
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("plot", help="NMSE (log) and perplexity against update for runs")
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", type=int, default=0, help="score only the first N test images (default 0: all)")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_bpd)
 
     from memvae.cli.prior import add_prior_commands

@@ -9,6 +9,7 @@ import math
 from contextlib import nullcontext
 from pathlib import Path
 
+from memvae.cli.runs import THREADS_HELP, existing_run_dirs, use_threads
 from memvae.errors import MemvaeError
 
 GRID_GAP = 2  # pixels of white between and around the images of a sample grid
@@ -51,7 +52,6 @@ def save_grid(images, out: str | Path) -> Path:
 
 
 def cmd_prior(args, extra: list[str]) -> None:
-    from memvae.cli.runs import existing_run_dirs
     from memvae.prior.fit import PriorOptions, train_prior
 
     existing_run_dirs([args.run_dir])
@@ -89,7 +89,6 @@ def cmd_prior(args, extra: list[str]) -> None:
 
 
 def cmd_sample(args, extra: list[str]) -> None:
-    from memvae.cli.runs import existing_run_dirs
     from memvae.experiments.plots import sample_figure
     from memvae.prior.sample import sample_images
     from memvae.training.runlock import run_lock
@@ -99,10 +98,7 @@ def cmd_sample(args, extra: list[str]) -> None:
     existing_run_dirs([args.run_dir])
     if args.n <= 0:
         raise MemvaeError(f"--n must be > 0, got {args.n}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     # A grid written into the run is a write into it: one writer at a time (memvae.training.runlock).
     into_run = Path(args.run_dir).resolve() in Path(args.out).resolve().parents
     with run_lock(args.run_dir, create=False) if into_run else nullcontext():
@@ -132,7 +128,7 @@ def add_prior_commands(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the prior in RUN_DIR/prior/ (or --out) from its newest checkpoint, exactly; "
                         "--steps may grow, the options that shape the fit must be its own")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--data-dir", help="data directory (default: the run's, else $MEMVAE_DATA_DIR, else ~/.cache/memvae)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prior in RUN_DIR/prior/ (or --out)")
     p.add_argument("--quiet", action="store_true", help="print only the final result")
@@ -160,6 +156,6 @@ def add_prior_commands(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; < 1 sharper, > 1 more varied (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a fresh random one)")
     p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.set_defaults(func=cmd_sample)

@@ -16,6 +16,20 @@ def existing_run_dirs(run_dirs: list[str]) -> None:
             raise MemvaeError(f"run directory {run_dir} does not exist" + (" (it is a file)" if Path(run_dir).exists() else ""))
 
 
+THREADS_HELP = "CPU threads for torch (default 0: $OMP_NUM_THREADS, else 1, as a training)"
+
+
+def use_threads(requested: int) -> None:
+    """Set torch's CPU thread count for a command that reads runs: ``requested``, else a
+    training's default (``$OMP_NUM_THREADS``, else 1; :func:`memvae.training.distributed.default_threads`
+    says why one, not one per core)."""
+    import torch
+
+    from memvae.training.distributed import default_threads
+
+    torch.set_num_threads(requested or default_threads())
+
+
 def _format_table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -52,6 +66,7 @@ def cmd_eval(args, extra: list[str]) -> None:
     from memvae.training.train import resolve_device
 
     existing_run_dirs(args.run_dirs)
+    use_threads(args.threads)
     device = resolve_device(args.device)
     rows, cache = [], {}
     for run_dir in args.run_dirs:
@@ -86,6 +101,7 @@ def cmd_reconstruct(args, extra: list[str]) -> None:
     from memvae.training.runs import load_run
 
     existing_run_dirs(args.run_dirs)
+    use_threads(args.threads)
     images, rows = None, []
     for run_dir in args.run_dirs:
         model, cfg, _ = load_run(run_dir)
@@ -118,10 +134,7 @@ def cmd_bpd(args, extra: list[str]) -> None:
     from memvae.training.train import resolve_device
 
     existing_run_dirs([args.run_dir])
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     result = measure(args.run_dir, prior=args.prior, data_dir=args.data_dir, lossless=args.lossless,
                      sigma_images=args.sigma_images, test_images=args.test_images, batch_size=args.batch_size,
                      device=resolve_device(args.device))

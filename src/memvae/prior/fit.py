@@ -39,7 +39,7 @@ from memvae.networks.pixelcnn import GatedPixelCNN
 from memvae.prior.codes import bits, extract_codes, nll_bits, symbol_ranges, unigram_bits, vocabulary
 from memvae.prior.options import PriorOptions
 from memvae.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from memvae.training.distributed import Distributed, repeatable, resolve_device
+from memvae.training.distributed import Distributed, default_threads, repeatable, resolve_device
 from memvae.training.guard import NonfiniteGuard
 from memvae.training.loop import run_updates
 from memvae.training.metrics import MetricsLog
@@ -105,18 +105,17 @@ def _train_prior(run_dir: str | os.PathLike, options: PriorOptions, data_dir: st
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and not (overwrite or resume):
         raise MemvaeError(f"{out_dir} already exists; pass --overwrite to fit the prior again, or --resume to continue it")
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    torch.set_num_threads(options.threads or default_threads())
     device = resolve_device(options.device)
     model, cfg, state = load_run(run_dir, device)
+    if not model.bottleneck.discrete:  # before the data loads: nothing to wait for
+        raise MemvaeError(f"{run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): "
+                          "a prior needs one code per position")
     saved = _prior_to_resume(out_dir, options, int(state["step"]), device) if resume else None
     if data is None:
         data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     train_images = data.train[: options.train_images or None]
     test_images = data.test[: options.test_images or None]
-    if not model.bottleneck.discrete:
-        raise MemvaeError(f"{run_dir}'s model reads continuously at test (its {model.bottleneck.reads[0]} read): "
-                          "a prior needs one code per position")
     say = progress or (lambda record: None)
     # Encoding the training set takes minutes on a CPU: say so before it starts.
     say({"kind": "stage", "text": f"encoding {len(train_images)} training and {len(test_images)} test images to slot maps"})

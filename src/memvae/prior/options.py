@@ -27,7 +27,7 @@ class PriorOptions:
         test_images: use only the first N test images (0: all), for quick checks.
         extract_batch: images per batch when extracting codes.
         device: "auto", "cpu", "cuda", ...
-        threads: CPU threads for torch (0: torch's default).
+        threads: CPU threads for torch (0: $OMP_NUM_THREADS, else 1, as a training's default).
         on_nonfinite: a NaN/Inf loss "stop"s the fit (the last checkpoint kept) or is
             "skip"ped (the update undone, counted in the log), as ``train.on_nonfinite``.
     """
