@@ -210,3 +210,13 @@ def test_version_5_names_the_eval_read_and_the_start_each_kind_had(bottleneck, i
         assert cfg.bottleneck.eval_read == "hard"
     with pytest.raises(MemvaeError, match="init"):  # "default" is no value of today's format
         C.validate(C.from_dict({VERSION_KEY: FORMAT_VERSION, "bottleneck": bottleneck}, saved=True))
+
+
+@pytest.mark.parametrize("version", [5, 0])
+def test_version_6_keeps_the_gradient_write_of_an_earlier_mixture_run(version):
+    """Mixture runs saved before version 6 learned their slots by gradient: their own config
+    says so; a user's file without the key gets today's default, the moving-average write."""
+    bottleneck = {"kind": "mixture", "init": "data", "slots": 64}
+    assert C.from_dict({VERSION_KEY: version, "bottleneck": bottleneck}, saved=True).bottleneck.write == "gradient"
+    assert C.from_dict({"bottleneck": bottleneck}, saved=False).bottleneck.write == "ema"
+    assert C.from_dict({VERSION_KEY: FORMAT_VERSION, "bottleneck": bottleneck}, saved=True).bottleneck.write == "ema"

@@ -9,7 +9,7 @@ Readers go through :func:`upgrade_config` (a config's dict) or :func:`upgrade_ch
 small function from version n to n + 1 each; a file of a newer version than this code is
 refused.
 
-The number was first written on 2026-12-06 (version 4; version 5 the same day). A file without one is version 0,
+The number was first written on 2026-12-06 (version 4; versions 5 and 6 the same day). A file without one is version 0,
 and version 0 spans every file written before then, of any age: each step therefore acts
 only where the file still shows the old form (a removed or re-expressed key, a missing
 buffer, an untrained parameter) and passes a newer file through unchanged. A config file
@@ -28,7 +28,7 @@ import torch
 from memvae.errors import MemvaeError
 from memvae.quantizers import REGISTRY, bottleneck_class
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 VERSION_KEY = "format_version"
 
 
@@ -205,6 +205,19 @@ def to_5_one_quantiser_api(old: Old) -> Old:
     return dataclasses.replace(old, config={**old.config, "bottleneck": new})
 
 
+# ----------------------------------------------------------------------------- 5 -> 6
+def to_6_mixture_write(old: Old) -> Old:
+    """Version 6 (2026-12-06, issue 31) gave the mixture read a moving-average write
+    (``bottleneck.write = "ema"``, the new default); a mixture run saved before it learned
+    its slots by gradient, so its own config gets ``write = "gradient"``. A user's file
+    is left alone: it gets today's default."""
+    bottleneck = old.config.get("bottleneck")
+    if not (old.saved and isinstance(bottleneck, dict) and bottleneck.get("kind") == "mixture"
+            and "write" not in bottleneck):
+        return old
+    return dataclasses.replace(old, config={**old.config, "bottleneck": {**bottleneck, "write": "gradient"}})
+
+
 # Step i brings version i to i + 1.
 STEPS: tuple[Callable[[Old], Old], ...] = (
     to_1_removed_options,
@@ -212,6 +225,7 @@ STEPS: tuple[Callable[[Old], Old], ...] = (
     to_3_options_of_the_kind,
     to_4_untrained_log_beta,
     to_5_one_quantiser_api,
+    to_6_mixture_write,
 )
 assert len(STEPS) == FORMAT_VERSION
 
