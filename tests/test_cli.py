@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from tests.conftest import CONFIGS, REPO
@@ -18,6 +19,7 @@ def memvae(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_train_eval_reconstruct_plot(tmp_path, data_dir):
     runs = []
     for name, extra in (("vq", []), ("mem", ["--kind", "memory"])):
@@ -45,6 +47,7 @@ def test_train_eval_reconstruct_plot(tmp_path, data_dir):
     assert grid.width > 300 and grid.height > 200 and curves.width > 500
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_resume_from_the_run_directory_alone(tmp_path, data_dir):
     run = tmp_path / "run"
     common = ["--data-dir", str(data_dir), "--threads", "1", "--no-progress"]

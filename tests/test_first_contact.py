@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from memvae.config import schema as C
 from tests.cli_util import cli_env, run_memvae
 from tests.conftest import CONFIGS
@@ -90,6 +92,7 @@ def test_a_typo_of_an_option_says_which_was_meant():
         2, ["error: unrecognized arguments: --bogus (memvae eval --help lists the options)"])
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_commands_on_a_run_directory_that_does_not_exist_say_so(tmp_path):
     missing = tmp_path / "no_such_run"
     for args in (("eval", missing), ("reconstruct", missing, "--out", tmp_path / "g.png"), ("bpd", missing),
@@ -117,6 +120,7 @@ def _smoke_memory_run(tmp_path, steps: int = 6):
     return run
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_resume_at_or_past_the_target_and_hints_on_a_continuous_run(tmp_path):
     run = _smoke_memory_run(tmp_path)
     # at its target: nothing to train, exit 0 with a done line

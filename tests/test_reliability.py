@@ -330,6 +330,7 @@ def _assert_identical(run: Path, reference) -> None:
             assert torch.equal(final["optimizer"]["state"][key][name], value), (key, name)
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_sigkill_at_random_updates_then_resume_ends_identical(tmp_path, uninterrupted):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
@@ -356,6 +357,7 @@ def test_sigkill_at_random_updates_then_resume_ends_identical(tmp_path, uninterr
     print(f"seed {seed}: killed with the latest checkpoint at updates {killed_after}")
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_sigkill_before_the_first_checkpoint_then_resume_ends_identical(tmp_path, uninterrupted):
     """Killed after it logged but before any checkpoint: --resume starts from update 0 and
     must not keep the dead run's log records (they would appear twice)."""

@@ -80,6 +80,7 @@ def test_the_lock_file_alone_is_no_run_and_overwrite_keeps_it(tmp_path):
 
 
 # ------------------------------------------------------------------ two processes, one run directory
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_train_resume_into_a_live_run_fails_at_once_and_the_live_run_ends_identical(tmp_path, uninterrupted):
     run = tmp_path / "run"
     first = start_memvae("train", *TRAIN_ARGS, "--run-dir", run)
@@ -228,6 +229,7 @@ def _mounted(path: Path, *options: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_a_full_600_kib_file_system_ends_in_an_error_not_done(tmp_path):
     """The issue's case on a real full disk: checkpoint 50 fits, 100, 150 and 200 do not."""
     with _mounted(tmp_path / "small", "size=600k") as small:
