@@ -104,26 +104,39 @@ def assert_same_tensors(a: dict, b: dict) -> None:
             assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
 
 
+# The variants the default suite checks (every kind's bottleneck family: the memory read, a
+# moving-average codebook, the mixture); the others carry the slow marker (CI runs them).
+DEFAULT_VARIANTS = ("memory_discrete", "vq_ema_reseed", "mixture_pursuit_k2_K256_L3")
+PARAMS = [name if name in DEFAULT_VARIANTS else pytest.param(name, marks=pytest.mark.slow) for name in VARIANTS]
+
+
+class _Unbroken(dict):
+    """name -> (first, second), each (records, final checkpoint): the variant trained twice in
+    this process with 2 threads, on first use (the default suite trains only its variants)."""
+
+    def __init__(self, out: Path, cifar):
+        super().__init__()
+        self.out, self.cifar = out, cifar
+
+    def __missing__(self, name: str):
+        config, overrides = settings(name)
+        cfg = C.load_config(CONFIGS / f"{config}.toml", [f"{k}={v}" for k, v in overrides.items()] + ["train.threads=2"])
+        threads = torch.get_num_threads()
+        try:
+            for attempt in ("first", "second"):
+                train(cfg, self.out / name / attempt, show_progress=False, data=self.cifar)
+        finally:
+            torch.set_num_threads(threads)
+        self[name] = (finished(self.out / name / "first"), finished(self.out / name / "second"))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, cifar) -> dict:
-    """Each variant trained twice in this process with 2 threads: name -> (first, second),
-    each (records, final checkpoint)."""
-    out = tmp_path_factory.mktemp("unbroken")
-    threads = torch.get_num_threads()
-    runs = {}
-    try:
-        for name in VARIANTS:
-            config, overrides = settings(name)
-            cfg = C.load_config(CONFIGS / f"{config}.toml", [f"{k}={v}" for k, v in overrides.items()] + ["train.threads=2"])
-            for attempt in ("first", "second"):
-                train(cfg, out / name / attempt, show_progress=False, data=cifar)
-            runs[name] = (finished(out / name / "first"), finished(out / name / "second"))
-    finally:
-        torch.set_num_threads(threads)
-    return runs
+    return _Unbroken(tmp_path_factory.mktemp("unbroken"), cifar)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", PARAMS)
 def test_the_same_run_twice_gives_the_same_numbers(unbroken, name):
     (records, state), (again_records, again_state) = unbroken[name]
     assert state["threads"] == 2
@@ -149,7 +162,7 @@ def _kill_after_first_checkpoint(args: list, run: Path, timeout: float = 120) ->
     return step
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", PARAMS)
 def test_sigkill_after_the_first_checkpoint_then_resume_gives_the_same_numbers(tmp_path, unbroken, name):
     (records, state), _ = unbroken[name]
     run = tmp_path / "run"
@@ -163,6 +176,7 @@ def test_sigkill_after_the_first_checkpoint_then_resume_gives_the_same_numbers(t
     assert_same_tensors(resumed_state, state)
 
 
+@pytest.mark.slow  # four 15-update trainings in subprocesses
 def test_resume_keeps_the_recorded_thread_count_unless_told_otherwise(tmp_path, unbroken):
     """A run trained with 2 threads and extended in a 1-thread environment keeps 2 threads
     (exact, silent); extended with --train.threads 1, it says in one line from which update
