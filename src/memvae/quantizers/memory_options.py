@@ -146,7 +146,10 @@ class MemoryOptions(SlotOptions):
     impl: str = "auto"  # "auto", "dense" or "fused"
     top_k: int = 0  # read each query's k largest logits only (0: all K, the dense read)
 
-    # The names the parts take, checked here too so that a config's error names its key.
+    # Single-key rules, checked here too so that a config's error names its key.
+    POSITIVE: ClassVar[tuple[str, ...]] = ("slots", "beta_init", "tau_start", "tau_end", "tau_anneal_updates")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("commitment", "reseed_fraction", "top_k")
+    OPEN_UNIT: ClassVar[tuple[str, ...]] = ("decay",)
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         **SlotOptions.CHOICES, "similarity": SIMILARITIES, "eval_read": EVAL_READS, "train_read": TRAIN_READS,
         "write": WRITES, "temperature": TEMPERATURES, "encoder_gradient": ENCODER_GRADIENTS, "impl": IMPLS}
