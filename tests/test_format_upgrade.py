@@ -67,7 +67,8 @@ REPORTS = {
     "discrete-25k": ["--steps", "25000", "--seeds", "3", "--models", "memory_discrete,vq_ema_reseed,fsq,vq_ema",
                      "--lossless", "LOSSLESS"],
     "mixture-guard-2k": ["--models", "mixture_topk_k2_K256_L3,mixture_pursuit_k2_K256_L3,mixture_topk_k2_K64_L63,"
-                         "mixture_pursuit_k2_K64_L63", "--steps", "2000", "--first-seed", "1", "--seeds", "1"],
+                         "mixture_pursuit_k2_K64_L63", "--steps", "2000", "--first-seed", "1", "--seeds", "1",
+                         "--config-dir", str(RESULTS / "mixture-guard-2k" / "configs")],  # the gradient write
 }
 
 
