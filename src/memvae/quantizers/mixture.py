@@ -24,7 +24,7 @@ class MixtureOptions(SlotOptions):
     write: str = "ema"  # how slots learn: "ema" (moving averages of their least-squares targets) or "gradient"
     commitment: float = 0.25  # weight of ‖z − sg(read)‖²
     beta_init: float = 1.0  # way "topk": the learned β's start (logits −β·‖z − m‖²/q̄)
-    decay: float = 0.99  # γ of the moving averages (slot usage, q̄)
+    decay: float = 0.99  # γ of the moving averages (the ema write's slots, slot usage, q̄)
     reseed_fraction: float = 0.25  # re-seed slots whose usage falls below this fraction of N/K (0: never)
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("slots", "k", "levels", "beta_init")
