@@ -195,6 +195,22 @@ def _plot_of_a_missing_run(t, ctx):
     return ["plot", t / "nowhere", "--out", t / "c.png"], [f"run directory {t / 'nowhere'} does not exist"]
 
 
+def _resume_of_a_missing_run(t, ctx):
+    return ([*TRAIN, "--resume", "--run-dir", t / "nowhere"],
+            [f"run directory {t / 'nowhere'} does not exist; nothing to resume"])
+
+
+def _resume_of_a_folder_that_holds_no_run(t, ctx):
+    (t / "runs").mkdir()  # e.g. a compare's output folder instead of one of its runs
+    return ([*TRAIN, "--resume", "--run-dir", t / "runs"],
+            [f"run directory {t / 'runs'} holds no run to resume (no checkpoint, no config.toml)"])
+
+
+def _steps_not_a_number(t, ctx):
+    return ["train", "--config", SMOKE, "--steps", "ten"], ["argument --steps: invalid int value: 'ten'",
+                                                            "(memvae train --help lists the options)"]
+
+
 CASES = {
     "missing CIFAR-10 data directory": _missing_cifar_dir,
     "missing image folder": _missing_image_folder,
@@ -219,6 +235,9 @@ CASES = {
     "truncated checkpoint on eval": _truncated_checkpoint_on_eval,
     "eval of a directory that is no run": _eval_of_a_non_run,
     "plot of a run directory that does not exist": _plot_of_a_missing_run,
+    "resume of a run directory that does not exist": _resume_of_a_missing_run,
+    "resume of a folder that holds no run": _resume_of_a_folder_that_holds_no_run,
+    "--steps that is not a number": _steps_not_a_number,
 }
 
 

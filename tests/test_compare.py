@@ -101,7 +101,8 @@ def test_report_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path, da
         compare(tmp_path, ["vq"], report_only=True, **common)
     compare(tmp_path, ["vq"], **common)
     results = compare(tmp_path, ["vq", "vq_ema"], seeds=2, report_only=True, **common)
-    assert "not finished, left out: vq-seed1, vq_ema-seed0, vq_ema-seed1" in capsys.readouterr().err
+    assert ("not finished, left out: vq-seed1 (not started), vq_ema-seed0 (not started), vq_ema-seed1 (not started)"
+            in capsys.readouterr().err)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["vq-seed0"]  # nothing was trained
     assert list(results["models"]) == ["vq"] and len(results["models"]["vq"]["seeds"]) == 1
     assert "| vq | 1 | nearest |" in (tmp_path / "results.md").read_text()
@@ -243,3 +244,94 @@ def test_ctrl_c_stops_side_by_side_runs_cleanly_and_names_the_resume_command(tmp
         assert "compare: interrupted (Ctrl-C): stopping this run" in log, log
         assert f"stopped at update {step}, checkpoint saved; resume with: {resume}" in log, log
         assert "SIGTERM" not in log
+
+
+# ------------------------------------------------------------------ what a compare says of its plan and progress (issue 44)
+def _log(run_dir, seconds_per_step: dict[int, float]) -> None:
+    """A metrics.jsonl of train records at the given (update: training seconds)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step, seconds in seconds_per_step.items():
+            f.write(json.dumps({"kind": "train", "step": step, "train_seconds": seconds, "train_nmse": 0.5}) + "\n")
+
+
+def test_the_time_left_in_all_schedules_the_runs_on_their_workers():
+    from memvae.experiments.compare_progress import time_left
+
+    assert time_left([(100, None)], [100], 2) is None  # no rate measured yet: no guess
+    # two running: 100 left at 10/s (10 s), 300 left at 30/s (10 s); two pending of 200 at the mean 20/s
+    # (10 s each), each on the first worker to free: both end at 20 s
+    assert time_left([(100, 10.0), (300, 30.0)], [200, 200], 2) == 20.0
+    # a run without a rate goes at the mean; nothing running: the pending runs fill the workers
+    assert time_left([(100, 10.0), (200, None)], [], 2) == 20.0
+    assert time_left([], [100, 100, 100], 2, rates=[10.0]) == 20.0
+    assert time_left([], [100, 100, 100], 1, rates=[10.0]) == 30.0
+    assert time_left([], [], 2, rates=[10.0]) == 0.0
+
+
+def test_the_plan_line_says_runs_updates_jobs_and_the_time_in_all():
+    from memvae.experiments.compare_progress import plan_text, total_text
+
+    assert plan_text(5, 25000, [25000] * 5, 2, None) == (
+        "plan: 5 runs of 25000 updates, 5 to train, 2 at a time; the time in all is estimated once the first runs "
+        "have logged (each run's own line shows the time left of that run only)")
+    assert plan_text(10, 25000, [25000, 15000], 2, 4 * 3600) == (
+        "plan: 10 runs of 25000 updates, 2 to train (8 finished already), 2 at a time; about 4.0 h in all at the "
+        "rates measured so far")
+    assert total_text(2, 8, 600.0) == "compare: 2 of 8 runs trained, about 10 min left in all"
+    assert total_text(0, 8, None) == "compare: 0 of 8 runs trained, time left in all not measured yet"
+
+
+def test_report_only_says_how_far_each_unfinished_run_has_got(tmp_path):
+    from memvae.experiments.compare_progress import progress_text
+
+    _log(tmp_path / "vq-seed0", {100: 10.0, 400: 40.0})
+    assert progress_text(tmp_path / "vq-seed0", 300, 25000) == "vq-seed0 (update 400 of 25000)"  # its log is ahead
+    assert progress_text(tmp_path / "vq-seed0", 500, 25000) == "vq-seed0 (update 500 of 25000)"
+    assert progress_text(tmp_path / "vq-seed1", 0, 25000) == "vq-seed1 (not started)"
+
+
+def test_compare_opens_with_its_plan_and_revises_the_time_in_all_between_runs(tmp_path, monkeypatch, capsys):
+    """One run after another (jobs 1), trained by a stand-in that logs 10 updates per
+    second of training time: the plan line first, then before the second run the time left
+    in all at the rate the first run measured. No clock is read: the rates are the logs'."""
+    import memvae.experiments.compare as compare_module
+
+    trained = []
+
+    def fake_train(cfg, run_dir, resume, data, show_progress):
+        trained.append(run_dir.name)
+        _log(run_dir, {10: 1.0, cfg.train.steps: cfg.train.steps / 10})
+
+    monkeypatch.setattr(compare_module, "train", fake_train)
+    monkeypatch.setattr(compare_module, "load_data", lambda *args: None)
+    monkeypatch.setattr(compare_module, "report", lambda *args, **kw: {"training": kw["training"]})
+    results = compare(tmp_path, ["smoke"], steps=200, seeds=3, jobs=1, show_progress=False)
+    assert trained == ["smoke-seed0", "smoke-seed1", "smoke-seed2"] and results["training"]["runs_trained"] == 3
+    said = capsys.readouterr()
+    assert said.err.splitlines() == [
+        "plan: 3 runs of 200 updates, 3 to train, 1 at a time; the time in all is estimated once the first runs have "
+        "logged (each run's own line shows the time left of that run only)"]
+    assert said.out.splitlines() == ["compare: 1 of 3 runs trained, about 40 s left in all",
+                                     "compare: 2 of 3 runs trained, about 20 s left in all"]
+
+
+def test_a_side_by_side_compare_shows_the_time_left_in_all_after_the_runs_log(capsys):
+    from memvae.experiments.side_by_side import TotalLine
+
+    line = TotalLine(4, position=2, bar=False)
+    line.update(None, logged=False)  # nothing logged yet: no line
+    line.update(3600.0, logged=True)
+    line.update(3600.0, logged=True)  # the same estimate again: said once
+    line.finished = 1
+    line.update(1800.0, logged=True)
+    assert capsys.readouterr().out.splitlines() == ["compare: 0 of 4 runs trained, about 60 min left in all",
+                                                    "compare: 1 of 4 runs trained, about 30 min left in all"]
+
+
+def test_the_plans_lines_start_a_new_run_which_resume_alone_refuses(tmp_path):
+    """A plan's line (and a submitit job) runs `memvae train ... --resume --start-if-new`: the
+    first time its run directory does not exist yet, and --resume alone is an error there."""
+    compare(tmp_path, ["smoke"], steps=20, plan_file=tmp_path / "plan.sh")
+    words = (tmp_path / "plan.sh").read_text().split()
+    assert words[words.index("--resume") + 1] == "--start-if-new"

@@ -92,6 +92,58 @@ def test_a_typo_of_an_option_says_which_was_meant():
         2, ["error: unrecognized arguments: --bogus (memvae eval --help lists the options)"])
 
 
+def test_a_misspelt_config_name_says_which_was_meant(tmp_path):
+    """As a misspelt option does (issue 44); the known names follow, for a name not close to any."""
+    out = run_memvae("train", "--config", "vq_emma")
+    (line,) = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and line.startswith("error: unknown config 'vq_emma'; did you mean 'vq_ema'? known: bsq, "), line
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tiny.toml").write_text("")
+    out = run_memvae("compare", "--models", "tine", "--config-dir", tmp_path / "mine", "--out", tmp_path / "c")
+    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
+        f"error: no config for model 'tine' ({tmp_path / 'mine' / 'tine.toml'}); did you mean 'tiny'? known: tiny"])
+
+
+def test_a_value_argparse_cannot_read_is_one_line_not_the_usage_block():
+    out = run_memvae("train", "--config", "smoke", "--steps", "ten")
+    assert (out.returncode, out.stdout, out.stderr.splitlines()) == (2, "", [
+        "error: argument --steps: invalid int value: 'ten' (memvae train --help lists the options)"])
+    out = run_memvae("compare", "--seeds", "two")
+    assert (out.returncode, out.stderr.splitlines()) == (2, [
+        "error: argument --seeds: invalid int value: 'two' (memvae compare --help lists the options)"])
+
+
+def test_resume_of_a_run_directory_that_does_not_exist_is_an_error_not_a_new_run(tmp_path):
+    """Named by its config or not, with --run-dir or the default runs/NAME: one line naming the
+    folder, and nothing is created (it used to train from update 0 towards 25,000)."""
+    missing = tmp_path / "runs" / "memory_discrete-seed0"
+    hint = "does not exist; nothing to resume (leave out --resume to start a new run)"
+    for args, folder in ((["--config", "smoke", "--run-dir", missing], missing), (["--run-dir", missing], missing),
+                         (["--config", "smoke"], "runs/smoke")):
+        out = run_memvae("train", "--resume", *args, cwd=tmp_path)
+        assert (out.returncode, out.stderr.splitlines()) == (2, [f"error: run directory {folder} {hint}"]), args
+    assert sorted(tmp_path.iterdir()) == []
+    out = run_memvae("train", "--config", "smoke", "--start-if-new", "--run-dir", missing)
+    assert (out.returncode, out.stderr.splitlines()) == (
+        2, ["error: --start-if-new goes with --resume (without --resume a run starts new anyway)"])
+
+
+def test_resume_with_start_if_new_starts_a_missing_run_and_a_run_without_checkpoint_restarts(tmp_path):
+    """What compare's plan lines run (--resume --start-if-new) starts the run; a run stopped
+    before its first checkpoint (its config.toml, no checkpoints) resumes from update 0."""
+    import shutil
+
+    run = tmp_path / "run"
+    short = ["--steps", 2, "--eval_every", 2, "--log_every", 2, "--eval_images", 50, "--no-progress"]
+    out = run_memvae("train", "--config", "smoke", *short, "--resume", "--start-if-new", "--run-dir", run)
+    assert out.returncode == 0, out.stderr
+    assert f"no checkpoint in {run}: starting from update 0" in out.stdout and f"done: {run} (update 2," in out.stdout
+    shutil.rmtree(run / "checkpoints")
+    out = run_memvae("train", "--resume", "--run-dir", run, "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert f"no checkpoint in {run}: starting from update 0" in out.stdout and f"done: {run} (update 2," in out.stdout
+
+
 @pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_commands_on_a_run_directory_that_does_not_exist_say_so(tmp_path):
     missing = tmp_path / "no_such_run"

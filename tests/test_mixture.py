@@ -382,3 +382,13 @@ def test_a_prior_fits_the_codes_of_a_short_run_and_samples_decode(tmp_path, cifa
     assert images.shape == (3, 3, 32, 32) and codes.shape == (3, 8, 24)
     assert bool((codes[..., 0::3] < 64).all()) and bool((codes[..., 1::3] >= 64).all() and (codes[..., 1::3] < 128).all())
     assert bool((codes[..., 2::3] >= 128).all() and (codes[..., 2::3] < 160).all())
+
+
+def test_the_grid_functions_stay_importable_from_the_mixture_module():
+    """The simplex grid's arithmetic moved to mixture_grid (issue 44: mixture.py under 450
+    lines); code that imports it from memvae.quantizers.mixture gets the same functions."""
+    from memvae.quantizers import mixture, mixture_grid
+
+    for name in ("check_shape", "count_codes", "grid_points", "round_to_grid"):
+        assert getattr(mixture, name) is getattr(mixture_grid, name), name
+    assert grid_points(3, 2) == [(3, 0), (2, 1)] and count_codes(8, 2, 3) == 8 + 28 * 2

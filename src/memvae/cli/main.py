@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from memvae.cli.runs import THREADS_HELP, cmd_bpd, cmd_eval, cmd_plot, cmd_reconstruct
+from memvae.cli.runs import THREADS_HELP, cmd_bpd, cmd_eval, cmd_plot, cmd_reconstruct, existing_run_dirs
 from memvae.errors import MemvaeError, os_error
 
 
@@ -40,6 +40,11 @@ def cmd_train(args, extra: list[str]) -> None:
                   if value is not None]
     if args.data_dir:  # recorded in config.toml, so that eval/reconstruct find the same data
         overrides.append(f"data.dir={Path(args.data_dir).resolve()}")
+    if args.start_if_new and not args.resume:
+        raise MemvaeError("--start-if-new goes with --resume (without --resume a run starts new anyway)")
+    strict = args.resume and not args.start_if_new
+    if strict and args.run_dir:  # before a config loads: the folder is what is wrong
+        check_resumable(Path(args.run_dir))
     if args.config is not None:
         cfg = presets.load(args.config, overrides)
     elif args.resume and args.run_dir and (Path(args.run_dir) / "config.toml").exists():
@@ -50,6 +55,8 @@ def cmd_train(args, extra: list[str]) -> None:
         raise MemvaeError("memvae train needs --config NAME or FILE (`memvae configs` lists the names), "
                           "or --resume with --run-dir of an existing run")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    if strict and not args.run_dir:
+        check_resumable(run_dir)
     steps_given = any(o.split("=", 1)[0] in ("steps", "train.steps") for o in overrides)
     if args.resume and args.config is not None and not steps_given and (run_dir / "config.toml").exists():
         # Resuming keeps the target the run was given (its config.toml), not the named config's default.
@@ -68,6 +75,17 @@ def cmd_train(args, extra: list[str]) -> None:
             print(f"done: {run_dir} (update {last['step']}, train NMSE {last['train_nmse']:.4f}, {saved})")
         else:  # resumed at its target: nothing to train
             print(f"done: {run_dir} (already at update {cfg.train.steps} of {cfg.train.steps}, nothing to train; {saved})")
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``--resume`` continues a run: a run directory that does not exist, or holds no run
+    (neither the config.toml a run writes first nor checkpoints), is a typo or the wrong
+    folder, not a wish to train from update 0. A run stopped before its first checkpoint
+    holds its config.toml and does start again from 0 (it says so)."""
+    existing_run_dirs([str(run_dir)], hint="; nothing to resume (leave out --resume to start a new run)")
+    if not (run_dir / "config.toml").exists() and not (run_dir / "checkpoints").is_dir():
+        raise MemvaeError(f"run directory {run_dir} holds no run to resume (no checkpoint, no config.toml); "
+                          "give the run's own folder, or leave out --resume to start a new run")
 
 
 def cmd_configs(args, extra: list[str]) -> None:
@@ -173,10 +191,18 @@ def _bare_config_keys() -> set[str]:
     return {key.split(".")[-1] for key in C.all_keys()} | C.every_kinds_keys()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose own errors (``--steps ten``, a missing argument) are one line
+    with status 2, as memvae's are, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memvae import __version__
 
-    parser = argparse.ArgumentParser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
+    parser = _Parser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
     parser.add_argument("--version", action="version", version=f"memvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -200,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: one plain line per log interval")
+    p.add_argument("--start-if-new", action="store_true", help="with --resume: a --run-dir that holds no run yet "
+                   "starts one at update 0 instead of failing (the lines of compare --plan: safe to run again)")
     p.set_defaults(func=cmd_train, extra_ok=True)
 
     p = sub.add_parser("configs", help="list the packaged model configs, one line each (or print one)")
@@ -292,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_bpd)
 
+    from memvae.cli.leaderboard import add_leaderboard_command
     from memvae.cli.prior import add_prior_commands
 
     add_prior_commands(sub)
+    add_leaderboard_command(sub)
     for p in sub.choices.values():  # last in each --help: the most used options come first
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.set_defaults(subparser=p)

@@ -9,11 +9,13 @@ from pathlib import Path
 from memvae.errors import MemvaeError
 
 
-def existing_run_dirs(run_dirs: list[str]) -> None:
-    """A run directory that does not exist is named as such (not as one holding no checkpoint)."""
+def existing_run_dirs(run_dirs: list[str], hint: str = "") -> None:
+    """A run directory that does not exist is named as such (not as one holding no
+    checkpoint), followed by ``hint``."""
     for run_dir in run_dirs:
         if not Path(run_dir).is_dir():
-            raise MemvaeError(f"run directory {run_dir} does not exist" + (" (it is a file)" if Path(run_dir).exists() else ""))
+            raise MemvaeError(f"run directory {run_dir} does not exist" + (" (it is a file)" if Path(run_dir).exists() else "")
+                              + hint)
 
 
 THREADS_HELP = "CPU threads for torch (default 0: $OMP_NUM_THREADS, else 1, as a training)"

@@ -7,6 +7,7 @@ is; its first sentence is the config's one-line description.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from importlib import resources
@@ -31,10 +32,18 @@ def names() -> list[str]:
     return sorted(f.name[: -len(SUFFIX)] for f in _directory().iterdir() if f.name.endswith(SUFFIX) and f.is_file())
 
 
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` did you mean 'vq_ema'?`` for the known name closest to a misspelt ``name`` ('' if
+    none is close), as a misspelt option or config key gets its closest one."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" did you mean {close[0]!r}?" if close else ""
+
+
 def _resource(name: str) -> Traversable:
-    """The packaged file called ``name``; an unknown name fails with the known ones."""
+    """The packaged file called ``name``; an unknown name fails with the closest and the known ones."""
     if name not in names():
-        raise MemvaeError(f"unknown config {name!r}; known: {', '.join(names())} (or give a path to a .toml file)")
+        raise MemvaeError(f"unknown config {name!r};{did_you_mean(name, names())} known: {', '.join(names())} "
+                          "(or give a path to a .toml file)")
     return _directory() / f"{name}{SUFFIX}"
 
 

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, loaded from TOML files and command-line overrides.
 
 A config file has a top-level ``name`` and the sections ``[data]``, ``[model]``,
-``[bottleneck]`` and ``[train]``; every key is a field below, and the keys of
+``[bottleneck]``, ``[train]`` and ``[prior]``; every key is a field below, and the keys of
 ``[bottleneck]`` are those of its ``kind`` (the ``Options`` each bottleneck's file in
 memvae/bottlenecks defines: ``memvae configs NAME`` prints them resolved). Overrides are
 ``section.key=value`` strings (the command line also takes ``--section.key value``
@@ -36,6 +36,9 @@ class DataConfig:
     dir: str = ""  # empty: $MEMVAE_DATA_DIR, else ~/.cache/memvae
     image_size: int = 32  # side of the square images a folder source is resized/cropped to
     eval_images: int = 1000  # size of the fixed held-out subset evaluated during training
+    # Train on the first N training images only (0: all of them), so that the rest can choose
+    # between settings without the test set (the loss guard: memvae.experiments.leaderboard).
+    train_images: int = 0
 
 
 @dataclass
@@ -69,6 +72,24 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # "stop" or "skip" an update whose loss is NaN/Inf
     threads: int = 0  # CPU threads for torch; 0: $OMP_NUM_THREADS, else 1 (resuming: the run's own count)
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are always repeatable at a fixed thread count
+    # The reconstruction term of the loss: "mse", the mean squared error on pixels in
+    # [-0.5, 0.5]; "nmse", the same divided by the training pixels' variance (about 16 times
+    # larger), as the VQ-VAE paper's and Sonnet's examples train. A quantiser whose own loss
+    # weights were set against a larger reconstruction term (IBQ, LFQ) can train under nmse.
+    reconstruction: str = "mse"
+
+
+@dataclass
+class PriorConfig:
+    """How ``memvae compare`` and ``memvae leaderboard`` complete a discrete run's row after
+    training (:mod:`memvae.experiments.row`): fit the PixelCNN prior over its codes
+    (``memvae prior`` with these settings) and score bits per dimension. The defaults are
+    the settings of every prior in docs/results since the rate sweep."""
+
+    fit: bool = True  # false: a run's row is complete without a prior and bits/dim
+    updates: int = 1500  # Adam updates of the prior (memvae prior --steps)
+    width: int = 32  # PixelCNN channels
+    layers: int = 6  # gated layers
 
 
 @dataclass
@@ -82,19 +103,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     bottleneck: BottleneckOptions = field(default_factory=lambda: bottleneck_options("vq"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
 
-SECTIONS = ("data", "model", "bottleneck", "train")
+SECTIONS = ("data", "model", "bottleneck", "train", "prior")
 # Rules on the keys of data, model and train (each bottleneck's options check their own).
 CHOICES = {
     "data.source": ("cifar10", "folder"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.reconstruction": ("mse", "nmse"),
 }
 POSITIVE = {
     "data.image_size", "data.eval_images", "model.hidden", "model.res_hidden", "model.embedding_dim",
     "train.steps", "train.batch_size", "train.lr", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "prior.updates", "prior.width", "prior.layers",
 }
-NON_NEGATIVE = {"model.res_blocks", "train.seed", "train.threads"}
+NON_NEGATIVE = {"model.res_blocks", "train.seed", "train.threads", "data.train_images"}
 
 
 def all_keys(cfg: Config | None = None) -> list[str]:

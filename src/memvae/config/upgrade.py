@@ -28,7 +28,7 @@ import torch
 from memvae.errors import MemvaeError
 from memvae.quantizers import REGISTRY, bottleneck_class
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 VERSION_KEY = "format_version"
 
 
@@ -218,6 +218,16 @@ def to_6_mixture_write(old: Old) -> Old:
     return dataclasses.replace(old, config={**old.config, "bottleneck": {**bottleneck, "write": "gradient"}})
 
 
+# ----------------------------------------------------------------------------- 6 -> 7
+def to_7_prior_and_reconstruction(old: Old) -> Old:
+    """Version 7 (2026-12-07) added ``train.reconstruction`` (default "mse", what every
+    earlier run trained with), ``data.train_images`` (default 0: all) and the ``[prior]``
+    section (its defaults are the settings every earlier prior in docs/results used). An
+    older file reads as it was meant at those defaults; the version says that a file with
+    the new keys is refused by older code rather than misread."""
+    return old
+
+
 # Step i brings version i to i + 1.
 STEPS: tuple[Callable[[Old], Old], ...] = (
     to_1_removed_options,
@@ -226,6 +236,7 @@ STEPS: tuple[Callable[[Old], Old], ...] = (
     to_4_untrained_log_beta,
     to_5_one_quantiser_api,
     to_6_mixture_write,
+    to_7_prior_and_reconstruction,
 )
 assert len(STEPS) == FORMAT_VERSION
 

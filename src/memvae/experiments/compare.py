@@ -12,8 +12,9 @@ Layout of the output directory::
 
 The parts: this module plans the runs (which train, resume, extend or are done) and
 launches them; :mod:`memvae.experiments.side_by_side` trains them locally, ``jobs`` at a
-time; :mod:`memvae.experiments.cluster` submits them as jobs; :mod:`memvae.experiments.report`
-measures them and writes the figures and tables.
+time; :mod:`memvae.experiments.compare_progress` says the plan, the time left in all and how
+far unfinished runs have got; :mod:`memvae.experiments.cluster` submits them as jobs;
+:mod:`memvae.experiments.report` measures them and writes the figures and tables.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from memvae.config import presets
 from memvae.config import schema as C
 from memvae.data import load_data
 from memvae.errors import MemvaeError
+from memvae.experiments.compare_progress import logged_step, measured_rate, plan_text, progress_text, time_left, total_text
 from memvae.experiments.report import report
 from memvae.experiments.side_by_side import compare_command, cpu_cores, resolve_jobs, stop_reason, train_side_by_side
 from memvae.experiments.sweep import at_slots, is_discrete
@@ -53,8 +55,9 @@ def _model_config(model: str, config_dir: Path | None, steps: int, seed: int, ov
         raise MemvaeError(f"config folder {config_dir} does not exist")
     path = config_dir / f"{model}.toml"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in config_dir.glob("*.toml"))) or f"none ({config_dir} holds no .toml files)"
-        raise MemvaeError(f"no config for model {model!r} ({path}); known: {known}")
+        names = sorted(p.stem for p in config_dir.glob("*.toml"))
+        known = ", ".join(names) or f"none ({config_dir} holds no .toml files)"
+        raise MemvaeError(f"no config for model {model!r} ({path});{presets.did_you_mean(model, names)} known: {known}")
     return C.load_config(path, overrides)
 
 
@@ -118,29 +121,13 @@ def _say_plan(states: list[tuple[Path, str, int]], steps: int) -> None:
             print(f"{run_dir.name}: extending from update {step} to {steps}", file=sys.stderr)
 
 
-def compare(
-    out: str | os.PathLike,
-    models=DEFAULT_MODELS,
-    steps: int = 25000,
-    seeds: int = 1,
-    data_dir: str | None = None,
-    config_dir: str | os.PathLike | None = None,
-    lossless: str | None = None,
-    overrides: list[str] = (),
-    images_shown: int = 10,
-    show_progress: bool = True,
-    test_images: int | None = None,
-    jobs: int | str | None = None,
-    report_only: bool = False,
-    slots: list[int] | None = None,
-    extend: bool = False,
-    first_seed: int = 0,
-    launcher: str = "local",
-    launcher_options=None,
-    wait: bool = True,
-    plan_file: str | os.PathLike | None = None,
-    poll_seconds: float = 10.0,
-) -> dict:
+def compare(out: str | os.PathLike, models=DEFAULT_MODELS, steps: int = 25000, seeds: int = 1,
+            data_dir: str | None = None, config_dir: str | os.PathLike | None = None, lossless: str | None = None,
+            overrides: list[str] = (), images_shown: int = 10, show_progress: bool = True,
+            test_images: int | None = None, jobs: int | str | None = None, report_only: bool = False,
+            slots: list[int] | None = None, extend: bool = False, first_seed: int = 0, launcher: str = "local",
+            launcher_options=None, wait: bool = True, plan_file: str | os.PathLike | None = None,
+            poll_seconds: float = 10.0) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
     the figures and tables; returns results.json's dict.
@@ -153,7 +140,8 @@ def compare(
     core, up to the number of runs to train. None: ``DEFAULT_JOBS``.
 
     ``report_only``: train nothing; evaluate and tabulate the runs of the plan that have
-    finished (a partial comparison while the rest still trains elsewhere) and name the others.
+    finished (a partial comparison while the rest still trains elsewhere) and name the
+    others, each with the update it has got to.
 
     ``slots``: the rate sweep. Every discrete model is trained at each K in ``slots``
     (:func:`memvae.experiments.sweep.at_slots`: runs ``<model>-k<K>-seed<s>``), every continuous one
@@ -166,7 +154,9 @@ def compare(
     it, such a run is refused: a larger ``steps`` is more often a typo than a wish).
 
     Runs train seed by seed (every model's seed 0 first), so that a sweep cut short still
-    holds one of everything.
+    holds one of everything. The local launcher first prints its plan (runs, updates,
+    runs at once, the time it expects in all) and revises the time left in all as the
+    runs' rates come in (:mod:`memvae.experiments.compare_progress`).
 
     ``launcher``: "local" (the runs train here, ``jobs`` at a time) or "submitit": each
     unfinished run is one job of submitit (Slurm, or its local executor), with the
@@ -179,15 +169,49 @@ def compare(
     compare again resubmits only them.
 
     ``plan_file``: train nothing; write one shell command per unfinished run into this
-    file (:mod:`memvae.experiments.plan`: the run's ``memvae train ... --resume``, the same run
-    directory), for a Slurm array, GNU parallel or bash; returns {"plan": path, "runs": names}.
+    file (:mod:`memvae.experiments.plan`: the run's ``memvae train ... --resume --start-if-new``,
+    the same run directory), for a Slurm array, GNU parallel or bash; returns {"plan": path, "runs": names}.
     """
     out = Path(out)
-    config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
     _check_launcher(launcher, launcher_options, jobs, wait, report_only, plan_file)
-    plan, sources = [], {}
+    plan, sources = _plan_runs(out, models, steps, seeds, first_seed, config_dir, overrides, slots)
+    states = [(cfg, run_dir, *_run_state(run_dir, cfg, extend)) for cfg, run_dir in plan]
+    todo = [(cfg, run_dir, state) for cfg, run_dir, state, _ in states if state not in ("done", "collected")]
+    training, failed = None, {}
+    if report_only:
+        plan = _finished_only(states, models, out, steps)
+    else:
+        _say_plan([(run_dir, state, step) for _, run_dir, state, step in states], steps)
+    if not report_only and (plan_file is not None or launcher == "submitit"):
+        commands = [_run_command(cfg, sources[run_dir], run_dir, data_dir) for cfg, run_dir, _ in todo]
+        if plan_file is not None:
+            return _write_plan(plan_file, commands, todo, len(plan))
+        failed, launched = _launch_submitit(out, todo, commands, launcher_options, wait, poll_seconds)
+        if failed is None:
+            return launched  # submitted, not waited for: collect later with report_only
+        training = launched
+        plan = [(cfg, run_dir) for cfg, run_dir in plan if run_dir.name not in failed]
+        if not plan:
+            raise MemvaeError("no run finished: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
+    first = plan[0][0].data
+    data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
+    if not report_only and launcher == "local":
+        training = _train_here(todo, [run_dir for _, run_dir in plan], steps, jobs, data, data_dir, out, show_progress)
+    # The one place where the finished runs (trained here, by jobs, or before) are handed to report().
+    results = report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
+    if failed:
+        _name_unfinished(out, results, failed)
+    return results
+
+
+def _plan_runs(out: Path, models, steps: int, seeds: int, first_seed: int, config_dir, overrides,
+               slots: list[int] | None) -> tuple[list[tuple[C.Config, Path]], dict[Path, str]]:
+    """The runs of a compare, seed by seed: (config, run directory) each, and each run
+    directory's config source (what its command names, :func:`_config_source`)."""
+    config_dir = None if config_dir is None else Path(config_dir)  # None: the packaged configs
     if first_seed < 0 or seeds < 1:
         raise MemvaeError(f"seeds must be >= 1 and first seed >= 0, got {seeds} from {first_seed}")
+    plan, sources = [], {}
     for seed in range(first_seed, first_seed + seeds):
         for model in models:
             cfg = _model_config(model, config_dir, steps, seed, list(overrides))
@@ -197,34 +221,51 @@ def compare(
     names = [cfg.name for cfg, _ in plan]
     if len(set(names)) * seeds != len(names):
         raise MemvaeError(f"two models share a config name: {sorted(names)}")
+    return plan, sources
 
-    states = [(cfg, run_dir, *_run_state(run_dir, cfg, extend)) for cfg, run_dir in plan]
-    if not report_only:
-        _say_plan([(run_dir, state, step) for _, run_dir, state, step in states], steps)
-    todo = [(cfg, run_dir, state) for cfg, run_dir, state, _ in states if state not in ("done", "collected")]
-    if report_only:
-        missing = {run_dir for _, run_dir, _ in todo}
-        if missing:
-            print(f"not finished, left out: {', '.join(sorted(p.name for p in missing))}", file=sys.stderr)
-        plan = [(cfg, run_dir) for cfg, run_dir in plan if run_dir not in missing]
-        if not plan:
-            raise MemvaeError(f"no run of {', '.join(models)} in {out / 'runs'} has finished its {steps} updates")
-    if not report_only and (plan_file is not None or launcher == "submitit"):
-        from memvae.experiments.plan import run_command, write_plan
 
-        commands = [run_command(cfg, sources[run_dir], run_dir, data_dir) for cfg, run_dir, _ in todo]
-        if plan_file is not None:
-            path = write_plan(plan_file, commands)
-            print(f"wrote {path}: {len(commands)} command{'s' * (len(commands) != 1)}, one per unfinished run "
-                  f"(of {len(plan)})", file=sys.stderr)
-            return {"plan": str(path), "runs": [run_dir.name for _, run_dir, _ in todo]}
-        return _launch_submitit(out, plan, todo, commands, launcher_options, wait, poll_seconds, data_dir, lossless,
-                                images_shown, test_images, bool(slots))
-    first = plan[0][0].data
-    data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
-    if report_only:
-        return report(out, plan, data, lossless, images_shown, test_images, sweep=bool(slots))
+def _finished_only(states, models, out: Path, steps: int) -> list[tuple[C.Config, Path]]:
+    """``report_only``: the finished runs of the plan; the others are named, each with how
+    far it has got (:func:`memvae.experiments.compare_progress.progress_text`)."""
+    unfinished = sorted((run_dir.name, progress_text(run_dir, step, cfg.train.steps))
+                        for cfg, run_dir, state, step in states if state not in ("done", "collected"))
+    if unfinished:
+        print(f"not finished, left out: {', '.join(text for _, text in unfinished)}", file=sys.stderr)
+    plan = [(cfg, run_dir) for cfg, run_dir, state, _ in states if state in ("done", "collected")]
+    if not plan:
+        raise MemvaeError(f"no run of {', '.join(models)} in {out / 'runs'} has finished its {steps} updates")
+    return plan
+
+
+def _run_command(cfg: C.Config, source: str, run_dir: Path, data_dir: str | None):
+    """:func:`memvae.experiments.plan.run_command` with ``--start-if-new`` after its
+    ``--resume``: a plan's line (or a job) starts its run where the run directory holds
+    none yet, which ``--resume`` alone refuses as a mistyped folder."""
+    from memvae.experiments.plan import run_command
+
+    command = run_command(cfg, source, run_dir, data_dir)
+    at = command.args.index("--resume") + 1
+    return dataclasses.replace(command, args=(*command.args[:at], "--start-if-new", *command.args[at:]))
+
+
+def _write_plan(plan_file, commands, todo, runs: int) -> dict:
+    """``plan_file``: one shell command per unfinished run (:func:`memvae.experiments.plan.write_plan`)."""
+    from memvae.experiments.plan import write_plan
+
+    path = write_plan(plan_file, commands)
+    print(f"wrote {path}: {len(commands)} command{'s' * (len(commands) != 1)}, one per unfinished run "
+          f"(of {runs})", file=sys.stderr)
+    return {"plan": str(path), "runs": [run_dir.name for _, run_dir, _ in todo]}
+
+
+def _train_here(todo, run_dirs: list[Path], steps: int, jobs, data, data_dir, out: Path, show_progress: bool) -> dict:
+    """The local launcher: say the plan (:func:`memvae.experiments.compare_progress.plan_text`,
+    its time in all from the rates the plan's runs have logged before, if any), then train
+    ``todo`` here, ``jobs`` at a time; returns what results.json records of the training."""
     workers = resolve_jobs(DEFAULT_JOBS if jobs is None else jobs, len(todo))
+    left = [cfg.train.steps - logged_step(run_dir) for cfg, run_dir, _ in todo]
+    rates = [rate for run_dir in run_dirs if (rate := measured_rate(run_dir))]
+    print(plan_text(len(run_dirs), steps, left, workers, time_left([], left, workers, rates)), file=sys.stderr)
     started = time.perf_counter()
     if workers > 1:
         threads = max(1, cpu_cores() // workers)
@@ -232,16 +273,23 @@ def compare(
                 for cfg, run_dir, state in todo]
         train_side_by_side(todo, workers, data_dir, out / "logs", show_progress)
     else:
-        for cfg, run_dir, state in todo:  # each run shows its own bar (or plain lines)
-            try:
-                train(cfg, run_dir, resume=state != "new", data=data, show_progress=show_progress)
-            except KeyboardInterrupt as exc:  # train()'s "SIGINT: stopped at update N, ..."; resuming is this compare
-                name, _, stopped = str(exc).split(";")[0].partition(": ")
-                why = stop_reason(signal.Signals[name]) if name in ("SIGINT", "SIGTERM") else "stopped"
-                raise KeyboardInterrupt(f"{why}: {run_dir.name} {stopped or 'stopped'}; resume with: "
-                                        f"{compare_command()}") from None
-    training = {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
-    return report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
+        for i, (cfg, run_dir, state) in enumerate(todo):  # each run shows its own bar (or plain lines)
+            if i:  # the whole compare's time left, at the rates measured so far
+                print(total_text(i, len(todo), time_left([], left[i:], 1, rates)), flush=True)
+            _train_one(cfg, run_dir, state, data, show_progress)
+            rates += [rate] if (rate := measured_rate(run_dir)) else []
+    return {"jobs": workers, "runs_trained": len(todo), "wall_seconds": time.perf_counter() - started}
+
+
+def _train_one(cfg: C.Config, run_dir: Path, state: str, data, show_progress: bool) -> None:
+    """Train one run in this process; a stop names the command that resumes the whole compare."""
+    try:
+        train(cfg, run_dir, resume=state != "new", data=data, show_progress=show_progress)
+    except KeyboardInterrupt as exc:  # train()'s "SIGINT: stopped at update N, ..."; resuming is this compare
+        name, _, stopped = str(exc).split(";")[0].partition(": ")
+        why = stop_reason(signal.Signals[name]) if name in ("SIGINT", "SIGTERM") else "stopped"
+        raise KeyboardInterrupt(f"{why}: {run_dir.name} {stopped or 'stopped'}; resume with: "
+                                f"{compare_command()}") from None
 
 
 def _config_source(model: str, config_dir: Path | None) -> str:
@@ -273,10 +321,10 @@ def _check_launcher(launcher: str, options, jobs, wait: bool, report_only: bool,
         raise MemvaeError("--no-wait is for --launcher submitit (local runs train in this process or its children)")
 
 
-def _launch_submitit(out: Path, plan, todo, commands, options, wait: bool, poll_seconds: float, data_dir, lossless,
-                     images_shown: int, test_images: int | None, sweep: bool) -> dict:
+def _launch_submitit(out: Path, todo, commands, options, wait: bool, poll_seconds: float) -> tuple[dict | None, dict]:
     """:func:`compare` with the submitit launcher: submit (or follow) one job per
-    unfinished run, wait, report the finished runs and name the others."""
+    unfinished run and wait -> (failed: run name -> why, what results.json records of the
+    training); with ``wait`` False, (None, the job ids submitted) at once."""
     from memvae.experiments.cluster import Run, follow, launch
     from memvae.experiments.cluster_options import LauncherOptions
 
@@ -288,7 +336,7 @@ def _launch_submitit(out: Path, plan, todo, commands, options, wait: bool, poll_
         if runs:
             print(f"submitted; collect with the same command and --report-only, or run it again to wait "
                   f"(logs: {out / 'logs'}, submitit: {out / 'submitit'})", file=sys.stderr)
-        return {"submitted": {w.run.name: str(w.job.job_id) for w in watched}}
+        return None, {"submitted": {w.run.name: str(w.job.job_id) for w in watched}}
     try:
         failed = follow(watched, poll_seconds)
     except KeyboardInterrupt:
@@ -296,18 +344,14 @@ def _launch_submitit(out: Path, plan, todo, commands, options, wait: bool, poll_
         raise KeyboardInterrupt("stopped waiting (Slurm jobs go on; local ones stop with a checkpoint): run the same "
                                 "compare again to wait for or resubmit them, or add --report-only to collect what "
                                 "has finished") from None
-    finished = [(cfg, run_dir) for cfg, run_dir in plan if run_dir.name not in failed]
-    if not finished:
-        raise MemvaeError("no run finished: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
-    first = finished[0][0].data
-    data = load_data(first.source, data_dir or first.dir or None, first.image_size)
-    training = {"launcher": "submitit", "cluster": cluster, "runs_trained": len(runs),
-                "wall_seconds": time.perf_counter() - started}
-    results = report(out, finished, data, lossless, images_shown, test_images, training=training, sweep=sweep)
-    if failed:
-        results["unfinished"] = failed
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        with open(out / "results.md", "a") as f:
-            f.write("\nNot finished, left out (their jobs failed; the same compare resubmits them): "
-                    + "; ".join(f"{name}: {why}" for name, why in failed.items()) + "\n")
-    return results
+    return failed, {"launcher": "submitit", "cluster": cluster, "runs_trained": len(runs),
+                    "wall_seconds": time.perf_counter() - started}
+
+
+def _name_unfinished(out: Path, results: dict, failed: dict[str, str]) -> None:
+    """Name the runs whose jobs failed in results.json and results.md, beside the report of the others."""
+    results["unfinished"] = failed
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    with open(out / "results.md", "a") as f:
+        f.write("\nNot finished, left out (their jobs failed; the same compare resubmits them): "
+                + "; ".join(f"{name}: {why}" for name, why in failed.items()) + "\n")

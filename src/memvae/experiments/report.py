@@ -114,6 +114,7 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
     run_dirs: dict[str, list[Path]] = {}
     grid = [("original", shown)]
     curves: dict[str, list] = {}
+    seeds_of: dict[str, list[int]] = {}  # each model's runs' seeds, in the order of curves: the titles name them
     for cfg, run_dir in plan:
         eval_path = run_dir / "eval.json"
         cached = json.loads(eval_path.read_text()) if eval_path.exists() else None
@@ -158,9 +159,10 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
             about[cfg.name].setdefault("bits_per_dim_bound", bound)
         run_dirs.setdefault(cfg.name, []).append(run_dir)
         curves.setdefault(cfg.name, []).append(records)
+        seeds_of.setdefault(cfg.name, []).append(cfg.train.seed)
         if cfg.train.seed == plan[0][0].train.seed and not collected:  # the grid shows the first seed's models
-            for read, recon in reconstructions(model, shown).items():
-                grid.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
+            for read, recon in reconstructions(model, shown).items():  # each row named by its run folder
+                grid.append((run_dir.name if read == "nearest" else f"{run_dir.name} ({read})", recon))
 
     for runs in by_model.values():  # bits/dim of some seeds only: the others' count as missing
         if any("bits_per_dim" in r for r in runs):
@@ -168,10 +170,11 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
                 r.setdefault("bits_per_dim", dict.fromkeys(BPD_KEYS))
     steps = plan[0][0].train.steps
     seeds = max(map(len, by_model.values()))  # report_only may find fewer for some models
-    title = f"CIFAR-10, {steps} updates, {seeds} seed{'s' if seeds > 1 else ''}"
-    convergence_figure(curves, out / "convergence.png", title=title)
+    convergence_figure(curves, out / "convergence.png", title=f"CIFAR-10, {steps} updates", seeds=seeds_of)
     if len(grid) > 1:  # collected runs (no model here) leave a grid drawn earlier in place
-        reconstruction_grid(grid, out / "reconstructions.png", title=f"test images 0..{images_shown - 1}, {steps} updates")
+        reconstruction_grid(grid, out / "reconstructions.png", caption=(
+            f"CIFAR-10 test images 0–{images_shown - 1} (top row) reconstructed by each model's seed-"
+            f"{plan[0][0].train.seed} run after {steps} updates; each row is named by its run's folder (runs/ beside this figure)"))
     results = {
         "steps": steps,
         "seeds": seeds,
@@ -187,7 +190,8 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
         rows = collect(results, run_dirs)
         (out / "rate_distortion.md").write_text(rate_tables(rows, steps, len(test)))
         rate_distortion_figure(rows, out / "rate_distortion.png", steps, f"first {len(test):,} test images"
-                               if len(test) < len(data.test) else f"whole test set, {len(test):,} images")
+                               if len(test) < len(data.test) else f"whole test set, {len(test):,} images",
+                               seeds=[s for runs in seeds_of.values() for s in runs])
     return results
 
 

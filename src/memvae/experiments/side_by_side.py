@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from memvae.config import schema as C
 from memvae.errors import MemvaeError, os_error
+from memvae.experiments.compare_progress import logged_step, time_left, total_text
 from memvae.training.checkpoint import latest_checkpoint
 from memvae.training.loop import StopRequest
-from memvae.training.metrics import BAR_FORMAT, progress_line, rate_text, read_metrics
+from memvae.training.metrics import BAR_FORMAT, progress_line, rate_since, rate_text, read_metrics
 from memvae.training.train import train
 
 
@@ -46,12 +47,6 @@ def resolve_jobs(jobs: int | str, runs: int) -> int:
     return max(1, min(wanted, runs))
 
 
-def _logged_step(run_dir: Path) -> int:
-    """The last update a run has logged (0 before its first record): progress read from its log."""
-    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    return max((r["step"] for r in records), default=0)
-
-
 def compare_command() -> str:
     """The command that resumes this compare: the same command line when this process is
     ``memvae compare ...`` (a finished run is skipped, a stopped one resumes from its
@@ -74,22 +69,25 @@ class RunProgress:
 
     def __init__(self, run_dir: Path, total: int, position: int, bar: bool):
         self.run_dir, self.total, self.position = run_dir, total, position
-        self.shown = self.start = _logged_step(run_dir)
-        self.start_seconds = None
+        self.shown = self.start = logged_step(run_dir)
+        self.start_seconds = self.rate = None  # rate: updates/s since this process's first record
         self.bar = tqdm(total=total, initial=self.start, desc=run_dir.name, position=position, dynamic_ncols=True,
                         leave=False, bar_format=BAR_FORMAT) if bar else None
 
-    def refresh(self) -> None:
+    def refresh(self) -> int:
+        """Show the records logged since the last refresh; returns how many there were."""
         records = [r for r in read_metrics(self.run_dir) if r["step"] > self.shown] if (self.run_dir / "metrics.jsonl").exists() else []
         for record in records:
             # The first record of this process starts the run's own clock.
             self.start_seconds = self.start_seconds or (record["step"], record["train_seconds"])
+            self.rate = rate_since(self.start_seconds, record) or self.rate
             if self.bar is not None:
                 self.bar.update(record["step"] - self.bar.n)
                 self.bar.set_postfix_str(f"NMSE {record['train_nmse']:.4f}" + rate_text(record, self.total, self.start_seconds))
             else:
                 print(progress_line(self.run_dir.name, record, self.total, self.start_seconds), flush=True)
             self.shown = record["step"]
+        return len(records)
 
     def close(self, returncode: int | None) -> None:
         self.refresh()
@@ -97,6 +95,29 @@ class RunProgress:
             self.bar.close()
         if returncode == 0:
             (tqdm.write if self.bar is not None else print)(f"{self.run_dir.name}: finished ({self.shown} updates)")
+
+
+class TotalLine:
+    """The compare's own line under the runs' bars: runs trained and the time left in all
+    (:func:`memvae.experiments.compare_progress.time_left`), revised as the runs log; without
+    bars (``bar`` False), one plain line after each round of records that changes it."""
+
+    def __init__(self, runs: int, position: int, bar: bool):
+        self.runs, self.finished, self.said = runs, 0, None
+        self.line = tqdm(bar_format="{desc}", position=position, leave=False, dynamic_ncols=True) if bar else None
+
+    def update(self, seconds: float | None, logged: bool) -> None:
+        """Show the estimate ``seconds``; ``logged``: a run logged since the last update."""
+        text = total_text(self.finished, self.runs, seconds)
+        if self.line is not None:
+            self.line.set_description_str(text)
+        elif logged and text != self.said:
+            print(text, flush=True)
+        self.said = text
+
+    def close(self) -> None:
+        if self.line is not None:
+            self.line.close()
 
 
 def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, data_dir: str | None, log_dir: Path,
@@ -115,6 +136,9 @@ def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, dat
     bars: dict[Path, RunProgress] = {}
     pending, running, failure = list(todo), {}, None
     resume = compare_command()
+    # The whole compare's time left: the runs' measured rates, and the updates each run still to start has left.
+    total, ended = TotalLine(len(todo), workers, show_progress), []
+    left = {run_dir: cfg.train.steps - logged_step(run_dir) for cfg, run_dir, _ in todo}
 
     def stop_all(signum: int, why: str) -> None:
         for proc, (run_dir, log) in running.items():
@@ -128,6 +152,7 @@ def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, dat
         for bar in bars.values():
             bar.close(None)
         bars.clear()
+        total.close()
 
     # A flag, not an exception: Ctrl-C never lands in the middle of a bar's write.
     with StopRequest() as stop:
@@ -135,25 +160,21 @@ def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, dat
             while ((pending and failure is None) or running) and stop.signal is None:
                 while pending and failure is None and len(running) < workers:
                     cfg, run_dir, state = pending.pop(0)
-                    log = open(log_dir / f"{run_dir.name}.log", "a")
-                    job = {"config": C.to_dict(cfg), "run_dir": str(run_dir), "resume": state != "new",
-                           "data_dir": data_dir, "parent": os.getpid(), "argv": sys.argv, "resume_command": resume}
-                    # Its own session: the terminal's Ctrl-C reaches the compare only, which decides.
-                    proc = subprocess.Popen([sys.executable, "-c", "from memvae.experiments.side_by_side import train_child; train_child()"],
-                                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                            start_new_session=True)
-                    proc.stdin.write(json.dumps(job))
-                    proc.stdin.close()
+                    proc, log = _start_run(cfg, run_dir, state, log_dir, data_dir, resume)
                     running[proc] = (run_dir, log)
                     free = min(set(range(workers)) - {b.position for b in bars.values()})
                     bars[run_dir] = RunProgress(run_dir, cfg.train.steps, free, show_progress)
                 time.sleep(poll_seconds)
+                logged = 0
                 for proc, (run_dir, log) in list(running.items()):
                     finished = proc.poll() is not None  # before reading the log, so that its last records are shown
-                    bars[run_dir].refresh()
+                    logged += bars[run_dir].refresh()
                     if not finished:
                         continue
-                    bars.pop(run_dir).close(proc.returncode)
+                    bar = bars.pop(run_dir)
+                    bar.close(proc.returncode)
+                    total.finished += int(proc.returncode == 0)
+                    ended += [bar.rate] if bar.rate else []
                     log.close()
                     del running[proc]
                     if proc.returncode and failure is None:
@@ -162,6 +183,8 @@ def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, dat
                         failure = f"{run_dir.name}: {said}" if said else (
                             f"{run_dir.name} failed (exit status {proc.returncode}); see {log_dir / run_dir.name}.log")
                         stop_all(signal.SIGTERM, f"{run_dir.name} failed")  # their bars close as they end
+                total.update(time_left([(b.total - b.shown, b.rate) for b in bars.values()],
+                                       [left[d] for _, d, _ in pending], workers, ended), logged > 0)
         except BaseException:  # a bug or a refusing disk here: the runs must not train on unseen
             close_bars()
             stop_all(signal.SIGTERM, "the compare failed")
@@ -179,6 +202,22 @@ def train_side_by_side(todo: list[tuple[C.Config, Path, str]], workers: int, dat
             raise KeyboardInterrupt(f"{why}: stopped {', '.join(at) or 'between runs'}; resume with: {resume}")
     if failure is not None:
         raise MemvaeError(failure)
+
+
+def _start_run(cfg: C.Config, run_dir: Path, state: str, log_dir: Path, data_dir: str | None,
+               resume: str) -> tuple[subprocess.Popen, object]:
+    """Start one run in a fresh interpreter (:func:`train_child`) writing to
+    ``log_dir/<run>.log``; returns the process and the open log."""
+    log = open(log_dir / f"{run_dir.name}.log", "a")
+    job = {"config": C.to_dict(cfg), "run_dir": str(run_dir), "resume": state != "new",
+           "data_dir": data_dir, "parent": os.getpid(), "argv": sys.argv, "resume_command": resume}
+    # Its own session: the terminal's Ctrl-C reaches the compare only, which decides.
+    proc = subprocess.Popen([sys.executable, "-c", "from memvae.experiments.side_by_side import train_child; train_child()"],
+                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    proc.stdin.write(json.dumps(job))
+    proc.stdin.close()
+    return proc, log
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:

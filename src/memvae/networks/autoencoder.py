@@ -17,7 +17,7 @@ from memvae.networks.encoder_decoder import Decoder, Encoder
 class AutoencoderOutput:
     """Attributes:
     reconstruction: B×3×H×W, on the input's scale.
-    loss: scalar to minimise: reconstruction MSE + the bottleneck's loss.
+    loss: scalar to minimise: reconstruction_weight · reconstruction MSE + the bottleneck's loss.
     recon_mse: scalar reconstruction MSE (per pixel and channel).
     bottleneck: the bottleneck's output (codes, weights, metrics).
     """
@@ -47,6 +47,10 @@ class Autoencoder(nn.Module):
         self.encoder = Encoder(model.hidden, model.res_hidden, model.res_blocks, d)
         self.bottleneck = build_bottleneck(bottleneck, d)
         self.decoder = Decoder(model.hidden, model.res_hidden, model.res_blocks, d)
+        # The weight of the reconstruction MSE in the loss: 1 under train.reconstruction = "mse";
+        # the trainer sets 1 / Var(training pixels) under "nmse" (a property of the data, so
+        # it is not a parameter: a checkpoint does not hold it).
+        self.reconstruction_weight = 1.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Autoencoder":
@@ -59,7 +63,7 @@ class Autoencoder(nn.Module):
             out = self.bottleneck(z.float())
         reconstruction = self.decoder(out.quantized.to(z.dtype)).float()
         recon_mse = F.mse_loss(reconstruction, x.float())
-        return AutoencoderOutput(reconstruction, recon_mse + out.loss, recon_mse, out)
+        return AutoencoderOutput(reconstruction, self.reconstruction_weight * recon_mse + out.loss, recon_mse, out)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -105,12 +105,18 @@ class Trainer:
         tc = cfg.train
         self.cfg, self.ranks, self.device, self.run_dir = cfg, ranks, ranks.device, run_dir
         self.variance = data.train_variance()
-        self.train_images = data.train.to(self.device)  # the whole set stays resident (uint8)
+        if cfg.data.train_images > len(data.train):
+            raise MemvaeError(f"config key 'data.train_images' is {cfg.data.train_images}, but the data has only "
+                              f"{len(data.train)} training images")
+        # The whole set (or its first data.train_images) stays resident (uint8).
+        self.train_images = data.train[: cfg.data.train_images or None].to(self.device)
         self.eval_images = data.test[: cfg.data.eval_images]
         # Batch indices on the images' device: indexing them with CPU indices would copy the
         # indices to the GPU and wait for that copy at every update.
         self.batcher = EpochBatcher(len(self.train_images), tc.batch_size, tc.seed, device=self.device)
         self.model = Autoencoder.from_config(cfg).to(self.device)
+        if tc.reconstruction == "nmse":  # the loss's reconstruction term divided by Var(training pixels)
+            self.model.reconstruction_weight = 1.0 / self.variance
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # On CUDA, Adam keeps its step counts on the GPU (capturable), so that the guard can

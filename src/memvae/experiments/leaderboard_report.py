@@ -1,0 +1,163 @@
+"""The leaderboard, measured: one row per cell of a plan, from its runs' committed small files.
+
+Every number comes from a run's files (eval.json, bits_per_dim.json), never from a
+checkpoint, so that ``memvae leaderboard PLAN --report-only`` regenerates the table and the
+figures on a fresh clone. Written beside the plan: leaderboard.md (the table),
+leaderboard.json (every run's numbers), nmse_vs_bits.png and bpd_vs_bits.png.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from memvae.experiments.leaderboard import Cell, Plan, run_missing
+from memvae.experiments.row import read_json
+
+# The VQ-VAE paper's CIFAR-10 likelihood (van den Oord et al. 2017, section 4.1), drawn for scale.
+VQVAE_PAPER_BITS_PER_DIM = 4.67
+
+
+def _own_read(run) -> str:
+    from memvae.networks.autoencoder import build_bottleneck
+
+    return build_bottleneck(run.cfg.bottleneck, run.cfg.model.embedding_dim).eval_read
+
+
+def run_numbers(run, main_set: str = "test") -> dict:
+    """One run's numbers from its small files: NMSE, PSNR and codes used of its own read on
+    ``main_set`` (the test set; a guard's: the held-out training images), lossless NMSE;
+    bits/dim on test and lossless and the prior's bits per position, where measured."""
+    evaluated = read_json(run.run_dir / "eval.json")
+    read = _own_read(run)
+    test = evaluated[main_set][read]
+    out = {"run": run.name, "seed": run.cfg.train.seed, "nmse": test["nmse"], "psnr": test["psnr"]}
+    if "slots_used" in test:
+        out["codes_used"] = test["slots_used"]
+    if "lossless" in evaluated:
+        out["lossless_nmse"] = evaluated["lossless"][read]["nmse"]
+    scored = read_json(run.run_dir / "bits_per_dim.json")
+    if scored and scored.get("model_step") == evaluated["step"]:
+        for key in ("test", "lossless"):
+            if key in scored:
+                out[f"bpd_{key}"] = scored[key]["bits_per_dim"]
+        if scored.get("bound") and "test" in scored:
+            out["prior_bits_per_position"] = scored["test"]["prior_bits_per_image"] / scored["test"]["positions"]
+    return out
+
+
+def _stat(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+NUMBERS = ("nmse", "psnr", "lossless_nmse", "bpd_test", "bpd_lossless", "prior_bits_per_position", "codes_used")
+
+
+def cell_row(plan: Plan, cell: Cell) -> dict:
+    """A cell's row: mean, std and count over its complete runs of every number (the
+    incomplete ones are counted and left out)."""
+    complete = [r for r in cell.runs if not run_missing(plan, r)]
+    numbers = [run_numbers(r, plan.sets[0]) for r in complete]
+    row = {"label": cell.label, "family": cell.family, "bits": cell.bits, "runs": numbers, "incomplete": len(cell.runs) - len(complete)}
+    for key in NUMBERS:
+        row[key] = _stat([n[key] for n in numbers if key in n])
+    return row
+
+
+def _cell(stat: dict | None, digits: int, of: int) -> str:
+    if stat is None:
+        return "—"
+    text = f"{stat['mean']:.{digits}f}"
+    if stat["n"] > 1:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text + (f" ({stat['n']})" if stat["n"] != of else "")
+
+
+HEADER = ("| bits / position | model | test NMSE | PSNR dB | lossless NMSE | bits / dim, test | bits / dim, lossless "
+          "| prior bits / position | codes used | seeds |")
+
+
+def table(rows: list[dict]) -> str:
+    """The leaderboard as Markdown: cells in the plan's order; a number over fewer runs than
+    the cell's seeds gives its count in brackets; ceilings (no rate) show "—" for bits."""
+    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    for row in rows:
+        n = len(row["runs"])
+        seeds = f"{n}" + (f" (+{row['incomplete']} unfinished)" if row["incomplete"] else "")
+        bits = "—" if row["bits"] is None else f"{row['bits']:g}"
+        cells = [bits, f"`{row['label']}`", _cell(row["nmse"], 4, n), _cell(row["psnr"], 2, n),
+                 _cell(row["lossless_nmse"], 4, n), _cell(row["bpd_test"], 3, n), _cell(row["bpd_lossless"], 3, n),
+                 _cell(row["prior_bits_per_position"], 2, n), _cell(row["codes_used"], 0, n), seeds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_at_each_rate(rows: list[dict]) -> dict[float, dict]:
+    """{bits: the row with the lowest mean test NMSE among the rows at that rate}."""
+    best: dict[float, dict] = {}
+    for row in rows:
+        if row["bits"] is not None and row["nmse"] is not None:
+            if row["bits"] not in best or row["nmse"]["mean"] < best[row["bits"]]["nmse"]["mean"]:
+                best[row["bits"]] = row
+    return dict(sorted(best.items()))
+
+
+def choices(rows: list[dict]) -> dict[str, dict]:
+    """A guard's choice: {model family: its row with the lowest mean NMSE on the guard's set}."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row["nmse"] is not None and (row["family"] not in best
+                                        or row["nmse"]["mean"] < best[row["family"]]["nmse"]["mean"]):
+            best[row["family"]] = row
+    return best
+
+
+def choice_table(rows: list[dict], set_name: str) -> str:
+    """A guard's table: each setting's NMSE and codes used on ``set_name``, the chosen one
+    of each model marked."""
+    chosen = {id(row) for row in choices(rows).values()}
+    lines = [f"| model | setting | NMSE, {set_name} | PSNR dB | codes used | seeds | chosen |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        n = len(row["runs"])
+        seeds = f"{n}" + (f" (+{row['incomplete']} unfinished)" if row["incomplete"] else "")
+        lines.append(f"| {row['family']} | `{row['label']}` | {_cell(row['nmse'], 4, n)} | {_cell(row['psnr'], 2, n)} "
+                     f"| {_cell(row['codes_used'], 0, n)} | {seeds} | {'**yes**' if id(row) in chosen else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_of(plan: Plan) -> list[dict]:
+    return [cell_row(plan, cell) for cell in plan.cells]
+
+
+def markdown(plan: Plan, rows: list[dict]) -> str:
+    """The plan's table: the leaderboard, or a guard's choices when its rows are measured on
+    held-out training images."""
+    return table(rows) if plan.sets[0] == "test" else choice_table(rows, plan.sets[0])
+
+
+def write_report(plan: Plan) -> dict:
+    """Write leaderboard.md and leaderboard.json beside the plan, and for a leaderboard (rows
+    on the test set) its two figures; returns the rows."""
+    from memvae.experiments.leaderboard_figures import bits_per_dim_figure, nmse_figure
+
+    rows = rows_of(plan)
+    folder = plan.path.parent
+    (folder / "leaderboard.md").write_text(markdown(plan, rows))
+    (folder / "leaderboard.json").write_text(json.dumps({"steps": plan.steps, "sets": plan.sets, "cells": rows},
+                                                        indent=1) + "\n")
+    if plan.sets[0] == "test":
+        nmse_figure(rows, folder / "nmse_vs_bits.png", plan.steps)
+        bits_per_dim_figure(rows, folder / "bpd_vs_bits.png", plan.steps, VQVAE_PAPER_BITS_PER_DIM)
+    return {"rows": rows}
+
+
+def table_for(folder: Path) -> str:
+    """The table of the plan in ``folder`` (plan.toml), from its committed files: what the
+    documents' generated tables hold."""
+    from memvae.experiments.leaderboard import load_plan
+
+    plan = load_plan(Path(folder) / "plan.toml")
+    return markdown(plan, rows_of(plan))

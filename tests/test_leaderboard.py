@@ -1,0 +1,194 @@
+"""The leaderboard's plan: which runs lack which part of their row, and the complete-row rule
+(a run cut off between training and its prior is finished without training again)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from memvae.config import schema as C
+from memvae.errors import MemvaeError
+from memvae.experiments.leaderboard import describe_missing, load_plan, missing, run_missing
+from memvae.experiments.leaderboard_report import choice_table, choices, rows_of, table
+from memvae.experiments.leaderboard_run import runs_to_train, train_one, write_commands
+from memvae.experiments.row import missing_steps
+
+# A small network, so that the real training below takes seconds.
+SMALL = '["model.hidden=16", "model.res_hidden=8", "model.embedding_dim=8", "data.eval_images=20", "train.batch_size=8", "train.log_every=3", "train.eval_every=6", "train.checkpoint_every=6"]'
+
+
+def write_plan(folder: Path, cells: str, steps: int = 6, sets: str = '["test"]', extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "plan.toml"
+    path.write_text(f"[plan]\nsteps = {steps}\nsets = {sets}\noverrides = {SMALL}\n{extra}\n"
+                    f"[prior]\nupdates = 3\nwidth = 8\nlayers = 2\n\n{cells}")
+    return path
+
+
+CELLS = """
+[[cell]]
+model = "vq_ema_reseed"
+slots = 16
+bits = 4
+seeds = [1, 2]
+earlier = "old"
+earlier_seeds = [2]
+
+[[cell]]
+model = "none"
+seeds = [1]
+"""
+
+
+def fake_row(run, steps: int, nmse: float, sets=("test",), prior_step=None, bpd=True) -> None:
+    """A run's small files as a finished row writes them, by hand."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.toml").write_text(C.to_toml(run.cfg))
+    read = {"nmse": nmse, "psnr": 20.0, "slots_used": 10}
+    evaluated = {"step": steps, **{s: {"nearest": read, "soft": read} for s in sets}}
+    (run.run_dir / "eval.json").write_text(json.dumps(evaluated))
+    (run.run_dir / "prior").mkdir(exist_ok=True)
+    (run.run_dir / "prior" / "eval.json").write_text(json.dumps({"model_step": prior_step or steps}))
+    if bpd:
+        scored = {s: {"bits_per_dim": 5.0, "prior_bits_per_image": 128.0, "positions": 64} for s in sets}
+        (run.run_dir / "bits_per_dim.json").write_text(json.dumps({"model_step": steps, "bound": True, **scored}))
+
+
+def test_a_plan_names_each_cells_runs_and_its_earlier_seeds(tmp_path):
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    runs = plan.all_runs()
+    assert [r.name for r in runs] == ["vq_ema_reseed-k16-seed1", "vq_ema_reseed-k16-seed2", "none-seed1"]
+    assert [r.earlier for r in runs] == [False, True, False]
+    assert runs[1].run_dir == tmp_path / "old" / "vq_ema_reseed-k16-seed2"
+    assert runs[0].run_dir == tmp_path / "runs" / "vq_ema_reseed-k16-seed1"
+    assert runs[0].cfg.bottleneck.slots == 16 and runs[0].cfg.train.steps == 6 and runs[0].cfg.prior.updates == 3
+    assert plan.cells[0].bits == 4 and plan.cells[1].bits is None
+
+
+@pytest.mark.parametrize("cells, words", [
+    ('[[cell]]\nmodel = "vq"\nseeds = [1]\nslot = 4\n', "unknown key 'slot'"),
+    ('[[cell]]\nmodel = "vq"\n', "needs model and seeds"),
+    ('[[cell]]\nmodel = "vq"\nseeds = [1]\n[[cell]]\nmodel = "vq"\nseeds = [1]\n', "same run vq-seed1"),
+    ('[[cell]]\nmodel = "vq"\nseeds = [1]\nearlier_seeds = [1]\n', "earlier_seeds needs earlier"),
+])
+def test_a_wrong_plan_is_one_line_naming_the_problem(tmp_path, cells, words):
+    with pytest.raises(MemvaeError, match=words):
+        load_plan(write_plan(tmp_path, cells))
+
+
+def test_what_each_run_lacks_follows_from_its_small_files(tmp_path):
+    plan = load_plan(write_plan(tmp_path, CELLS, sets='["test", "lossless"]'))
+    new, earlier, ceiling = plan.all_runs()
+    assert run_missing(plan, new) == ["train", "eval", "prior", "bpd"]
+    assert run_missing(plan, ceiling) == ["train", "eval"]  # no codes: no prior, no bits/dim
+    assert run_missing(plan, earlier) == ["eval"]
+    fake_row(new, 6, 0.05, sets=("test",))  # trained and scored, but not on the lossless originals
+    assert run_missing(plan, new) == ["eval", "bpd"]
+    fake_row(new, 6, 0.05, sets=("test", "lossless"), prior_step=5)  # a prior of another update
+    assert run_missing(plan, new) == ["prior"]
+    fake_row(new, 6, 0.05, sets=("test", "lossless"))
+    assert run_missing(plan, new) == []
+    fake_row(earlier, 4, 0.06)  # an earlier run of other updates does not count
+    assert run_missing(plan, earlier) == ["eval"]
+    with pytest.raises(MemvaeError, match="earlier runs vq_ema_reseed-k16-seed2 lack"):
+        runs_to_train(plan)
+    fake_row(earlier, 6, 0.06, bpd=False)  # NMSE only: enough for an earlier run
+    assert [r.name for r, _ in missing(plan)] == ["none-seed1"]
+
+
+def test_a_run_of_another_config_is_refused(tmp_path):
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    run = plan.all_runs()[0]
+    fake_row(run, 6, 0.05)
+    other = C.load_config(run.run_dir / "config.toml", ["train.lr=0.001"])
+    (run.run_dir / "config.toml").write_text(C.to_toml(other))
+    with pytest.raises(MemvaeError, match="trained with another config"):
+        run_missing(plan, run)
+
+
+def test_the_table_gives_mean_std_and_count_over_complete_runs(tmp_path):
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    new, earlier, ceiling = plan.all_runs()
+    fake_row(new, 6, 0.05)
+    fake_row(earlier, 6, 0.07, bpd=False)
+    rows = rows_of(plan)
+    assert rows[0]["nmse"]["mean"] == pytest.approx(0.06) and rows[0]["nmse"]["std"] == pytest.approx(0.02 ** 0.5 / 10)
+    text = table(rows)
+    # NMSE over both seeds; bits/dim and the prior over the one run that has them, its count in brackets.
+    assert "| 4 | `vq_ema_reseed-k16` | 0.0600 ± 0.0141 | 20.00 ± 0.00 | — | 5.000 (1) | — | 2.00 (1) | 10 ± 0 | 2 |" in text
+    assert "| — | `none` | — |" in text and "| 0 (+1 unfinished) |" in text
+
+
+def test_a_guard_chooses_the_setting_with_the_lowest_holdout_nmse(tmp_path):
+    cells = "".join(f'[[cell]]\nmodel = "vq"\nname = "vq-{tag}"\nseeds = [1, 2]\n\n' for tag in ("a", "b"))
+    plan = load_plan(write_plan(tmp_path, cells, sets='["holdout"]'))
+    for run, nmse in zip(plan.all_runs(), (0.30, 0.32, 0.29, 0.25)):
+        fake_row(run, 6, nmse, sets=("holdout",))
+    rows = rows_of(plan)
+    assert choices(rows)["vq"]["label"] == "vq-b"  # mean 0.27 against 0.31
+    text = choice_table(rows, "holdout")
+    assert "| vq | `vq-b` | 0.2700 ± 0.0283 |" in text and text.count("**yes**") == 1
+
+
+def test_the_dry_run_and_the_command_file_list_the_incomplete_runs(tmp_path, capsys):
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    fake_row(plan.all_runs()[1], 6, 0.07, bpd=False)
+    describe_missing(plan, missing(plan))
+    out = capsys.readouterr().out
+    assert "vq_ema_reseed-k16-seed1: needs train, eval, prior, bpd (trained to 0 of 6)" in out
+    assert "2 of 3 runs incomplete" in out
+    todo = write_commands(plan, tmp_path / "commands.sh", str(tmp_path), None)
+    lines = (tmp_path / "commands.sh").read_text().splitlines()
+    assert [r.name for r in todo] == ["vq_ema_reseed-k16-seed1", "none-seed1"]
+    assert len(lines) == 2 and lines[0].endswith("--only vq_ema_reseed-k16-seed1 --data-dir " + str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory, small_cifar) -> Path:
+    """96 training and 24 test images of the real CIFAR-10 as PNG files, and the lossless
+    .npz's layout (x_train, x_test) of 48 and 16 of them."""
+    folder = tmp_path_factory.mktemp("cifar")
+    for split, images in (("train", small_cifar.train[:96]), ("test", small_cifar.test[:24])):
+        (folder / split).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / split / f"{i:03d}.png")
+    hwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    np.savez(folder / "lossless.npz", x_train=hwc(small_cifar.train[:48]), x_test=hwc(small_cifar.test[:16]))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_run_cut_off_after_training_is_finished_without_training_again(tmp_path, cifar_folder):
+    from memvae.data import load_array_images, load_image_folder
+    from memvae.training.evaluate import evaluate_model
+    from memvae.training.runs import load_run
+    from memvae.training.train import train
+
+    cells = '[[cell]]\nmodel = "vq_ema_reseed"\nslots = 16\nbits = 4\nseeds = [1]\noverrides = ["data.source=folder"]\n'
+    plan = load_plan(write_plan(tmp_path, cells, sets='["test", "lossless"]'))
+    run = plan.all_runs()[0]
+    data = load_image_folder(cifar_folder)
+    train(run.cfg, run.run_dir, data=data, show_progress=False)  # then the machine went away
+    assert missing_steps(run.run_dir, run.cfg, plan.sets) == ["eval", "prior", "bpd"]
+    metrics = (run.run_dir / "metrics.jsonl").read_text()
+    checkpoints = {p.name: p.stat().st_mtime_ns for p in (run.run_dir / "checkpoints").iterdir()}
+
+    lossless = str(cifar_folder / "lossless.npz")
+    assert train_one(plan, run.name, str(cifar_folder), lossless) == ["eval", "prior", "bpd"]
+    assert (run.run_dir / "metrics.jsonl").read_text() == metrics  # not trained again
+    assert {p.name: p.stat().st_mtime_ns for p in (run.run_dir / "checkpoints").iterdir()} == checkpoints
+    assert missing_steps(run.run_dir, run.cfg, plan.sets) == []
+    model, _, _ = load_run(run.run_dir)
+    evaluated = json.loads((run.run_dir / "eval.json").read_text())
+    by_hand = evaluate_model(model, load_array_images(lossless), data.train_variance())
+    assert evaluated["lossless"]["nearest"]["nmse"] == pytest.approx(by_hand["nearest"]["nmse"], rel=1e-6)
+    assert evaluated["test"]["nearest"]["images"] == 24 and evaluated["lossless"]["nearest"]["images"] == 16
+    prior = json.loads((run.run_dir / "prior" / "eval.json").read_text())
+    assert (prior["model_step"], prior["prior_step"], prior["options"]["width"]) == (6, 3, 8)
+    scored = json.loads((run.run_dir / "bits_per_dim.json").read_text())
+    assert scored["test"]["prior_bits_per_index"] == pytest.approx(prior["bits_per_index"], rel=1e-5)
+    assert train_one(plan, run.name, str(cifar_folder), lossless) == []  # a complete row: nothing to do
