@@ -211,3 +211,35 @@ def test_a_nan_update_is_undone_on_the_device_and_reported_at_the_next_log(tmp_p
     # "The model before this update": the updates after the bad one were held back too.
     for key, value in dump["model"].items():
         assert torch.equal(value, twelve["model"][key]), key
+
+
+def _trainer(tmp_path, data, *overrides):
+    from memvae.training.distributed import Distributed
+
+    cfg = C.load_config(CONFIGS / "smoke.toml", list(overrides))
+    return engine.Trainer(cfg, data, Distributed.single(torch.device("cpu")), tmp_path)
+
+
+@pytest.mark.parametrize("reconstruction", ["mse", "nmse"])
+def test_the_reconstruction_term_is_the_mse_or_the_mse_over_the_training_pixels_variance(tmp_path, small_cifar,
+                                                                                      reconstruction):
+    from memvae.data import to_input
+
+    trainer = _trainer(tmp_path, small_cifar, f"train.reconstruction={reconstruction}")
+    x = to_input(small_cifar.train[:8])
+    out = trainer.model(x)
+    by_hand = ((out.reconstruction - x) ** 2).mean()
+    weight = 1 / small_cifar.train_variance() if reconstruction == "nmse" else 1.0
+    assert out.recon_mse.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(weight * by_hand.item() + out.bottleneck.loss.item(), rel=1e-6)
+    if reconstruction == "nmse":  # about 16 on CIFAR-10: the reason IBQ and LFQ train under it
+        assert 14 < weight < 18
+
+
+def test_train_images_trains_on_the_first_n_and_draws_no_other(tmp_path, small_cifar):
+    trainer = _trainer(tmp_path, small_cifar, "data.train_images=100", "train.batch_size=32")
+    assert torch.equal(trainer.train_images, small_cifar.train[:100])
+    drawn = torch.cat([trainer.batcher.next() for _ in range(10)])  # three epochs and more
+    assert drawn.max() < 100 and len(set(drawn.tolist())) == 100
+    with pytest.raises(MemvaeError, match="'data.train_images' is 2001, but the data has only 2000 training images"):
+        _trainer(tmp_path, small_cifar, "data.train_images=2001")

@@ -120,7 +120,7 @@ def cmd_compare(args, extra: list[str]) -> None:
                       test_images=args.test_images, jobs=args.jobs, report_only=args.report_only,
                       slots=parse_slots(args.slots) if args.slots else None, extend=args.extend,
                       first_seed=args.first_seed, launcher=args.launcher, launcher_options=_launcher_options(args),
-                      wait=not args.no_wait, plan_file=args.plan)
+                      wait=not args.no_wait, plan_file=args.plan, rows=not args.no_prior)
     if args.plan or args.no_wait:  # compare said what it wrote or submitted
         return
     print((Path(args.out) / "results.md").read_text())
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.add_argument("--slots", help="the rate sweep: train every discrete model at each of these codebook sizes K "
                    "(e.g. 64,512,4096; runs MODEL-kK-seedS) and continuous models once; writes rate_distortion.md and .png")
+    p.add_argument("--no-prior", action="store_true", help="a run is finished once trained and evaluated (by default "
+                   "a discrete run also gets its prior and bits/dim, with the config's [prior] settings: "
+                   "--prior.updates N, --prior.width, --prior.layers)")
     p.add_argument("--extend", action="store_true", help="continue finished runs trained for fewer than --steps "
                    "updates (without it a larger --steps than a run's is refused)")
     p.add_argument("--report-only", action="store_true", help="train nothing: evaluate and tabulate the runs "
@@ -320,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_bpd)
 
+    from memvae.cli import docs
     from memvae.cli.leaderboard import add_leaderboard_command
     from memvae.cli.prior import add_prior_commands
 
     add_prior_commands(sub)
     add_leaderboard_command(sub)
+    docs.add_parser(sub)
     for p in sub.choices.values():  # last in each --help: the most used options come first
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.set_defaults(subparser=p)

@@ -103,9 +103,21 @@ def _check_same_config(run_dir: Path, cfg: C.Config) -> int:
     for d in (saved, wanted):
         d["train"].pop("threads")
         d["train"].pop("steps")
+        d.pop("prior")  # how its row is completed, not what trains
     if saved != wanted:
         raise MemvaeError(f"{run_dir} was trained with a different config; remove it or choose another --out")
     return saved_steps
+
+
+def _complete_rows(plan: list[tuple[C.Config, Path]], data, lossless: str | None, data_dir: str | None) -> None:
+    """Complete the row of every run of ``plan`` that has its checkpoint here (a collected
+    run, small files only, is reported as it is)."""
+    from memvae.experiments.row import complete_row
+
+    sets = ("test", "lossless") if lossless else ("test",)
+    for cfg, run_dir in plan:
+        if latest_checkpoint(run_dir / "checkpoints") is not None:
+            complete_row(run_dir, cfg, data, sets, lossless, data_dir, say=lambda text: print(text, file=sys.stderr))
 
 
 def _say_plan(states: list[tuple[Path, str, int]], steps: int) -> None:
@@ -127,7 +139,7 @@ def compare(out: str | os.PathLike, models=DEFAULT_MODELS, steps: int = 25000, s
             test_images: int | None = None, jobs: int | str | None = None, report_only: bool = False,
             slots: list[int] | None = None, extend: bool = False, first_seed: int = 0, launcher: str = "local",
             launcher_options=None, wait: bool = True, plan_file: str | os.PathLike | None = None,
-            poll_seconds: float = 10.0) -> dict:
+            poll_seconds: float = 10.0, rows: bool = False) -> dict:
     """Train every model × seed (skipping finished runs, resuming partial ones), evaluate
     each on the whole test set (or its first ``test_images``, for a quick look), and write
     the figures and tables; returns results.json's dict.
@@ -168,6 +180,12 @@ def compare(out: str | os.PathLike, models=DEFAULT_MODELS, steps: int = 25000, s
     results.json and results.md ("unfinished") beside the report of the others; calling
     compare again resubmits only them.
 
+    ``rows``: before reporting, complete each trained run's row
+    (:func:`memvae.experiments.row.complete_row`: the whole test set and ``lossless``, and for
+    a discrete model with ``prior.fit`` its prior and bits/dim), so that a run counts as
+    finished only with all of it; a run cut off between these steps continues from the
+    missing one. Not with ``test_images`` (a quick look) or ``report_only``.
+
     ``plan_file``: train nothing; write one shell command per unfinished run into this
     file (:mod:`memvae.experiments.plan`: the run's ``memvae train ... --resume --start-if-new``,
     the same run directory), for a Slurm array, GNU parallel or bash; returns {"plan": path, "runs": names}.
@@ -197,6 +215,8 @@ def compare(out: str | os.PathLike, models=DEFAULT_MODELS, steps: int = 25000, s
     data = load_data(first.source, data_dir or first.dir or None, first.image_size)  # once for all runs
     if not report_only and launcher == "local":
         training = _train_here(todo, [run_dir for _, run_dir in plan], steps, jobs, data, data_dir, out, show_progress)
+    if rows and not report_only and test_images is None:
+        _complete_rows(plan, data, lossless, data_dir)
     # The one place where the finished runs (trained here, by jobs, or before) are handed to report().
     results = report(out, plan, data, lossless, images_shown, test_images, training=training, sweep=bool(slots))
     if failed:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from memvae.errors import MemvaeError
-from memvae.experiments import doc_kinds
+from memvae.experiments import doc_kinds, leaderboard_report
 
 Generator = Callable[[Path, dict], str]
 
@@ -33,6 +33,9 @@ GENERATORS: dict[str, Generator] = {
     "rate": doc_kinds.rate_table,
     "rows": doc_kinds.rows_table,
     "benchmark_files": doc_kinds.benchmark_files_table,
+    "leaderboard": lambda folder, args: leaderboard_report.table_for(folder),
+    "leaderboard_summary": lambda folder, args: leaderboard_report.summary_for(folder),
+    "command_time": doc_kinds.command_time_text,
 }
 
 START, END = "<!-- generated:", "<!-- end generated -->"

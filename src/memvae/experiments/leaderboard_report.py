@@ -64,6 +64,8 @@ def cell_row(plan: Plan, cell: Cell) -> dict:
     row = {"label": cell.label, "family": cell.family, "bits": cell.bits, "runs": numbers, "incomplete": len(cell.runs) - len(complete)}
     for key in NUMBERS:
         row[key] = _stat([n[key] for n in numbers if key in n])
+    if cell.bits is None:  # a ceiling reads no codes: its slot counts are not a rate
+        row["codes_used"] = None
     return row
 
 
@@ -161,3 +163,34 @@ def table_for(folder: Path) -> str:
 
     plan = load_plan(Path(folder) / "plan.toml")
     return markdown(plan, rows_of(plan))
+
+
+def _ceiling(rows: list[dict], family: str) -> dict | None:
+    return next((r for r in rows if r["bits"] is None and r["family"] == family and r["nmse"]), None)
+
+
+def summary(rows: list[dict]) -> str:
+    """The leaderboard's headline as Markdown bullets: at each rate the model with the lowest
+    mean test NMSE (over its complete seeds), and how many times the continuous ceilings'
+    NMSE it is (the study's soft read ``memory_l2``, and ``none``, no bottleneck)."""
+    soft, none = _ceiling(rows, "memory_l2"), _ceiling(rows, "none")
+    lines = []
+    for bits, row in best_at_each_rate(rows).items():
+        n, seeds = row["nmse"]["n"], len(row["runs"]) + row["incomplete"]
+        text = (f"- **{bits:g} bits per position**: `{row['label']}`, test NMSE {row['nmse']['mean']:.4f}"
+                f" ({n} of {seeds} seeds)")
+        level = [f"`{r['label']}` {r['nmse']['mean']:.4f}" for r in rows if r is not row and r["bits"] == bits
+                 and r["nmse"] and r["nmse"]["mean"] - row["nmse"]["mean"] <= max(r["nmse"]["std"], row["nmse"]["std"])]
+        if level:  # a lead smaller than the seeds' spread is not a lead
+            text += f", level with {', '.join(level)} (a difference inside the seeds' spread)"
+        ratios = [f"{row['nmse']['mean'] / c['nmse']['mean']:.1f} times `{c['family']}`'s {c['nmse']['mean']:.4f}"
+                  for c in (soft, none) if c]
+        lines.append(text + ("; " + " and ".join(ratios) if ratios else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def summary_for(folder: Path) -> str:
+    """:func:`summary` of the plan in ``folder``, from its committed files."""
+    from memvae.experiments.leaderboard import load_plan
+
+    return summary(rows_of(load_plan(Path(folder) / "plan.toml")))
