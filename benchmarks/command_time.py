@@ -21,16 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from memvae.training.runs import cpu_model
 
 
 def git_commit() -> str | None:

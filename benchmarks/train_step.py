@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ from memvae.training.distributed import Distributed
 from memvae.training.engine import Trainer
 from memvae.networks.autoencoder import Autoencoder
 from memvae.networks.encoder_decoder import Decoder, Encoder
-from memvae.training.runs import environment
+from memvae.training.runs import cpu_model, environment
 
 BOTTLENECKS = {
     "vq": {"kind": "vq"},
@@ -72,17 +71,6 @@ def config(bottleneck: dict, args, overrides: list[str] = ()) -> Config:
     """The defaults with ``bottleneck``'s keys (its kind first), K = args.slots, D = args.dim."""
     keys = [f"bottleneck.{key}={value}" for key, value in bottleneck.items()]
     return load_config(None, [*keys, f"bottleneck.slots={args.slots}", f"model.embedding_dim={args.dim}", *overrides])
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:

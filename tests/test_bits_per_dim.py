@@ -154,6 +154,63 @@ def test_an_exact_decoder_scores_the_priors_bits_over_3072(cifar):
     assert result["images"] == 64 and result["dims"] == 3072 and result["positions"] == 64
 
 
+def brute_force_decoder_bits(images: torch.Tensor, means: torch.Tensor, sigma: list[float]) -> list[float]:
+    """Σ −log2 p over each image's sub-pixels, one bin at a time from math.erfc (no torch)."""
+    totals = []
+    for image, mean in zip(images.tolist(), means.double().tolist()):
+        bits = 0.0
+        for c, (plane, mplane) in enumerate(zip(image, mean)):
+            for row, mrow in zip(plane, mplane):
+                for v, mu in zip(row, mrow):
+                    centre = (v / 255 - 0.5 - mu) / sigma[c]
+                    hi = math.inf if v == 255 else centre + 0.5 / 255 / sigma[c]
+                    lo = -math.inf if v == 0 else centre - 0.5 / 255 / sigma[c]
+                    bits -= math.log2(bin_mass(lo, hi))
+        totals.append(bits)
+    return totals
+
+
+class BlurryModel(ExactModel):
+    """ExactModel with a decoder that errs: each output pixel is 0.8 x + 0.03, shifted by one
+    column, so that every sub-pixel pays bits and the per-channel σ matters."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        out.reconstruction = 0.8 * torch.roll(x, 1, dims=3) + 0.03
+        return out
+
+
+def test_decoder_bits_are_the_brute_force_sum_of_minus_log2_bin_masses():
+    """A small batch with means off the pixels (some outside the range) and a σ per channel:
+    bits, not nats, summed per image."""
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 4, 4), generator=gen, dtype=torch.uint8)
+    images[0, 0, 0, 0], images[1, 2, 3, 3] = 0, 255  # both edge bins
+    means = images.double() / 255 - 0.5 + torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) * 0.04
+    means[0, 1, 2, 2] = 0.7  # beyond the range
+    sigma = [0.02, 0.05, 3 / 255]
+    got = decoder_bits(images, means, torch.tensor(sigma, dtype=torch.float64))
+    want = brute_force_decoder_bits(images, means, sigma)
+    assert got.tolist() == pytest.approx(want, rel=1e-10)
+    assert min(want) > 16 * 3  # more than a bit per sub-pixel: a term no rounding could hide
+
+
+def test_the_score_of_a_decoder_that_errs_is_the_brute_force_decoder_bits_plus_the_priors(cifar):
+    """score() on real images through a decoder that errs: its decoder term per image is the
+    brute-force sum, and bits/dim adds the prior's bits to it, over 3·32·32."""
+    images = cifar.test[:3]
+    model, sigma = BlurryModel(16), [0.03, 0.06, 0.1]
+    prior = GatedPixelCNN(16, width=8, layers=2).eval()
+    result = score(model, images, torch.tensor(sigma, dtype=torch.float64), prior, batch_size=2)
+    means = 0.8 * torch.roll(to_input(images), 1, dims=3) + 0.03
+    decoder = sum(brute_force_decoder_bits(images, means, sigma)) / 3
+    prior_bits = nll_bits(prior, extract_codes(model, images), batch_size=2) * 64
+    assert result["decoder_bits_per_image"] == pytest.approx(decoder, rel=1e-9)
+    assert result["decoder_bits_per_dim"] == pytest.approx(decoder / 3072, rel=1e-9)
+    assert result["bits_per_dim"] == pytest.approx((decoder + prior_bits) / 3072, rel=1e-9)
+    assert decoder > 3072  # over a bit per sub-pixel: the decoder term dominates what is checked
+
+
 def test_the_uniform_rate_prefers_the_bottlenecks_own_bits_per_position():
     assert rate_bits_per_position(bottleneck_class("residual_vq")(512, 8, stages=2)) == 18.0
     assert rate_bits_per_position(SimpleNamespace(bits_per_position=17.5)) == 17.5

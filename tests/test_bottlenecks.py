@@ -94,6 +94,22 @@ def test_vq_output_is_nearest_slot_and_losses_follow_eq3():
     assert torch.allclose(out.loss, expected, atol=1e-6)
 
 
+def test_vq_loss_gradients_follow_eq3_term_by_term():
+    """The loss alone: the slots get ∇ of ‖M_i − sg(z)‖² (weight 1) and z of β‖z − sg(M_i)‖²
+    (β = 0.25), by hand: 2(M_i − z)/(N·D) summed per slot, and 2β(z − M_i)/(N·D). Equal values,
+    so only the gradients tell the two terms' weights apart."""
+    vq = VectorQuantizer(K, D, commitment=0.25, init="random")
+    z = torch.randn(2, D, 3, 3, requires_grad=True)
+    vq(z).loss.backward()
+    idx = brute_force_nearest(z.detach(), vq.memory.detach()).reshape(-1)
+    x = z.detach().permute(0, 2, 3, 1).reshape(-1, D)
+    chosen = vq.memory.detach()[idx]
+    slots = torch.zeros(K, D).index_add_(0, idx, 2 * (chosen - x) / x.numel())
+    assert torch.allclose(vq.memory.grad, slots, rtol=1e-5, atol=1e-8)
+    encoder = (2 * 0.25 * (x - chosen) / x.numel()).view(2, 3, 3, D).permute(0, 3, 1, 2)
+    assert torch.allclose(z.grad, encoder, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("similarity", ["l2", "cosine"])
 def test_memory_weights_are_a_distribution_and_read_is_their_mixture(similarity):
     bottleneck = memory_read(K, D, similarity=similarity, impl="dense")

@@ -5,6 +5,7 @@ The slow tests train tiny runs (the smoke networks, 20 or 100 updates, one threa
 compare them with the same runs trained by the local launcher, record by record."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from memvae.errors import MemvaeError
 from memvae.experiments.plan import RunCommand
 from memvae.training.runlock import run_lock
 from memvae.experiments.sweep import at_slots, is_discrete
+from tests import trainee
 from tests.conftest import REPO
 
 MODELS = ["smoke", "vq"]
@@ -60,27 +61,6 @@ def models_without_times(out: Path) -> dict:
         for seed in model["seeds"]:
             seed.pop("seconds_per_update")
     return models
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def wait_for(predicate, seconds: float = 300, what: str = "") -> None:
-    deadline = time.time() + seconds
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -278,14 +258,35 @@ def test_submitit_compare_gives_the_local_launchers_table(tmp_path, data_dir, lo
     assert table_without_times(out) == table_without_times(local_short)
 
 
-def _signal_the_job_after_its_first_checkpoint(out: Path, name: str, sig: int) -> threading.Thread:
-    """In the background: once ``name`` has a checkpoint, send ``sig`` to its job's process
-    (the controller's child: submitit's job, which runs memvae train as its own child)."""
+def _stopping_at_checkpoint(monkeypatch, step: int) -> None:
+    """compare's run commands go through tests.trainee: each training stops itself (SIGSTOP)
+    right after its checkpoint of update ``step``, so that a signal or a kill lands there."""
+    from memvae.experiments import plan
+
+    real = plan.run_command
+
+    def run_command(*args, **kwargs):
+        command = real(*args, **kwargs)
+        assert command.args[:2] == ("-m", "memvae"), command.args
+        path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+        return dataclasses.replace(command, args=("-m", "tests.trainee", f"checkpoint:{step}", *command.args[2:]),
+                                   env={**command.env, "PYTHONPATH": path})
+
+    monkeypatch.setattr(plan, "run_command", run_command)
+
+
+def _signal_the_job_at_its_first_checkpoint(out: Path, name: str, sig: int) -> threading.Thread:
+    """In the background: once ``name``'s training has stopped itself after its checkpoint,
+    send ``sig`` to its job's process (the controller's child: submitit's job, which runs
+    memvae train as its own child), then let the training go on once the job has told it to stop."""
     def act():
-        wait_for(lambda: checkpoint_step(out / "runs" / name) > 0, what="the first checkpoint")
-        controller = int(json.loads((out / "submitit" / "jobs.json").read_text())[name]["job_id"])
-        (task,) = children(controller)
+        jobs = out / "submitit" / "jobs.json"
+        trainee.wait_for(lambda: jobs.exists() and name in jobs.read_text(), what="the job to be submitted")
+        controller = int(json.loads(jobs.read_text())[name]["job_id"])
+        training = trainee.stopped_descendant(controller, 2)
+        (task,) = trainee.children(controller)
         os.kill(task, sig)
+        trainee.continue_once_pending_term(training)
 
     thread = threading.Thread(target=act, daemon=True)
     thread.start()
@@ -293,17 +294,21 @@ def _signal_the_job_after_its_first_checkpoint(out: Path, name: str, sig: int) -
 
 
 @pytest.mark.slow
-def test_a_preempted_job_checkpoints_is_requeued_and_ends_where_an_unbroken_run_ends(tmp_path, data_dir, local_long):
-    """USR2 (Slurm's signal before a time limit or preemption) to the job: its run saves a
-    checkpoint, submitit requeues the job, and the requeued job resumes the run."""
+def test_a_preempted_job_checkpoints_is_requeued_and_ends_where_an_unbroken_run_ends(tmp_path, data_dir, local_long,
+                                                                                      monkeypatch):
+    """USR2 (Slurm's signal before a time limit or preemption) to the job while its training
+    is held at checkpoint 10: the job stops the run (SIGTERM), which saves at update 11;
+    submitit requeues the job, and the requeued job resumes the run."""
     out = tmp_path / "preempted"
-    thread = _signal_the_job_after_its_first_checkpoint(out, "smoke-seed0", signal.SIGUSR2)
+    _stopping_at_checkpoint(monkeypatch, 10)
+    thread = _signal_the_job_at_its_first_checkpoint(out, "smoke-seed0", signal.SIGUSR2)
     compare(out, ["smoke"], steps=100, data_dir=str(data_dir), overrides=LONG, test_images=TEST_IMAGES,
             launcher="submitit", launcher_options=LOCAL, poll_seconds=0.5)
-    thread.join(1)
+    thread.join(60)
+    assert not thread.is_alive()
     log = (out / "logs" / "smoke-seed0.log").read_text()
     stopped = re.search(r"SIGTERM: stopped at update (\d+), checkpoint saved", log)
-    assert stopped and int(stopped.group(1)) < 100, log
+    assert stopped and int(stopped.group(1)) == 11, log
     assert f"resuming {out / 'runs' / 'smoke-seed0'} from update {stopped.group(1)} of 100" in log
     job_log = "".join(p.read_text() for p in (out / "submitit").glob("*_0_log.err"))
     assert "Caught signal SIGUSR2" in job_log and "this job is preempted" in job_log
@@ -312,40 +317,37 @@ def test_a_preempted_job_checkpoints_is_requeued_and_ends_where_an_unbroken_run_
 
 
 def _kill_job(out: Path, name: str) -> None:
-    """SIGKILL a local job whole: its controller, submitit's process and the training."""
+    """SIGKILL a local job whole: its controller, submitit's process and the training; return
+    once the run's lock is free (the training's last thread has gone: its zombie main thread
+    alone does not say so)."""
     controller = int(json.loads((out / "submitit" / "jobs.json").read_text())[name]["job_id"])
     procs = [controller]
-    for pid in children(controller):
-        procs += [pid, *children(pid)]
+    for pid in trainee.children(controller):
+        procs += [pid, *trainee.children(pid)]
     for pid in reversed(procs):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(controller, 0)  # the controller is this process's child (compare started it)
-    wait_for(lambda: not any(map(alive, procs)), 60, "the killed processes to end")  # and release the run's lock
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie has ended: it holds no file, no lock)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    trainee.wait_for_lock(out / "runs" / name)
 
 
 @pytest.mark.slow
 def test_a_killed_job_is_resubmitted_alone_by_the_next_compare_and_a_failed_one_is_named(tmp_path, data_dir, local_long,
-                                                                                         capsys):
+                                                                                         capsys, monkeypatch):
     out = tmp_path / "killed"
     shutil.copytree(local_long / "runs" / "smoke-seed0", out / "runs" / "smoke-seed0")  # finished before
     finished = (out / "runs" / "smoke-seed0" / "checkpoints" / "latest.json").stat().st_mtime_ns
     args = dict(steps=100, data_dir=str(data_dir), overrides=LONG, test_images=TEST_IMAGES, launcher="submitit",
                 launcher_options=LOCAL, poll_seconds=0.5)
 
-    submitted = compare(out, MODELS, wait=False, **args)
+    with monkeypatch.context() as patch:  # this job's training stops itself after its checkpoint 10
+        _stopping_at_checkpoint(patch, 10)
+        submitted = compare(out, MODELS, wait=False, **args)
     assert list(submitted["submitted"]) == ["vq-seed0"]
     vq = out / "runs" / "vq-seed0"
-    wait_for(lambda: checkpoint_step(vq) > 0, what="vq's first checkpoint")
+    controller = int(json.loads((out / "submitit" / "jobs.json").read_text())["vq-seed0"]["job_id"])
+    trainee.stopped_descendant(controller, 2)
     _kill_job(out, "vq-seed0")
-    assert 0 < checkpoint_step(vq) < 100
+    assert checkpoint_step(vq) == 10
     capsys.readouterr()
 
     # Again, while another process writes the run: its job fails, and is named beside the report of the other.
@@ -397,11 +399,14 @@ def _array_script() -> str:
 
 
 @pytest.mark.slow
-def test_the_docs_array_script_requeues_at_its_time_limit_and_the_run_ends_unbroken(tmp_path, data_dir, local_long):
+def test_the_docs_array_script_requeues_at_its_time_limit_and_the_run_ends_unbroken(tmp_path, data_dir, local_long,
+                                                                                     monkeypatch):
     """docs/cluster.md's sbatch script, run by bash as Slurm would run array task 2 (with a
-    stand-in scontrol that records its arguments): SIGTERM to the script mid-run (Slurm's
-    `--signal=B:TERM@120`) checkpoints and requeues; the requeued task ends the run."""
+    stand-in scontrol that records its arguments): SIGTERM to the script while its training is
+    held at checkpoint 10 (Slurm's `--signal=B:TERM@120`) checkpoints at update 11 and requeues;
+    the requeued task ends the run."""
     out = tmp_path / "runs" / "rate"  # the script's own paths, from tmp_path
+    _stopping_at_checkpoint(monkeypatch, 10)  # the plan's lines run tests.trainee
     compare(out, ["vq", "smoke"], steps=100, data_dir=str(data_dir), overrides=LONG, plan_file=out / "plan.sh")
     (tmp_path / "array.sbatch").write_text(_array_script())
     bin_dir = tmp_path / "bin"
@@ -414,12 +419,13 @@ def test_the_docs_array_script_requeues_at_its_time_limit_and_the_run_ends_unbro
     task = subprocess.Popen(["bash", "array.sbatch"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     run = out / "runs" / "smoke-seed0"
-    wait_for(lambda: checkpoint_step(run) > 0 or task.poll() is not None, what="the first checkpoint")
+    training = trainee.stopped_descendant(task.pid, 1)  # `bash -c "exec $line"`: the script's child
     task.send_signal(signal.SIGTERM)
+    trainee.continue_once_pending_term(training)  # the script's trap passed SIGTERM on
     said = task.communicate(timeout=120)[0]
     assert task.returncode == 0, said
     stopped = re.search(r"SIGTERM: stopped at update (\d+), checkpoint saved", said)
-    assert stopped and 0 < checkpoint_step(run) == int(stopped.group(1)) < 100, said
+    assert stopped and checkpoint_step(run) == int(stopped.group(1)) == 11, said
     assert (tmp_path / "scontrol.txt").read_text() == "requeue 77_2\n"
     assert not (out / "runs" / "vq-seed0").exists()  # line 2 is this task's run alone
 

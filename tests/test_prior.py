@@ -363,25 +363,24 @@ def test_the_hint_after_ctrl_c_resumes_to_the_target_asked_for(run_dir, tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
+    from tests import trainee
     from tests.conftest import REPO
 
     folder = tmp_path / "prior"
     given = ["--steps", "400", "--batch-size", "16", "--width", "16", "--layers", "2", "--log-every", "10",
              "--eval-every", "0", "--train-images", "500", "--test-images", "200", "--device", "cpu", "--threads", "1"]
     memvae = [sys.executable, "-m", "memvae"]
-    proc = subprocess.Popen([*memvae, "prior", str(run_dir), *given, "--out", str(folder), "--data-dir", str(data_dir)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    log = folder / "metrics.jsonl"
-    while not (log.exists() and log.stat().st_size) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)  # the first record: the loop, which turns SIGINT into a checkpoint, is running
+    # The fit stops itself inside update 37 (tests.trainee), in the loop that turns SIGINT into a
+    # checkpoint; Ctrl-C's signal then waits there until it goes on.
+    proc = trainee.start("update:37", "prior", run_dir, *given, "--out", folder, "--data-dir", data_dir)
+    trainee.wait_until_stopped(proc)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err
     stopped = int(err.split("stopped at update ")[1].split(",")[0])
-    assert 0 < stopped < 400, err
+    assert stopped == 37, err
     hint = shlex.split(err.strip().splitlines()[-1].partition("resume with ")[2])
     assert hint[:3] == ["memvae", "prior", str(run_dir)] and hint[-1] == "--resume", err
     assert " ".join(given) in " ".join(hint) and f"--out {folder}" in " ".join(hint), hint

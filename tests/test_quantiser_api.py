@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memvae.quantizers import REGISTRY, bottleneck_class
-from tests.conftest import quantiser
+from tests.conftest import memory_read, quantiser
 
 K, D = 16, 8
 SHAPE_NAMES = {"fsq": ("levels", "dim"), "none": ("dim",)}  # FSQ's K is the product of its levels
@@ -64,3 +64,83 @@ def test_the_eval_read_is_one_name_and_checked():
     vq = quantiser("vq", K, D)
     with pytest.raises(ValueError, match="reads nearest"):
         vq.eval_read = "soft"
+
+
+# ---------------------------------------------------------------- straight-through reads
+# Every quantiser whose decoder input is z + sg(read − z), built to read that way.
+STRAIGHT_THROUGH = {
+    "vq": lambda: quantiser("vq", K, D),
+    "vq_ema": lambda: quantiser("vq_ema", K, D, init="random"),
+    "simvq": lambda: quantiser("simvq", K, D),
+    "residual_vq": lambda: quantiser("residual_vq", K, D, init="random"),
+    "memory_straight_through": lambda: memory_read(K, D, write="hard_ema", encoder_gradient="straight_through",
+                                                   init="random"),
+    "mixture_pursuit_gradient": lambda: quantiser("mixture", K, D, way="pursuit", write="gradient", reseed_fraction=0.0),
+    "mixture_pursuit_ema": lambda: quantiser("mixture", K, D, way="pursuit", write="ema", init="random"),
+}
+
+
+def _hand_read(name: str, q, codes: torch.Tensor) -> torch.Tensor:
+    """The decoder input of N codes, written out here from the learned tensors (with their
+    graph): VQ's slot, SimVQ's projected basis row, the mixture's Σ_j (n_j/L) M_{s_j}."""
+    if name == "vq":
+        return q.memory[codes]
+    if name == "simvq":
+        return (q.basis @ q.project.weight.t() + q.project.bias)[codes]
+    weights = q.grid[codes[:, q.k]].float() / q.levels
+    return sum(weights[:, j:j + 1] * q.memory[codes[:, j]] for j in range(q.k))
+
+
+@pytest.mark.parametrize("name", sorted(STRAIGHT_THROUGH))
+def test_a_straight_through_read_gives_z_the_upstream_gradient_exactly_and_the_codebook_none_of_it(name):
+    torch.manual_seed(1)
+    q = STRAIGHT_THROUGH[name]().train()
+    z = torch.randn(2, D, 3, 3, requires_grad=True)
+    out = q(z)
+    upstream = torch.randn_like(z)
+    (out.quantized * upstream).sum().backward()
+    assert torch.equal(z.grad, upstream)
+    for key, param in q.named_parameters():
+        assert param.grad is None or not param.grad.any(), f"{key} got the decoder's gradient through the read"
+
+
+@pytest.mark.parametrize("name", ["vq", "simvq", "mixture_pursuit_gradient"])
+def test_the_codebook_gradient_is_that_of_its_codebook_loss_alone(name):
+    """Decoder gradient and loss together: the codebook's gradient is ∇ mse(read(codes), sg(z))
+    (its codebook term, weight 1) and z's is the upstream gradient plus the commitment term
+    2β(z − read)/(N·D), both computed here from the codes."""
+    torch.manual_seed(2)
+    q = STRAIGHT_THROUGH[name]().train()
+    z = torch.randn(2, D, 3, 3, requires_grad=True)
+    out = q(z)
+    upstream = torch.randn_like(z)
+    ((out.quantized * upstream).sum() + out.loss).backward()
+    params = [p for p in q.parameters() if p.requires_grad]
+    x = z.detach().permute(0, 2, 3, 1).reshape(-1, D)
+    codes = out.codes.reshape(x.shape[0], -1).squeeze(1)
+    read = _hand_read(name, q, codes)
+    by_hand = torch.autograd.grad(((read - x) ** 2).mean(), params)
+    for param, want in zip(params, by_hand):
+        assert torch.allclose(param.grad, want, rtol=1e-5, atol=1e-7), name
+    commitment = 2 * q.commitment * (x - read.detach()) / x.numel()
+    got = z.grad.permute(0, 2, 3, 1).reshape(-1, D)
+    assert torch.allclose(got, upstream.permute(0, 2, 3, 1).reshape(-1, D) + commitment, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["fsq", "lfq", "bsq"])
+def test_rounding_inside_a_projection_passes_the_gradient_of_the_unrounded_path(name):
+    """FSQ rounds and LFQ/BSQ take signs between two linear maps, straight through: z's
+    gradient is that of the same maps with the rounding left out."""
+    torch.manual_seed(3)
+    q = (quantiser("lfq", K, D, spherical=name == "bsq") if name != "fsq" else quantiser("fsq", K, D)).eval()
+    z = torch.randn(2, D, 3, 3, requires_grad=True)
+    upstream = torch.randn_like(z)
+    (q(z).quantized * upstream).sum().backward()
+    x = z.permute(0, 2, 3, 1).reshape(-1, D)
+    if name == "fsq":
+        unrounded = q.project_out(q.bound(q.project_in(x)) / q.half_width)
+    else:
+        v = q.project_in(x)
+        unrounded = q.project_out(torch.nn.functional.normalize(v, dim=1) if name == "bsq" else v)
+    want = torch.autograd.grad((unrounded * upstream.permute(0, 2, 3, 1).reshape(-1, D)).sum(), z)[0]
+    assert torch.allclose(z.grad, want, rtol=1e-5, atol=1e-7)

@@ -54,6 +54,23 @@ def test_simvq_reads_the_nearest_code_of_the_projected_codebook():
     assert torch.allclose(out.loss, 1.25 * ((rows - chosen) ** 2).mean(), atol=1e-6)  # ‖sg(z) − q‖² + β‖z − sg(q)‖²
 
 
+def test_simvq_loss_gradients_follow_its_two_terms_by_hand():
+    """The loss alone: W and b get ∇ of ‖Q_i − sg(z)‖² (weight 1), z gets 2β(z − Q_i)/(N·D)
+    (β = 0.25); the two terms have equal values, so only the gradients show their weights."""
+    torch.manual_seed(4)
+    q = SimVQ(16, D)
+    z = torch.randn(2, D, 3, 3, requires_grad=True)
+    out = q(z)
+    out.loss.backward()
+    x = positions(z.detach())
+    codebook = q.basis @ q.project.weight.t() + q.project.bias
+    read = codebook[out.codes.reshape(-1)]
+    want_w, want_b = torch.autograd.grad(((read - x) ** 2).mean(), [q.project.weight, q.project.bias])
+    assert torch.allclose(q.project.weight.grad, want_w, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(q.project.bias.grad, want_b, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(positions(z.grad), 2 * 0.25 * (x - read.detach()) / x.numel(), rtol=1e-5, atol=1e-8)
+
+
 def test_simvq_basis_is_frozen_and_the_map_is_learned():
     q = SimVQ(16, D).train()
     assert "basis" in dict(q.named_buffers()) and all("basis" not in name for name, _ in q.named_parameters())

@@ -15,7 +15,6 @@ import random
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,8 @@ from memvae.training.metrics import MetricsLog, read_metrics
 from memvae.networks.autoencoder import Autoencoder
 from memvae.networks.encoder_decoder import Encoder
 from memvae.training.train import train
-from tests.cli_util import SMOKE, checkpoint_step, run_memvae, start_memvae, strip_times
+from tests import trainee
+from tests.cli_util import SMOKE, checkpoint_step, run_memvae, strip_times
 
 LINUX = sys.platform.startswith("linux")  # fork and /proc/self/fd below
 STEPS = 100
@@ -305,20 +305,6 @@ def uninterrupted(tmp_path_factory):
     return strip_times(MetricsLog(run / "metrics.jsonl").read()), state
 
 
-def _wait_for_checkpoint(proc, run: Path, at_least: int, timeout: float = 120) -> int:
-    """Poll until latest.json names an update >= ``at_least``; the process must still run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        step = checkpoint_step(run)
-        if step is not None and step >= at_least:
-            return step
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before update {at_least}: {proc.stderr.read()}")
-        time.sleep(0.005)
-    proc.kill()
-    raise AssertionError(f"no checkpoint at update >= {at_least} within {timeout} s")
-
-
 def _assert_identical(run: Path, reference) -> None:
     metrics, state = reference
     assert strip_times(MetricsLog(run / "metrics.jsonl").read()) == metrics
@@ -330,31 +316,46 @@ def _assert_identical(run: Path, reference) -> None:
             assert torch.equal(final["optimizer"]["state"][key][name], value), (key, name)
 
 
+def _seeded_rng(request) -> tuple[int, random.Random]:
+    """A random.Random whose seed is drawn once and printed (and kept in the test's report),
+    so that a failing draw can be replayed: MEMVAE_TEST_SEED=N replays it."""
+    seed = int(os.environ.get("MEMVAE_TEST_SEED") or random.randrange(2**32))
+    print(f"{request.node.name}: seed {seed} (MEMVAE_TEST_SEED={seed} replays it)")
+    request.node.user_properties.append(("seed", seed))
+    return seed, random.Random(seed)
+
+
+def _last_checkpoint_before(update: int, every: int = 6) -> int | None:
+    """The newest checkpoint on disk when a run stopped inside update ``update`` (before that
+    update's own save): the last multiple of ``every`` below it."""
+    return ((update - 1) // every) * every or None
+
+
 @pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
-def test_sigkill_at_random_updates_then_resume_ends_identical(tmp_path, uninterrupted):
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
+def test_sigkill_at_random_updates_then_resume_ends_identical(tmp_path, uninterrupted, request):
+    """Killed twice (once in the first process, once in a resumed one) at updates drawn from a
+    printed seed; each process stops itself at its update (tests.trainee) and is killed there."""
+    seed, rng = _seeded_rng(request)
     run = tmp_path / "run"
-    killed_after = []
+    killed_at = []
     args = ["train", *TRAIN_ARGS, "--run-dir", run]
-    for _ in range(2):  # killed twice: once in the first process, once in a resumed one
-        proc = start_memvae(*args)
+    for _ in range(2):
         start = (checkpoint_step(run) or 0) + 1
-        target = rng.randrange(start, min(start + 30, STEPS - 25))
-        _wait_for_checkpoint(proc, run, target)
-        time.sleep(rng.uniform(0.0, 0.1))  # a few updates on: anywhere up to ~the next checkpoint
+        target = rng.randrange(start, STEPS - 25)
+        proc = trainee.start(f"update:{target}", *args)
+        trainee.wait_until_stopped(proc)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before it was killed"
-        killed_after.append(checkpoint_step(run))
-        assert killed_after[-1] < STEPS, f"seed {seed}"
+        assert proc.returncode == -signal.SIGKILL, f"seed {seed}"
+        assert checkpoint_step(run) == _last_checkpoint_before(target), f"seed {seed}: killed at update {target}"
         assert MetricsLog(run / "metrics.jsonl").read(), f"seed {seed}: killed before it logged anything"
+        killed_at.append(target)
         args = ["train", "--run-dir", run, "--resume", "--no-progress"]
     result = run_memvae(*args)
     assert result.returncode == 0, result.stderr
     assert f"update {STEPS}" in result.stdout
     _assert_identical(run, uninterrupted)
-    print(f"seed {seed}: killed with the latest checkpoint at updates {killed_after}")
+    print(f"seed {seed}: killed at updates {killed_at}")
 
 
 @pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
@@ -362,15 +363,13 @@ def test_sigkill_before_the_first_checkpoint_then_resume_ends_identical(tmp_path
     """Killed after it logged but before any checkpoint: --resume starts from update 0 and
     must not keep the dead run's log records (they would appear twice)."""
     run = tmp_path / "run"
-    proc = start_memvae("train", *TRAIN_ARGS, "--train.checkpoint_every", "50", "--run-dir", run)
-    deadline = time.monotonic() + 120
-    while not [r for r in MetricsLog(run / "metrics.jsonl").read() if r["step"] >= 8]:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before update 8"
-        time.sleep(0.005)
+    proc = trainee.start("update:9", "train", *TRAIN_ARGS, "--train.checkpoint_every", "50", "--run-dir", run)
+    trainee.wait_until_stopped(proc)  # after update 9: records of updates 4 and 8 logged, no checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert checkpoint_step(run) is None, "killed too late: a checkpoint exists"
+    assert checkpoint_step(run) is None
+    assert [r["step"] for r in MetricsLog(run / "metrics.jsonl").read()] == [4, 8]
     result = run_memvae("train", "--run-dir", run, "--resume", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "starting from update 0" in result.stdout
@@ -378,21 +377,24 @@ def test_sigkill_before_the_first_checkpoint_then_resume_ends_identical(tmp_path
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_and_sigint_save_exit_130_and_resume_identically(tmp_path, uninterrupted, sig):
-    rng = random.Random()
+def test_sigterm_and_sigint_save_exit_130_and_resume_identically(tmp_path, uninterrupted, sig, request):
+    """The signal reaches the run inside an update drawn from a printed seed (the run stops
+    itself there, tests.trainee, and gets the signal, then SIGCONT): it stops at that update."""
+    seed, rng = _seeded_rng(request)
+    at = rng.randrange(6, 60)
     run = tmp_path / "run"
-    proc = start_memvae("train", *TRAIN_ARGS, "--run-dir", run)
-    _wait_for_checkpoint(proc, run, rng.randrange(6, 60))
-    time.sleep(rng.uniform(0.0, 0.1))
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (proc.returncode, err)
+    proc = trainee.start(f"update:{at}", "train", *TRAIN_ARGS, "--run-dir", run)
+    trainee.wait_until_stopped(proc)
+    proc.send_signal(sig)  # pending while it is stopped, handled as soon as it goes on
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (seed, proc.returncode, err)
     assert "Traceback" not in err
     assert "--resume" in err and str(run) in err, err
     found = re.search(r"stopped at update (\d+), checkpoint saved", err)
     assert found, err
     stopped = int(found.group(1))
-    assert 0 < stopped < STEPS
+    assert stopped == at, f"seed {seed}"
     assert checkpoint_step(run) == stopped
     assert (run / "checkpoints" / f"step_{stopped:08d}.pt").is_file()
     assert load_latest(run / "checkpoints")["step"] == stopped

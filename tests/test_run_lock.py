@@ -9,6 +9,7 @@ otherwise the write is patched to fail as a full disk does.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -30,8 +31,9 @@ from memvae.training.metrics import MetricsLog
 from memvae.training.runlock import LOCK_FILE, run_lock
 from memvae.training.runs import prepare_run_dir
 from memvae.training.train import train
-from tests.cli_util import SMOKE, checkpoint_step, run_memvae, start_memvae
-from tests.test_reliability import STEPS, TRAIN_ARGS, DiskFull, _assert_identical, _wait_for_checkpoint, uninterrupted  # noqa: F401
+from tests import trainee
+from tests.cli_util import SMOKE, checkpoint_step, run_memvae
+from tests.test_reliability import STEPS, TRAIN_ARGS, DiskFull, _assert_identical, uninterrupted  # noqa: F401
 
 ROOT = os.geteuid() == 0
 
@@ -83,11 +85,10 @@ def test_the_lock_file_alone_is_no_run_and_overwrite_keeps_it(tmp_path):
 @pytest.mark.slow  # a real training in subprocesses: the default suite stays under 5 minutes
 def test_train_resume_into_a_live_run_fails_at_once_and_the_live_run_ends_identical(tmp_path, uninterrupted):
     run = tmp_path / "run"
-    first = start_memvae("train", *TRAIN_ARGS, "--run-dir", run)
+    first = trainee.start("checkpoint:6", "train", *TRAIN_ARGS, "--run-dir", run)
     try:
-        _wait_for_checkpoint(first, run, 6)
-        first.send_signal(signal.SIGSTOP)  # held still: it holds the lock for as long as the test needs
-        assert _holder_pid(run) == first.pid
+        trainee.wait_until_stopped(first)  # held still after its checkpoint 6: it holds the lock while the test needs it
+        assert _holder_pid(run) == first.pid and checkpoint_step(run) == 6
         for second in (["train", "--run-dir", run, "--resume", "--no-progress"],
                        ["train", *TRAIN_ARGS, "--run-dir", run, "--overwrite"],
                        ["eval", run, "--device", "cpu"],
@@ -112,12 +113,12 @@ def test_train_resume_into_a_live_run_fails_at_once_and_the_live_run_ends_identi
 def test_train_resume_on_a_run_compare_is_training_fails_at_once(tmp_path):
     out_dir = tmp_path / "cmp"
     run = out_dir / "runs" / "smoke-seed0"
-    compare = start_memvae("compare", "--models", SMOKE, "--steps", "60", "--seeds", "1", "--jobs", "1",
-                           "--test-images", "50", "--out", out_dir, "--no-progress",
-                           "--train.threads", "1", "--train.checkpoint_every", "6", "--train.log_every", "4")
+    compare = trainee.start("checkpoint:6", "compare", "--models", SMOKE, "--steps", "60", "--seeds", "1", "--jobs", "1",
+                            "--test-images", "50", "--out", out_dir, "--no-progress",
+                            "--train.threads", "1", "--train.checkpoint_every", "6", "--train.log_every", "4")
     try:
-        _wait_for_checkpoint(compare, run, 6)
-        compare.send_signal(signal.SIGSTOP)
+        trainee.wait_until_stopped(compare)  # compare trains in its own process (one job): stopped after checkpoint 6
+        assert checkpoint_step(run) == 6
         result = run_memvae("train", "--run-dir", run, "--resume", "--no-progress", timeout=120)
         assert result.returncode == 2, (result.stdout, result.stderr)
         line = _one_error_line(result.stderr)
@@ -134,11 +135,11 @@ def test_train_resume_on_a_run_compare_is_training_fails_at_once(tmp_path):
 
 def test_a_run_killed_with_sigkill_leaves_no_lock_and_resume_ends_identical(tmp_path, uninterrupted):
     run = tmp_path / "run"
-    proc = start_memvae("train", *TRAIN_ARGS, "--run-dir", run)
-    _wait_for_checkpoint(proc, run, 30)
+    proc = trainee.start("checkpoint:30", "train", *TRAIN_ARGS, "--run-dir", run)
+    trainee.wait_until_stopped(proc)  # stopped right after its checkpoint of update 30: killed there
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL and checkpoint_step(run) == 30
     assert _holder_pid(run) == proc.pid, "the lock file should still name the dead process"
     result = run_memvae("train", "--run-dir", run, "--resume", "--no-progress")
     assert result.returncode == 0, result.stderr
@@ -347,3 +348,84 @@ def test_a_directory_left_holding_only_the_lock_is_removed_and_a_waiter_on_its_f
     with run_lock(run, remove_if_unused=True):
         (run / "config.toml").write_text("")  # something written: the folder is a run now, and stays
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "config.toml"]
+
+
+# ------------------------------------------------------------------ the retry when the locked file was removed
+def _stale_first(monkeypatch, run: Path, then=None) -> list[int]:
+    """Make run_lock's first open of the lock file return a descriptor of a file that its
+    holder removed (and, with ``then``, replaced) between that open and the flock: the race
+    the re-check exists for, played out in one process. Returns the descriptors opened."""
+    from memvae.training import runlock
+
+    real_open, opened = runlock._open_lock_file, []
+
+    def open_lock_file(run_dir, create):
+        fd = real_open(run_dir, create)
+        opened.append(fd)
+        if len(opened) == 1:
+            (run / LOCK_FILE).unlink()  # the holder left: the folder no longer names this file
+            if then is not None:
+                then()
+        return fd
+
+    monkeypatch.setattr(runlock, "_open_lock_file", open_lock_file)
+    return opened
+
+
+def _open_on_a_removed_lock_file(run: Path) -> int:
+    """How many of this process's descriptors are on a removed RUN/.lock (Linux's /proc
+    names them "PATH (deleted)"; a closed descriptor's number may be reused, so it is the
+    file that is looked for, not the number)."""
+    found = 0
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            found += os.readlink(entry) == f"{run / LOCK_FILE} (deleted)"
+        except OSError:
+            pass
+    return found
+
+
+def test_a_stale_descriptor_is_dropped_and_the_lock_taken_on_the_named_file_then_a_second_writer_is_refused(
+        tmp_path, monkeypatch):
+    """run_lock's first open gets a file removed before its flock: it must let it go and
+    lock the file the folder names, so that a second writer, which opens that name, is refused.
+    Without the re-check both would write into one run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    opened = _stale_first(monkeypatch, run)
+    with run_lock(run):
+        assert len(opened) == 2, "the stale descriptor was kept: no second open"
+        assert _open_on_a_removed_lock_file(run) == 0, "the stale descriptor was not closed"
+        named, locked = os.stat(run / LOCK_FILE), os.fstat(opened[1])
+        assert (named.st_dev, named.st_ino) == (locked.st_dev, locked.st_ino)
+        assert _holder_pid(run) == os.getpid()
+        monkeypatch.undo()  # the second writer opens the file the plain way
+        with pytest.raises(MemvaeError, match=rf"is in use by process {os.getpid()} \("):
+            with run_lock(run):
+                pass
+
+
+def test_a_stale_descriptor_whose_name_another_writer_holds_is_refused(tmp_path, monkeypatch):
+    """The holder removed the file and a third process made and locked a new one before our
+    flock on the old one succeeded: the re-check sends us to the new file, which is held, so
+    we are refused, naming that holder (without the re-check we would write beside it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    held: list[int] = []
+
+    def another_writer_takes_the_name():
+        fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"4242 memvae train --run-dir elsewhere\n", 0)
+        held.append(fd)
+
+    opened = _stale_first(monkeypatch, run, then=another_writer_takes_the_name)
+    try:
+        with pytest.raises(MemvaeError, match=r"is in use by process 4242 \(memvae train --run-dir elsewhere\)"):
+            with run_lock(run):
+                pass
+        assert len(opened) == 2 and _open_on_a_removed_lock_file(run) == 0
+        assert (run / LOCK_FILE).read_text() == "4242 memvae train --run-dir elsewhere\n"  # not overwritten
+    finally:
+        for fd in held:
+            os.close(fd)

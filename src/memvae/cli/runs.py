@@ -104,16 +104,19 @@ def cmd_reconstruct(args, extra: list[str]) -> None:
 
     existing_run_dirs(args.run_dirs)
     use_threads(args.threads)
-    images, rows = None, []
+    images, rows, seeds = None, [], []
     for run_dir in args.run_dirs:
         model, cfg, _ = load_run(run_dir)
+        seeds.append(f"{Path(run_dir).name}: seed {cfg.train.seed}")
         if images is None:
             data = load_data(cfg.data.source, args.data_dir or cfg.data.dir or None, cfg.data.image_size)
             images = data.test[args.first : args.first + args.n]
             rows.append(("original", images))
+        name = Path(run_dir).name  # the run's folder: names its seed too (e.g. fsq-k512-seed1)
         for read, recon in reconstructions(model, images).items():
-            rows.append((cfg.name if read == "nearest" else f"{cfg.name} ({read})", recon))
-    out = reconstruction_grid(rows, args.out, title=f"test images {args.first}..{args.first + args.n - 1}")
+            rows.append((name if read == "nearest" else f"{name} ({read})", recon))
+    out = reconstruction_grid(rows, args.out,
+                              caption=f"test images {args.first}..{args.first + args.n - 1}; {', '.join(seeds)}")
     print(f"wrote {out}")
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from memvae.training.checkpoint import latest_checkpoint
 from memvae.experiments.cluster_options import LauncherOptions
 from memvae.errors import MemvaeError
-from memvae.training.metrics import read_metrics
+from memvae.experiments.compare_progress import logged_step
 from memvae.experiments.plan import RunCommand
 
 INSTALL = "pip install 'memvae[cluster]' (or: pip install 'submitit>=1.5')"
@@ -227,7 +227,7 @@ class Watched:
     def status(self) -> tuple[str, bool, str | None]:
         """(progress text, ended, failure reason or None)."""
         active = self.active()  # before the files, so that the last records are read after the end
-        step = _logged_step(self.run.run_dir)
+        step = logged_step(self.run.run_dir)
         if active:
             if self.queued():
                 return "queued", False, None
@@ -251,11 +251,6 @@ def _local_controller_alive(job_id: str) -> bool:
         return b"submitit.local._local" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
     except (OSError, ValueError):
         return False
-
-
-def _logged_step(run_dir: Path) -> int:
-    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    return max((r["step"] for r in records), default=0)
 
 
 def _jobs_file(folder: Path) -> Path:

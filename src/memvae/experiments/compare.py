@@ -30,6 +30,7 @@ from memvae.config import presets
 from memvae.config import schema as C
 from memvae.data import load_data
 from memvae.errors import MemvaeError
+from memvae.experiments.plan import run_command
 from memvae.experiments.compare_progress import logged_step, measured_rate, plan_text, progress_text, time_left, total_text
 from memvae.experiments.report import report
 from memvae.experiments.side_by_side import compare_command, cpu_cores, resolve_jobs, stop_reason, train_side_by_side
@@ -201,7 +202,7 @@ def compare(out: str | os.PathLike, models=DEFAULT_MODELS, steps: int = 25000, s
     else:
         _say_plan([(run_dir, state, step) for _, run_dir, state, step in states], steps)
     if not report_only and (plan_file is not None or launcher == "submitit"):
-        commands = [_run_command(cfg, sources[run_dir], run_dir, data_dir) for cfg, run_dir, _ in todo]
+        commands = [run_command(cfg, sources[run_dir], run_dir, data_dir) for cfg, run_dir, _ in todo]
         if plan_file is not None:
             return _write_plan(plan_file, commands, todo, len(plan))
         failed, launched = _launch_submitit(out, todo, commands, launcher_options, wait, poll_seconds)
@@ -255,17 +256,6 @@ def _finished_only(states, models, out: Path, steps: int) -> list[tuple[C.Config
     if not plan:
         raise MemvaeError(f"no run of {', '.join(models)} in {out / 'runs'} has finished its {steps} updates")
     return plan
-
-
-def _run_command(cfg: C.Config, source: str, run_dir: Path, data_dir: str | None):
-    """:func:`memvae.experiments.plan.run_command` with ``--start-if-new`` after its
-    ``--resume``: a plan's line (or a job) starts its run where the run directory holds
-    none yet, which ``--resume`` alone refuses as a mistyped folder."""
-    from memvae.experiments.plan import run_command
-
-    command = run_command(cfg, source, run_dir, data_dir)
-    at = command.args.index("--resume") + 1
-    return dataclasses.replace(command, args=(*command.args[:at], "--start-if-new", *command.args[at:]))
 
 
 def _write_plan(plan_file, commands, todo, runs: int) -> dict:

@@ -35,6 +35,7 @@ GENERATORS: dict[str, Generator] = {
     "benchmark_files": doc_kinds.benchmark_files_table,
     "leaderboard": lambda folder, args: leaderboard_report.table_for(folder),
     "leaderboard_summary": lambda folder, args: leaderboard_report.summary_for(folder),
+    "leaderboard_state": lambda folder, args: leaderboard_report.state_for(folder),
     "command_time": doc_kinds.command_time_text,
 }
 

@@ -194,3 +194,16 @@ def summary_for(folder: Path) -> str:
     from memvae.experiments.leaderboard import load_plan
 
     return summary(rows_of(load_plan(Path(folder) / "plan.toml")))
+
+
+def state_for(folder: Path) -> str:
+    """What of the plan in ``folder`` is still to run, from its committed files: the count of
+    complete runs and one line per incomplete run with the steps it lacks."""
+    from memvae.experiments.leaderboard import load_plan, missing
+
+    plan = load_plan(Path(folder) / "plan.toml")
+    todo = missing(plan)
+    total = len(plan.all_runs())
+    lines = [f"{total - len(todo)} of {total} runs complete; still to run, in the plan's order:", ""]
+    lines += [f"- `{run.name}`: {', '.join(steps)}" for run, steps in todo]
+    return "\n".join(lines) + "\n"

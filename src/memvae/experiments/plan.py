@@ -8,8 +8,9 @@ run: the same directory (``OUT/runs/<name>-seed<s>``), the same resolved config.
 A line names the model's config (a packaged name or an absolute path) and, as overrides,
 every key in which the run's config differs from it (steps, seed, K of a sweep, the
 compare's overrides); :func:`run_command` checks that the line loads back to exactly the
-run's config. ``--resume`` makes a line safe to run again: a new run starts at update 0,
-a stopped one continues from its newest checkpoint, a finished one does nothing.
+run's config. ``--resume --start-if-new`` makes a line safe to run again: a new run starts at
+update 0 (``--resume`` alone refuses a folder that holds no run, as a mistyped path), a
+stopped one continues from its newest checkpoint, a finished one does nothing.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def run_command(cfg: C.Config, source: str, run_dir: Path, data_dir: str | None 
     if C.to_dict(presets.load(source, overrides)) != C.to_dict(cfg):  # the line must be the run
         raise MemvaeError(f"run {Path(run_dir).name}: its config cannot be written as overrides of {source}")
     run_dir = Path(run_dir).resolve()
-    args = ["-m", "memvae", "train", "--config", source, "--run-dir", str(run_dir), "--resume", "--no-progress",
+    args = ["-m", "memvae", "train", "--config", source, "--run-dir", str(run_dir), "--resume", "--start-if-new",
+            "--no-progress",
             *[f"--{o}" for o in overrides]]
     data = data_dir or os.environ.get("MEMVAE_DATA_DIR")
     return RunCommand(run_dir, tuple(args), {"MEMVAE_DATA_DIR": str(Path(data).resolve())} if data else {})

@@ -149,14 +149,11 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (cumsum[hi] - cumsum[lo]) / (hi - lo)
 
 
-def reconstruction_grid(rows: list[tuple[str, torch.Tensor]], out: str | os.PathLike, caption: str | None = None,
-                        title: str | None = None) -> Path:
+def reconstruction_grid(rows: list[tuple[str, torch.Tensor]], out: str | os.PathLike, caption: str | None = None) -> Path:
     """One labelled row of images per (label, uint8 N×3×H×W) pair, saved as a PNG.
 
     ``caption`` is written under the grid, never over its first row: it should name the
-    runs and the seed the rows come from (the row labels may name the runs themselves).
-    ``title`` is the caption's former name, still taken from older callers."""
-    caption = caption or title
+    runs and the seed the rows come from (the row labels may name the runs themselves)."""
     n = rows[0][1].shape[0]
     width = 1.0 * n + 1.8
     fig, axes = plt.subplots(len(rows), 1, figsize=(width, 1.05 * len(rows) + 0.1), squeeze=False)

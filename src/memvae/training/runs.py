@@ -49,6 +49,17 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise os_error(exc, f"create run directory {run_dir}") from None
 
 
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Versions, machine and git commit, saved with every run and benchmark."""
     try:
@@ -63,6 +74,7 @@ def environment() -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),  # the same run gives other last digits on another CPU
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
