@@ -14,6 +14,7 @@ update reads nothing back from the device.
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 import types
@@ -243,3 +244,25 @@ def test_train_images_trains_on_the_first_n_and_draws_no_other(tmp_path, small_c
     assert drawn.max() < 100 and len(set(drawn.tolist())) == 100
     with pytest.raises(MemvaeError, match="'data.train_images' is 2001, but the data has only 2000 training images"):
         _trainer(tmp_path, small_cifar, "data.train_images=2001")
+
+
+@pytest.mark.parametrize(
+    "bottleneck",
+    [["bottleneck.kind=vq_ema"], ["bottleneck.kind=memory", "bottleneck.temperature=relative", "bottleneck.write=hard_ema",
+                                  "bottleneck.encoder_gradient=straight_through", "bottleneck.reseed_fraction=0.25"]],
+    ids=["vq_ema", "memory_discrete"],
+)
+def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, cifar, bottleneck):
+    """Re-seeding draws random numbers every update: RNG state must be restored too."""
+    cfg = C.load_config(CONFIGS / "smoke.toml", ["train.steps=60", "train.log_every=10", "train.eval_every=30",
+                                                 "train.checkpoint_every=1000", *bottleneck])
+    train(cfg, tmp_path / "straight", show_progress=False, data=cifar)
+    train(cfg, tmp_path / "split", show_progress=False, stop_after=27, data=cifar)  # mid-interval
+    assert load_latest(tmp_path / "split" / "checkpoints")["step"] == 27
+    train(cfg, tmp_path / "split", resume=True, show_progress=False, data=cifar)
+    a = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert strip_times(a) == strip_times(b)
+    ma, mb = load_latest(tmp_path / "straight" / "checkpoints"), load_latest(tmp_path / "split" / "checkpoints")
+    for key in ma["model"]:
+        assert torch.equal(ma["model"][key], mb["model"][key]), key

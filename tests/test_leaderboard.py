@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from memvae.config import schema as C
@@ -192,3 +191,19 @@ def test_a_run_cut_off_after_training_is_finished_without_training_again(tmp_pat
     scored = json.loads((run.run_dir / "bits_per_dim.json").read_text())
     assert scored["test"]["prior_bits_per_index"] == pytest.approx(prior["bits_per_index"], rel=1e-5)
     assert train_one(plan, run.name, str(cifar_folder), lossless) == []  # a complete row: nothing to do
+
+
+def test_submitit_gets_one_job_per_incomplete_run_with_the_same_command(tmp_path, monkeypatch):
+    from memvae.experiments import cluster
+    from memvae.experiments.leaderboard_run import command, submit_missing
+
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    fake_row(plan.all_runs()[1], 6, 0.07, bpd=False)
+    submitted = []
+    monkeypatch.setattr(cluster, "launch", lambda jobs, out, options: (submitted.extend(jobs) or ["watched"], "local"))
+    monkeypatch.setattr(cluster, "follow", lambda watched, poll: {"none-seed1": "exit 1"})
+    assert submit_missing(plan, str(tmp_path), None, options=None) == {"none-seed1": "exit 1"}
+    assert [(j.name, j.steps) for j in submitted] == [("vq_ema_reseed-k16-seed1", 6), ("none-seed1", 6)]
+    first = plan.all_runs()[0]
+    assert submitted[0].run_dir == first.run_dir.resolve()
+    assert list(submitted[0].command.argv()) == command(plan, first, str(tmp_path), None)

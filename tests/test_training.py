@@ -63,27 +63,6 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path, cifar):
     assert torch.equal(model(x).reconstruction, load_run(tmp_path / "run")[0](x).reconstruction)
 
 
-@pytest.mark.parametrize(
-    "bottleneck",
-    [["bottleneck.kind=vq_ema"], ["bottleneck.kind=memory", "bottleneck.temperature=relative", "bottleneck.write=hard_ema",
-                                  "bottleneck.encoder_gradient=straight_through", "bottleneck.reseed_fraction=0.25"]],
-    ids=["vq_ema", "memory_discrete"],
-)
-def test_resume_at_update_k_ends_with_the_same_numbers(tmp_path, cifar, bottleneck):
-    """Re-seeding draws random numbers every update: RNG state must be restored too."""
-    cfg = smoke("train.steps=60", "train.log_every=10", "train.eval_every=30", "train.checkpoint_every=1000", *bottleneck)
-    train(cfg, tmp_path / "straight", show_progress=False, data=cifar)
-    train(cfg, tmp_path / "split", show_progress=False, stop_after=27, data=cifar)  # mid-interval
-    assert load_latest(tmp_path / "split" / "checkpoints")["step"] == 27
-    train(cfg, tmp_path / "split", resume=True, show_progress=False, data=cifar)
-    a = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert strip_times(a) == strip_times(b)
-    ma, mb = load_latest(tmp_path / "straight" / "checkpoints"), load_latest(tmp_path / "split" / "checkpoints")
-    for key in ma["model"]:
-        assert torch.equal(ma["model"][key], mb["model"][key]), key
-
-
 def test_same_seed_same_numbers_different_seed_different(tmp_path, cifar):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

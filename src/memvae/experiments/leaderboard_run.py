@@ -97,3 +97,22 @@ def train_missing(plan: Plan, jobs: int, data_dir: str | None, lossless: str | N
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = list(pool.map(one, todo))
     return {name: code for name, code in results if code != 0}
+
+
+def submit_missing(plan: Plan, data_dir: str | None, lossless: str | None, options,
+                   poll_seconds: float = 10.0) -> dict[str, str]:
+    """The same commands as jobs of submitit (Slurm, or its local executor), one per run, with
+    ``options`` (:class:`memvae.experiments.cluster_options.LauncherOptions`); a job stopped by
+    its time limit is requeued and its command continues the run. Waits for every job and
+    returns {run: why} of those that failed. Logs and submitit's files: PLAN's folder/jobs/."""
+    from memvae.experiments.cluster import Run as Job, follow, launch
+    from memvae.experiments.plan import RunCommand
+
+    todo = runs_to_train(plan)
+    lossless = lossless_file(plan, data_dir, lossless)
+    jobs = [Job(r.name, RunCommand(r.run_dir.resolve(), tuple(command(plan, r, data_dir, lossless)[1:])), plan.steps)
+            for r in todo]
+    if not jobs:
+        return {}
+    watched, _ = launch(jobs, plan.path.parent / "jobs", options)
+    return follow(watched, poll_seconds)
