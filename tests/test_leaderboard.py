@@ -131,6 +131,8 @@ def test_a_guard_chooses_the_setting_with_the_lowest_holdout_nmse(tmp_path):
     assert choices(rows)["vq"]["label"] == "vq-b"  # mean 0.27 against 0.31
     text = choice_table(rows, "holdout")
     assert "| vq | `vq-b` | 0.2700 ± 0.0283 |" in text and text.count("**yes**") == 1
+    (plan.all_runs()[0].run_dir / "eval.json").unlink()  # one run of the other setting not finished:
+    assert choices(rows_of(plan)) == {}  # no choice yet
 
 
 def test_the_dry_run_and_the_command_file_list_the_incomplete_runs(tmp_path, capsys):

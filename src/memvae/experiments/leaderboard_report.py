@@ -108,11 +108,13 @@ def best_at_each_rate(rows: list[dict]) -> dict[float, dict]:
 
 
 def choices(rows: list[dict]) -> dict[str, dict]:
-    """A guard's choice: {model family: its row with the lowest mean NMSE on the guard's set}."""
+    """A guard's choice: {model family: its row with the lowest mean NMSE on the guard's set},
+    for the families whose every setting has all its runs (a choice among some is none)."""
+    unfinished = {r["family"] for r in rows if r["incomplete"] or r["nmse"] is None}
     best: dict[str, dict] = {}
     for row in rows:
-        if row["nmse"] is not None and (row["family"] not in best
-                                        or row["nmse"]["mean"] < best[row["family"]]["nmse"]["mean"]):
+        if row["family"] not in unfinished and (row["family"] not in best
+                                                or row["nmse"]["mean"] < best[row["family"]]["nmse"]["mean"]):
             best[row["family"]] = row
     return best
 
