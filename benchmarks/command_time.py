@@ -41,32 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --")
-    load_before = os.getloadavg()[0]
+    load_before, commit = os.getloadavg()[0], git_commit()  # the code the command ran, not what came after
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - clock
     output = (done.stdout + done.stderr).strip().splitlines()
+    load_after = os.getloadavg()[0]
     record = {
-        "name": args.name,
+        "benchmark": f"command_time ({args.name})",
         "command": command,
         "returncode": done.returncode,
         "wall_seconds": seconds,
         "started_utc": started.isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "load_1min_before": load_before,
-        "load_1min_after": os.getloadavg()[0],
         "note": args.note,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
         "output_tail": output[-15:],
+        # As every benchmark file records its machine (docs/benchmarks.md's table of files).
+        "environment": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                        "git_commit": commit, "load_average_start": [load_before],
+                        "load_average_end": [load_after]},
+        "settings": {"threads": os.environ.get("OMP_NUM_THREADS", "default (1 per run)")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{args.name}: exit {done.returncode} after {seconds / 60:.1f} min on {record['cpu_model']} "
-          f"({record['cores']} cores, load {load_before:.2f} before, {record['load_1min_after']:.2f} after); "
-          f"wrote {args.out}")
+    env = record["environment"]
+    print(f"{args.name}: exit {done.returncode} after {seconds / 60:.1f} min on {env['cpu_model']} "
+          f"({env['cpu_count']} cores, load {load_before:.2f} before, {load_after:.2f} after); wrote {args.out}")
     return done.returncode
 
 

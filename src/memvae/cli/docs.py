@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from memvae.errors import MemvaeError
-from memvae.experiments import doc_tables
 
 
 def add_parser(subparsers) -> None:
@@ -25,6 +24,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     """Write or check; a check that finds differences lists them on stderr and fails with one line."""
+    from memvae.experiments import doc_tables  # torch, through the leaderboard's: not for --help
+
     docs = [Path(f) for f in args.files] or doc_tables.documents(doc_tables.repo_root(Path.cwd()))
     missing = [d for d in docs if not d.is_file()]
     if missing:

@@ -216,14 +216,11 @@ def command_time_text(file: Path, args: dict) -> str:
     CPU, under which load, when, and the last line it printed that says how it ended
     (``summary=TEXT``: the last output line containing TEXT, e.g. "passed")."""
     saved = json.loads(file.read_text())
+    env = saved["environment"]
     summary = args.get("summary")
     said = next((line for line in reversed(saved["output_tail"]) if summary and summary in line), None)
-    load = f"load {saved['load_1min_before']:.1f} when it started"
     note = f", {saved['note']}" if saved.get("note") else ""
-    scaled = ""
-    if "scale" in args:  # e.g. a short run's time, scaled to the full command's updates
-        scaled = f"; {args['scale']} times that: about {saved['wall_seconds'] * float(args['scale']) / 3600:.0f} h"
-    return (f"{saved['wall_seconds'] / 60:.0f} min on a {saved['cores']}-core {saved['cpu_model']} "
-            f"({load}{note}; {saved['started_utc'][:10]}, exit {saved['returncode']}"
-            + (f": `{said.strip('= ')}`" if said else "") + f"; [{file.name}]"
-            f"({os.path.relpath(file, args['doc_dir'])})){scaled}\n")
+    return (f"{saved['wall_seconds'] / 60:.0f} min on a {env['cpu_count']}-core {env['cpu_model']} "
+            f"(load {env['load_average_start'][0]:.1f} when it started{note}; {saved['started_utc'][:10]}, "
+            f"exit {saved['returncode']}" + (f": `{said.strip('= ')}`" if said else "")
+            + f"; [{file.name}]({os.path.relpath(file, args['doc_dir'])}))\n")
