@@ -35,7 +35,7 @@ from pathlib import Path
 from memvae.config import presets
 from memvae.config import schema as C
 from memvae.errors import MemvaeError
-from memvae.experiments.row import SETS, missing_steps, read_json
+from memvae.experiments.row import SETS, missing_steps, read_json, trained_to
 from memvae.experiments.sweep import at_slots
 
 PLAN_KEYS = {"steps", "runs", "sets", "overrides", "title"}
@@ -189,14 +189,9 @@ def describe_missing(plan: Plan, todo: list[tuple[Run, list[str]]], out=None) ->
     ``out`` (default: stdout)."""
     out = out or sys.stdout
     for run, steps in todo:
-        reached = "" if "train" not in steps else f" (trained to {_trained(run)} of {plan.steps})"
+        reached = "" if "train" not in steps else f" (trained to {trained_to(run.run_dir)} of {plan.steps})"
         note = " [earlier run: its committed eval.json is missing]" if run.earlier else ""
         print(f"{run.name}: needs {', '.join(steps)}{reached}{note}", file=out)
     total = len(plan.all_runs())
     print(f"{len(todo)} of {total} runs incomplete in {plan.path}", file=out)
 
-
-def _trained(run: Run) -> int:
-    from memvae.experiments.row import trained_to
-
-    return trained_to(run.run_dir)
