@@ -64,7 +64,7 @@ def cell_row(plan: Plan, cell: Cell) -> dict:
     row = {"label": cell.label, "family": cell.family, "bits": cell.bits, "runs": numbers, "incomplete": len(cell.runs) - len(complete)}
     for key in NUMBERS:
         row[key] = _stat([n[key] for n in numbers if key in n])
-    if cell.bits is None:  # a ceiling reads no codes: its slot counts are not a rate
+    if cell.bits is None and plan.sets[0] == "test":  # a ceiling reads no codes: its slot counts are not a rate
         row["codes_used"] = None
     return row
 
