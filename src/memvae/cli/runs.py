@@ -62,7 +62,7 @@ def eval_table(name: str, results: dict, columns: list[str]) -> list[list]:
 
 def cmd_eval(args, extra: list[str]) -> None:
     from memvae.data import load_array_images, load_data
-    from memvae.training.evaluate import evaluate_model
+    from memvae.training.evaluate import evaluation_record
     from memvae.training.runlock import run_lock
     from memvae.training.runs import load_run
     from memvae.training.train import resolve_device
@@ -81,13 +81,11 @@ def cmd_eval(args, extra: list[str]) -> None:
             data = cache[key]
             variance = data.train_variance()
             print(f"evaluating {run_dir} on {len(data.test)} test images ({', '.join(model.bottleneck.reads)} read) ...", flush=True)
-            report = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
-                      "test": evaluate_model(model, data.test, variance, args.batch_size, device)}
-            rows.append((f"{cfg.name} test", report["test"]))
+            sets = {"test": data.test}
             if args.lossless:
-                images = load_array_images(args.lossless, args.lossless_key)
-                report["lossless"] = evaluate_model(model, images, variance, args.batch_size, device)
-                rows.append((f"{cfg.name} lossless", report["lossless"]))
+                sets["lossless"] = load_array_images(args.lossless, args.lossless_key)
+            report = evaluation_record(run_dir, state["step"], model, sets, variance, args.batch_size, device)
+            rows += [(f"{cfg.name} {name}", report[name]) for name in sets]
             if not args.no_write:
                 out = Path(run_dir) / "eval.json"
                 out.write_text(json.dumps(report, indent=1))

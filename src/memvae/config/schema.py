@@ -318,6 +318,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def training_dict(cfg: Config) -> dict:
+    """:func:`to_dict` without what does not change what trains: the thread count (it changes a
+    run's last digits, and a resumed run keeps its own) and the ``[prior]`` settings (how its
+    row is completed afterwards). Two runs of one model compare equal by it."""
+    d = to_dict(cfg)
+    d["train"].pop("threads")
+    d.pop("prior")
+    return d
+
+
 def _toml_string(text: str) -> str:
     """A TOML basic string in plain ASCII. (json.dumps is not one: it writes characters
     beyond U+FFFF as surrogate pairs, which TOML rejects.)"""

@@ -99,12 +99,10 @@ def _check_same_config(run_dir: Path, cfg: C.Config) -> int:
     train.threads asks for another, and then says in one line from which update the
     numbers differ), and so may the steps (a shorter run may be extended: resuming is
     exact); everything else must match."""
-    saved, wanted = C.to_dict(C.load_config(run_dir / "config.toml", saved=True)), C.to_dict(cfg)
+    saved, wanted = C.training_dict(C.load_config(run_dir / "config.toml", saved=True)), C.training_dict(cfg)
     saved_steps = saved["train"]["steps"]
     for d in (saved, wanted):
-        d["train"].pop("threads")
         d["train"].pop("steps")
-        d.pop("prior")  # how its row is completed, not what trains
     if saved != wanted:
         raise MemvaeError(f"{run_dir} was trained with a different config; remove it or choose another --out")
     return saved_steps

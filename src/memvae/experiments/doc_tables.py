@@ -33,9 +33,9 @@ GENERATORS: dict[str, Generator] = {
     "rate": doc_kinds.rate_table,
     "rows": doc_kinds.rows_table,
     "benchmark_files": doc_kinds.benchmark_files_table,
-    "leaderboard": lambda folder, args: leaderboard_report.table_for(folder),
-    "leaderboard_summary": lambda folder, args: leaderboard_report.summary_for(folder),
-    "leaderboard_state": lambda folder, args: leaderboard_report.state_for(folder),
+    "leaderboard": leaderboard_report.table_for,
+    "leaderboard_summary": leaderboard_report.summary_for,
+    "leaderboard_state": leaderboard_report.state_for,
     "command_time": doc_kinds.command_time_text,
 }
 

@@ -150,23 +150,13 @@ def load_plan(path: str | Path) -> Plan:
                 path.parent / plan.get("runs", "runs"), cells)
 
 
-def _same_training(saved: C.Config, wanted: C.Config) -> bool:
-    """Whether a run saved with ``saved`` is a run of ``wanted``: every key but the thread
-    count (it changes a run's last digits, not what it is) and the prior's settings."""
-    a, b = C.to_dict(saved), C.to_dict(wanted)
-    for d in (a, b):
-        d["train"].pop("threads")
-        d.pop("prior")
-    return a == b
-
-
 def run_missing(plan: Plan, run: Run) -> list[str]:
     """What ``run`` still lacks (:data:`memvae.experiments.row.STEPS`); an earlier run: ["eval"]
     unless its committed eval.json holds the whole test set at the plan's updates. A run
     directory made with another config is refused."""
     if run.run_dir.exists() and (run.run_dir / "config.toml").exists():
         saved = C.load_config(run.run_dir / "config.toml", saved=True)
-        if not _same_training(saved, run.cfg):
+        if C.training_dict(saved) != C.training_dict(run.cfg):
             raise MemvaeError(f"{run.run_dir} was trained with another config than {plan.path} asks for its cell")
     if run.earlier:
         evaluated = read_json(run.run_dir / "eval.json") or {}

@@ -158,12 +158,17 @@ def write_report(plan: Plan) -> dict:
     return {"rows": rows}
 
 
-def table_for(folder: Path) -> str:
-    """The table of the plan in ``folder`` (plan.toml), from its committed files: what the
-    documents' generated tables hold."""
+# The documents' generated blocks (memvae.experiments.doc_tables): each takes the folder of a
+# plan (its plan.toml) and the block's options, and reads only the committed files.
+def _plan_in(folder: Path) -> Plan:
     from memvae.experiments.leaderboard import load_plan
 
-    plan = load_plan(Path(folder) / "plan.toml")
+    return load_plan(Path(folder) / "plan.toml")
+
+
+def table_for(folder: Path, args: dict | None = None) -> str:
+    """The plan's table (:func:`markdown`)."""
+    plan = _plan_in(folder)
     return markdown(plan, rows_of(plan))
 
 
@@ -191,19 +196,17 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_for(folder: Path) -> str:
-    """:func:`summary` of the plan in ``folder``, from its committed files."""
-    from memvae.experiments.leaderboard import load_plan
-
-    return summary(rows_of(load_plan(Path(folder) / "plan.toml")))
+def summary_for(folder: Path, args: dict | None = None) -> str:
+    """The plan's headline (:func:`summary`)."""
+    return summary(rows_of(_plan_in(folder)))
 
 
-def state_for(folder: Path) -> str:
-    """What of the plan in ``folder`` is still to run, from its committed files: the count of
-    complete runs and one line per incomplete run with the steps it lacks."""
-    from memvae.experiments.leaderboard import load_plan, missing
+def state_for(folder: Path, args: dict | None = None) -> str:
+    """What of the plan is still to run: the count of complete runs and one line per
+    incomplete run with the steps it lacks."""
+    from memvae.experiments.leaderboard import missing
 
-    plan = load_plan(Path(folder) / "plan.toml")
+    plan = _plan_in(folder)
     todo = missing(plan)
     total = len(plan.all_runs())
     lines = [f"{total - len(todo)} of {total} runs complete; still to run, in the plan's order:", ""]

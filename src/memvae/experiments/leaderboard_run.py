@@ -24,7 +24,7 @@ def lossless_file(plan: Plan, data_dir: str | None, lossless: str | None) -> str
     DATA_DIR/cifar10-lossless-subset.npz; a missing file is one line."""
     if "lossless" not in plan.sets:
         return None
-    path = Path(lossless) if lossless else Path(data_dir or os.environ.get("MEMVAE_DATA_DIR") or default_data_dir()) / LOSSLESS_FILE
+    path = Path(lossless) if lossless else (Path(data_dir) if data_dir else default_data_dir()) / LOSSLESS_FILE
     if not path.is_file():
         raise MemvaeError(f"the plan's rows include the lossless originals, but {path} does not exist (--lossless FILE)")
     return str(path)

@@ -16,7 +16,7 @@ from memvae.experiments.plots import convergence_figure, rate_distortion_figure,
 from memvae.experiments.sweep import collect, rate_tables
 from memvae.networks.autoencoder import Autoencoder
 from memvae.training.checkpoint import latest_checkpoint
-from memvae.training.evaluate import evaluate_model, is_gap, reads_of, reconstructions
+from memvae.training.evaluate import evaluation_record, is_gap, reads_of, reconstructions
 from memvae.training.metrics import read_metrics
 from memvae.training.runlock import run_lock
 from memvae.training.runs import load_run
@@ -131,10 +131,8 @@ def report(out: Path, plan: list[tuple[C.Config, Path]], data: ImageData, lossle
                               f"{len(test)} test images{' with --lossless' if lossless else ''}")
         if stale:
             with run_lock(run_dir, create=False):  # eval.json goes into the run: one writer (memvae.training.runlock)
-                cached = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance,
-                          "test": evaluate_model(model, test, variance)}
-                if lossless_images is not None:
-                    cached["lossless"] = evaluate_model(model, lossless_images, variance)
+                sets = {"test": test, **({"lossless": lossless_images} if lossless_images is not None else {})}
+                cached = evaluation_record(run_dir, state["step"], model, sets, variance)
                 eval_path.write_text(json.dumps(cached, indent=1))
         records = read_metrics(run_dir)
         last = records[-1]

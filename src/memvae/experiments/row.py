@@ -24,7 +24,7 @@ from memvae.config import schema as C
 from memvae.data import ImageData, load_array_images
 from memvae.errors import MemvaeError
 from memvae.training.checkpoint import latest_checkpoint
-from memvae.training.evaluate import evaluate_model
+from memvae.training.evaluate import evaluation_record
 from memvae.training.runlock import run_lock
 from memvae.training.runs import load_run
 
@@ -106,9 +106,8 @@ def write_eval(run_dir: Path, data: ImageData, cfg: C.Config, sets: tuple[str, .
     model, _, state = load_run(run_dir, device)
     variance = data.train_variance()
     with run_lock(run_dir, create=False):
-        result = {"run_dir": str(run_dir), "step": int(state["step"]), "train_variance": variance}
-        for name, images in image_sets(data, cfg, sets, lossless).items():
-            result[name] = evaluate_model(model, images, variance, device=device)
+        result = evaluation_record(run_dir, state["step"], model, image_sets(data, cfg, sets, lossless), variance,
+                                   device=device)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     return result
 

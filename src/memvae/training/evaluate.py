@@ -94,6 +94,16 @@ def evaluate_model(model: Autoencoder, images: torch.Tensor, train_variance: flo
     return results
 
 
+def evaluation_record(run_dir, step: int, model: Autoencoder, image_sets: dict[str, torch.Tensor],
+                      train_variance: float, batch_size: int = 500, device="cpu") -> dict:
+    """What RUN_DIR/eval.json holds: the run, its update, the variance NMSE divides by, and
+    :func:`evaluate_model` on each named set of uint8 N×3×H×W images ("test", "lossless", ...)."""
+    record = {"run_dir": str(run_dir), "step": int(step), "train_variance": train_variance}
+    for name, images in image_sets.items():
+        record[name] = evaluate_model(model, images, train_variance, batch_size, device)
+    return record
+
+
 def is_gap(key: str) -> bool:
     """Whether ``key`` of :func:`evaluate_model`'s result is a read's gap, not a read."""
     return key.endswith("_gap")
