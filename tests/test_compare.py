@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from memvae.experiments.compare import compare
 from memvae.experiments.report import updates_to_reach
 from memvae.experiments.side_by_side import cpu_cores, resolve_jobs
 from memvae.errors import MemvaeError
+from tests import trainee
 from tests.conftest import REPO
 
 # Small networks so that a compare with every study model runs in seconds; the configs'
@@ -57,23 +57,25 @@ def test_tiny_compare_writes_every_file_with_finite_numbers(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_killed_compare_resumes_without_retraining_finished_runs(tmp_path, data_dir):
-    args = [sys.executable, "-m", "memvae", "compare", "--out", str(tmp_path), "--models", "vq,memory_l2",
-            "--steps", "300", "--data-dir", str(data_dir), "--no-progress", "--test-images", "500"]
-    args += [f"--{o}" for o in SMALL]
-    args += ["--checkpoint_every", "20", "--jobs", "1"]  # one run after the other: the first is finished when the second starts
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    second = tmp_path / "runs" / "memory_l2-seed0" / "checkpoints" / "latest.json"
-    deadline = time.time() + 300
-    while not second.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert second.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
+    given = ["compare", "--out", tmp_path, "--models", "vq,memory_l2", "--steps", "300", "--data-dir", data_dir,
+             "--no-progress", "--test-images", "500", *[f"--{o}" for o in SMALL], "--checkpoint_every", "20", "--jobs", "1"]
+    # --jobs 1 trains in the compare's own process, one run after the other: it stops itself
+    # (tests.trainee) at vq's checkpoint of update 20, goes on, and stops again at memory_l2's,
+    # where it is killed: vq finished, memory_l2 at update 20.
+    proc = trainee.start("checkpoint:20", *given)
+    trainee.wait_until_stopped(proc)
+    os.kill(proc.pid, signal.SIGCONT)
+    trainee.wait_until_stopped(proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    second = tmp_path / "runs" / "memory_l2-seed0" / "checkpoints" / "latest.json"
+    assert json.loads(second.read_text())["step"] == 20
     first_ckpt = tmp_path / "runs" / "vq-seed0" / "checkpoints" / "latest.json"
     stamp = first_ckpt.stat().st_mtime_ns
     assert not (tmp_path / "results.json").exists()
 
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "memvae", *map(str, given)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert first_ckpt.stat().st_mtime_ns == stamp, "the finished run was trained again"
     results = json.loads((tmp_path / "results.json").read_text())
@@ -156,10 +158,11 @@ def test_a_failing_side_by_side_run_ends_the_compare_with_its_one_line_error(tmp
         compare(tmp_path, ["smoke"], steps=20, seeds=2, data_dir=str(data_dir), show_progress=False, jobs=2)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (Linux /proc)."""
-    path = f"/proc/{pid}/task/{pid}/children"
-    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+def _wait_for_logs(logs, proc: subprocess.Popen, said) -> None:
+    """Wait until both side-by-side runs have logged (they are training, their parent-death
+    signal set); a compare that ends first fails the test with what it said."""
+    trainee.wait_for(lambda: all(p.exists() for p in logs) or proc.poll() is not None, what="both runs to log")
+    assert all(p.exists() for p in logs), said()
 
 
 @pytest.mark.slow
@@ -169,18 +172,12 @@ def test_side_by_side_runs_stop_with_a_checkpoint_when_their_compare_is_killed(t
             "--steps", "100000", "--data-dir", str(data_dir), "--no-progress", "--jobs", "2", "--checkpoint_every", "100000"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     logs = [tmp_path / "runs" / f"smoke-seed{s}" / "metrics.jsonl" for s in (0, 1)]
-    deadline = time.time() + 120
-    while not all(p.exists() for p in logs) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert all(p.exists() for p in logs), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
-    runs = _children(proc.pid)
-    assert len(runs) == 2
+    _wait_for_logs(logs, proc, lambda: proc.stderr.read().decode()[-2000:])
+    assert len(trainee.children(proc.pid)) == 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 60
-    while any(os.path.exists(f"/proc/{pid}") for pid in runs) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in runs), "a run went on training after its compare died"
+    for s in (0, 1):  # a run holds its lock until its last thread has gone
+        trainee.wait_for_lock(tmp_path / "runs" / f"smoke-seed{s}", seconds=60)
     for s in (0, 1):  # each stopped as on SIGTERM: with a checkpoint to resume from
         assert (tmp_path / "runs" / f"smoke-seed{s}" / "checkpoints" / "latest.json").exists()
 
@@ -220,10 +217,7 @@ def test_ctrl_c_stops_side_by_side_runs_cleanly_and_names_the_resume_command(tmp
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     logs = [tmp_path / "runs" / f"smoke-seed{s}" / "metrics.jsonl" for s in (0, 1)]
-    deadline = time.time() + 180
-    while not all(p.exists() for p in logs) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert all(p.exists() for p in logs), bytes(shown).decode(errors="replace")[-2000:]
+    _wait_for_logs(logs, proc, lambda: bytes(shown).decode(errors="replace")[-2000:])
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does; the runs, in sessions of their own, hear it from the compare
     assert proc.wait(timeout=120) == 130
     reader.join(timeout=10)
