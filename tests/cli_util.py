@@ -64,3 +64,20 @@ def checkpoint_step(run_dir: Path) -> int | None:
         return int(json.loads(pointer.read_text())["step"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def smoke_config(*overrides: str):
+    """The smoke config at one thread, with ``overrides`` ("section.key=value")."""
+    from memvae.config import schema as C
+
+    return C.load_config(SMOKE, ["train.threads=1", *overrides])
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints' step and model tensors equal to the bit."""
+    import torch
+
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
