@@ -15,6 +15,7 @@ from memvae.experiments.leaderboard import describe_missing, load_plan, missing,
 from memvae.experiments.leaderboard_report import choice_table, choices, rows_of, table
 from memvae.experiments.leaderboard_run import runs_to_train, train_one, write_commands
 from memvae.experiments.row import missing_steps
+from tests.conftest import REPO
 
 # A small network, so that the real training below takes seconds.
 SMALL = '["model.hidden=16", "model.res_hidden=8", "model.embedding_dim=8", "data.eval_images=20", "train.batch_size=8", "train.log_every=3", "train.eval_every=6", "train.checkpoint_every=6"]'
@@ -133,6 +134,32 @@ def test_a_guard_chooses_the_setting_with_the_lowest_holdout_nmse(tmp_path):
     assert "| vq | `vq-b` | 0.2700 ± 0.0283 |" in text and text.count("**yes**") == 1
     (plan.all_runs()[0].run_dir / "eval.json").unlink()  # one run of the other setting not finished:
     assert choices(rows_of(plan)) == {}  # no choice yet
+
+
+# The settings the loss guard chooses among (docs/results/loss-guard-2k/plan.toml).
+GUARDED = ("train.reconstruction", "bottleneck.commitment", "bottleneck.entropy_penalty")
+GUARDED_MODELS = ("ibq", "lfq", "bsq")  # vq_ema_reseed runs in the guard only to show the choice moves no baseline
+
+
+def _guarded(cfg: C.Config) -> dict:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1], None) for key in GUARDED}
+
+
+def test_the_leaderboard_trains_each_guarded_model_as_the_committed_guard_chose():
+    """For every model the committed guard has chosen for, each leaderboard run of that model
+    to be trained has the chosen loss and weights; LFQ has cells only if its choice keeps more
+    than 10 % of its 512 codes in use."""
+    guard = load_plan(REPO / "docs" / "results" / "loss-guard-2k" / "plan.toml")
+    board = load_plan(REPO / "docs" / "results" / "leaderboard" / "plan.toml")
+    settings = {cell.label: _guarded(cell.runs[0].cfg) for cell in guard.cells}
+    for family, row in choices(rows_of(guard)).items():
+        if family not in GUARDED_MODELS:
+            continue
+        runs = [run for cell in board.cells if cell.family == family for run in cell.runs if not run.earlier]
+        joins = family != "lfq" or row["codes_used"]["mean"] > 0.1 * 512
+        assert bool(runs) == joins, (family, row["codes_used"])
+        for run in runs:
+            assert _guarded(run.cfg) == settings[row["label"]], f"{run.name} is not trained as the guard chose ({row['label']})"
 
 
 def test_the_dry_run_and_the_command_file_list_the_incomplete_runs(tmp_path, capsys):
