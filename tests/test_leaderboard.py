@@ -148,18 +148,18 @@ def _guarded(cfg: C.Config) -> dict:
 def test_the_leaderboard_trains_each_guarded_model_as_the_committed_guard_chose():
     """For every model the committed guard has chosen for, each leaderboard run of that model
     to be trained has the chosen loss and weights; LFQ has cells only if its choice keeps more
-    than 10 % of its 512 codes in use."""
+    than 10 % of its codes in use."""
     guard = load_plan(REPO / "docs" / "results" / "loss-guard-2k" / "plan.toml")
     board = load_plan(REPO / "docs" / "results" / "leaderboard" / "plan.toml")
-    settings = {cell.label: _guarded(cell.runs[0].cfg) for cell in guard.cells}
+    configs = {cell.label: cell.runs[0].cfg for cell in guard.cells}
     for family, row in choices(rows_of(guard)).items():
         if family not in GUARDED_MODELS:
             continue
         runs = [run for cell in board.cells if cell.family == family for run in cell.runs if not run.earlier]
-        joins = family != "lfq" or row["codes_used"]["mean"] > 0.1 * 512
+        joins = family != "lfq" or row["codes_used"]["mean"] > 0.1 * configs[row["label"]].bottleneck.slots
         assert bool(runs) == joins, (family, row["codes_used"])
         for run in runs:
-            assert _guarded(run.cfg) == settings[row["label"]], f"{run.name} is not trained as the guard chose ({row['label']})"
+            assert _guarded(run.cfg) == _guarded(configs[row["label"]]), f"{run.name} is not trained as the guard chose ({row['label']})"
 
 
 def test_the_dry_run_and_the_command_file_list_the_incomplete_runs(tmp_path, capsys):
