@@ -199,19 +199,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from memvae import __version__
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    """--data-dir and --download, shared by every command that reads CIFAR-10."""
+    p.add_argument("--data-dir", help="data directory (holds cifar-10-batches-py, or the image folder); "
+                   "default: $MEMVAE_DATA_DIR, else ~/.cache/memvae (CIFAR-10 is downloaded there)")
+    p.add_argument("--download", action="store_true", help="create --data-dir if it does not exist and download "
+                   "CIFAR-10 into it (without this flag a missing --data-dir is an error, not a download)")
 
-    parser = _Parser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
-    parser.add_argument("--version", action="version", version=f"memvae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    def data_dir_arg(p):
-        p.add_argument("--data-dir", help="data directory (holds cifar-10-batches-py, or the image folder); "
-                       "default: $MEMVAE_DATA_DIR, else ~/.cache/memvae (CIFAR-10 is downloaded there)")
-        p.add_argument("--download", action="store_true", help="create --data-dir if it does not exist and download "
-                       "CIFAR-10 into it (without this flag a missing --data-dir is an error, not a download)")
-
+def _add_train_commands(sub) -> None:
+    """``train`` and ``configs``."""
     p = sub.add_parser("train", help="train a model; any config key can be overridden: --train.steps 1000 or --steps 1000",
                        epilog="Any config key is an option too: --train.lr 1e-3, --model.hidden 64, --bottleneck.slots "
                        "1024, or the bare name when it is unique (--lr 1e-3); `memvae configs NAME` prints them all.")
@@ -223,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (train.threads; default "
                    "$OMP_NUM_THREADS, else 1, which does not slow down when other work shares the cores; with --resume: "
                    "the run's own count, which keeps its numbers exact)")
-    data_dir_arg(p)
+    _data_dir_arg(p)
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: one plain line per log interval")
     p.add_argument("--start-if-new", action="store_true", help="with --resume: a --run-dir that holds no run yet "
@@ -234,9 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="print this config's TOML text (to read, or to copy and edit)")
     p.set_defaults(func=cmd_configs)
 
+
+def _add_run_tool_commands(sub) -> None:
+    """``eval``, ``reconstruct`` and ``plot``: commands that read finished runs."""
     p = sub.add_parser("eval", help="evaluate runs on the whole test set; writes RUN_DIR/eval.json")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    data_dir_arg(p)
+    _data_dir_arg(p)
     p.add_argument("--lossless", help="also evaluate on uint8 N×H×W×3 images in this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz)")
     p.add_argument("--lossless-key", default="x_test", help="array name in the --lossless file (default x_test)")
     p.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--n", type=int, default=10, help="number of test images")
     p.add_argument("--first", type=int, default=0, help="index of the first test image")
-    data_dir_arg(p)
+    _data_dir_arg(p)
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--smoothing", type=int, default=5, help="moving-average window in log records")
     p.set_defaults(func=cmd_plot)
+
+
+def _add_compare_command(sub) -> None:
+    """``compare``: the study's experiment, the rate sweep and its launchers."""
     p = sub.add_parser("compare", help="the study's experiment: train models alike, then figures and tables")
     p.add_argument("--models", default="vq,vq_ema,memory_l2,memory_cosine,memory_l2_write",
                    help="comma-separated config names (packaged, or in --config-dir) or paths to .toml files")
@@ -270,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "split between them (train.threads = cores // jobs): a number, or auto = one per core, up to the "
                    "number of runs (default: auto, measured faster on 2 cores; see docs/benchmarks.md)")
     p.add_argument("--test-images", type=int, help="evaluate on the first N test images only (quick look; default: all)")
-    data_dir_arg(p)
+    _data_dir_arg(p)
     p.add_argument("--slots", help="the rate sweep: train every discrete model at each of these codebook sizes K "
                    "(e.g. 64,512,4096; runs MODEL-kK-seedS) and continuous models once; writes rate_distortion.md and .png")
     p.add_argument("--no-prior", action="store_true", help="a run is finished once trained and evaluated (by default "
@@ -308,13 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a further sbatch option (e.g. qos=high, constraint=a100, exclusive); repeat for more")
     p.set_defaults(func=cmd_compare, extra_ok=True)
 
+
+def _add_bpd_command(sub) -> None:
+    """``bpd``: bits per dimension of a run."""
     p = sub.add_parser("bpd", help="bits per dimension of a run (prior bits of its codes + a "
                        "discretised Gaussian decoder likelihood); writes RUN_DIR/bits_per_dim.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (a discrete model needs its prior: memvae prior)")
     p.add_argument("--prior", help="the prior's folder, if not RUN_DIR/prior/ (memvae prior --out)")
     p.add_argument("--lossless", help="also score x_test of this .npz (e.g. ../shared/data/cifar10-lossless-subset.npz), "
                    "with σ fitted on its x_train")
-    data_dir_arg(p)
+    _data_dir_arg(p)
     p.add_argument("--sigma-images", type=int, default=5000,
                    help="fit σ on the last N training images of the run's data (default 5000)")
     p.add_argument("--test-images", type=int, default=0, help="score only the first N test images (default 0: all)")
@@ -323,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_bpd)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from memvae import __version__
+
+    parser = _Parser(prog="memvae", description="Memory-bottleneck autoencoders (VQ-VAE and a soft NTM-style memory read).")
+    parser.add_argument("--version", action="version", version=f"memvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for add in (_add_train_commands, _add_run_tool_commands, _add_compare_command, _add_bpd_command):
+        add(sub)
     from memvae.cli import docs
     from memvae.cli.leaderboard import add_leaderboard_command
     from memvae.cli.prior import add_prior_commands
