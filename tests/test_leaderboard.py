@@ -12,7 +12,7 @@ from PIL import Image
 from memvae.config import schema as C
 from memvae.errors import MemvaeError
 from memvae.experiments.leaderboard import describe_missing, load_plan, missing, run_missing
-from memvae.experiments.leaderboard_report import choice_table, choices, rows_of, table
+from memvae.experiments.leaderboard_report import choice_table, choices, rows_of, state_for, table
 from memvae.experiments.leaderboard_run import runs_to_train, train_one, write_commands
 from memvae.experiments.row import missing_steps
 from tests.conftest import REPO
@@ -173,6 +173,18 @@ def test_the_dry_run_and_the_command_file_list_the_incomplete_runs(tmp_path, cap
     lines = (tmp_path / "commands.sh").read_text().splitlines()
     assert [r.name for r in todo] == ["vq_ema_reseed-k16-seed1", "none-seed1"]
     assert len(lines) == 2 and lines[0].endswith("--only vq_ema_reseed-k16-seed1 --data-dir " + str(tmp_path))
+
+
+def test_the_state_lists_what_is_left_and_says_so_when_nothing_is(tmp_path):
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    first, earlier, ceiling = plan.all_runs()
+    fake_row(first, 6, 0.07, bpd=False)
+    fake_row(earlier, 6, 0.07, bpd=False)  # an earlier study's run counts without bits/dim
+    assert state_for(tmp_path) == ("1 of 3 runs complete; still to run, in the plan's order:\n\n"
+                                   f"- `{first.name}`: bpd\n- `{ceiling.name}`: train, eval\n")
+    fake_row(first, 6, 0.07)
+    fake_row(ceiling, 6, 0.07)
+    assert state_for(tmp_path) == "All 3 runs complete: nothing is left to run.\n"
 
 
 @pytest.fixture(scope="module")

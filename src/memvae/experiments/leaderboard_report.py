@@ -209,6 +209,8 @@ def state_for(folder: Path, args: dict | None = None) -> str:
     plan = _plan_in(folder)
     todo = missing(plan)
     total = len(plan.all_runs())
+    if not todo:
+        return f"All {total} runs complete: nothing is left to run.\n"
     lines = [f"{total - len(todo)} of {total} runs complete; still to run, in the plan's order:", ""]
     lines += [f"- `{run.name}`: {', '.join(steps)}" for run, steps in todo]
     return "\n".join(lines) + "\n"
