@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ earlier_seeds = [2]
 model = "none"
 seeds = [1]
 """
+
+# One run trained on the image folder of `cifar_folder` below.
+FOLDER_CELL = '[[cell]]\nmodel = "vq_ema_reseed"\nslots = 16\nbits = 4\nseeds = [1]\noverrides = ["data.source=folder"]\n'
 
 
 def fake_row(run, steps: int, nmse: float, sets=("test",), prior_step=None, bpd=True) -> None:
@@ -208,8 +212,7 @@ def test_a_run_cut_off_after_training_is_finished_without_training_again(tmp_pat
     from memvae.training.runs import load_run
     from memvae.training.train import train
 
-    cells = '[[cell]]\nmodel = "vq_ema_reseed"\nslots = 16\nbits = 4\nseeds = [1]\noverrides = ["data.source=folder"]\n'
-    plan = load_plan(write_plan(tmp_path, cells, sets='["test", "lossless"]'))
+    plan = load_plan(write_plan(tmp_path, FOLDER_CELL, sets='["test", "lossless"]'))
     run = plan.all_runs()[0]
     data = load_image_folder(cifar_folder)
     train(run.cfg, run.run_dir, data=data, show_progress=False)  # then the machine went away
@@ -232,6 +235,33 @@ def test_a_run_cut_off_after_training_is_finished_without_training_again(tmp_pat
     scored = json.loads((run.run_dir / "bits_per_dim.json").read_text())
     assert scored["test"]["prior_bits_per_index"] == pytest.approx(prior["bits_per_index"], rel=1e-5)
     assert train_one(plan, run.name, str(cifar_folder), lossless) == []  # a complete row: nothing to do
+
+
+def test_a_run_another_process_trains_is_refused_naming_that_process(tmp_path, cifar_folder):
+    """Two lanes that reach the same run: the second is told who trains it, not that the folder exists."""
+    from memvae.training.runlock import run_lock
+
+    plan = load_plan(write_plan(tmp_path, FOLDER_CELL))
+    run = plan.all_runs()[0]
+    with run_lock(run.run_dir):  # the first lane, before its first checkpoint
+        (run.run_dir / "config.toml").write_text(C.to_toml(run.cfg))
+        with pytest.raises(MemvaeError, match=f"in use by process {os.getpid()} "):
+            train_one(plan, run.name, str(cifar_folder))
+    assert [p.name for p in run.run_dir.iterdir()] == [".lock", "config.toml"]  # nothing of it touched
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_trained_from_the_start(tmp_path, cifar_folder):
+    plan = load_plan(write_plan(tmp_path, FOLDER_CELL))
+    run = plan.all_runs()[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.toml").write_text(C.to_toml(run.cfg))
+    lost = {"kind": "train", "step": 3, "train_nmse": 9.0, "train_seconds": 1.0}
+    (run.run_dir / "metrics.jsonl").write_text(json.dumps(lost) + "\n")
+    assert train_one(plan, run.name, str(cifar_folder)) == ["train", "eval", "prior", "bpd"]
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lost not in records and [r["step"] for r in records if r["kind"] == "train"] == [3, 6]
+    assert missing_steps(run.run_dir, run.cfg, plan.sets) == []
 
 
 def test_submitit_gets_one_job_per_incomplete_run_with_the_same_command(tmp_path, monkeypatch):

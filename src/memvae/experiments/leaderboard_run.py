@@ -16,7 +16,6 @@ from memvae.data import default_data_dir, load_data
 from memvae.errors import MemvaeError
 from memvae.experiments.leaderboard import Plan, Run, missing, run_missing
 from memvae.experiments.row import LOSSLESS_FILE, complete_row
-from memvae.training.checkpoint import latest_checkpoint
 
 
 def lossless_file(plan: Plan, data_dir: str | None, lossless: str | None) -> str | None:
@@ -44,8 +43,9 @@ def train_one(plan: Plan, name: str, data_dir: str | None = None, lossless: str 
     cfg = run.cfg
     data = load_data(cfg.data.source, data_dir or cfg.data.dir or None, cfg.data.image_size)
     if "train" in todo:
-        resume = latest_checkpoint(run.run_dir / "checkpoints") is not None
-        train(cfg, run.run_dir, resume=resume, data=data, show_progress=False)
+        # An existing folder is continued, from its checkpoint or from update 0 when it has none (a run killed
+        # before its first checkpoint); one that another process is training is refused by its lock, naming it.
+        train(cfg, run.run_dir, resume=run.run_dir.exists(), data=data, show_progress=False)
     complete_row(run.run_dir, cfg, data, plan.sets, lossless, data_dir,
                  say=lambda text: print(text, flush=True))
     print(f"{name}: row complete", flush=True)
