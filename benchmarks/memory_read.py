@@ -218,7 +218,7 @@ def ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default="2048,8192,32768", help="comma-separated numbers of queries N")
     parser.add_argument("--k", default="512,4096,65536", help="comma-separated numbers of slots K")
@@ -237,31 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of z, M and the upstream gradient")
     parser.add_argument("--out", default="benchmarks/results/memory_read.json", help="JSON output path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but no CUDA device is available")
-    from memvae.training.runs import environment
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_step import cpu_model
-
-    from memvae.quantizers.memory import MemoryRead
-
-    threshold = inspect.signature(MemoryRead).parameters["fused_threshold"].default
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    limit = int(args.memory_limit * GIB)
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    env = {**environment(), "device": args.device, "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads()}
-    if args.device == "cuda":
-        env["cuda_device"] = torch.cuda.get_device_name()
-    print(f"device {args.device} ({env.get('cuda_device') or env['cpu_model']}), torch {torch.__version__}, "
-          f"{env['torch_threads']} threads", flush=True)
-
+def _measure_grid(args: argparse.Namespace, impls: list[str], threshold: int, limit: int) -> list[dict]:
+    """One row per (similarity, N, K, implementation), each measured in its own subprocess; the
+    rows of one (similarity, N, K) get their ratio to, and largest differences from, the
+    straightforward read."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for sim in [s.strip() for s in args.similarities.split(",") if s.strip()]:
@@ -299,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
                             r["ratio_to_straightforward"] = r["seconds_median"] / base["seconds_median"]
                         if r["impl"] != "straightforward" and r["impl"] in saved and "straightforward" in saved:
                             r["max_abs_diff"], r["reference_max_abs"] = max_differences(saved["straightforward"], saved[r["impl"]])
+    return results
 
+
+def _targets(results: list[dict]) -> list[dict]:
+    """The speed targets' rows: the fused read's peak extra memory at N=8192, K=65536."""
     checks = []
     for r in results:
         if r["impl"] == "fused" and r["similarity"] == "l2" and r["n"] == 8192 and r["k"] == 65536:
@@ -307,13 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             checks.append({"target": "memvae fused read, N=8192, K=65536, l2: peak extra memory ≤ 1 GiB",
                            "value": None if peak is None else peak / GIB, "limit": 1.0,
                            "met": peak is not None and peak <= GIB and "failed" not in r})
-    report = {"benchmark": "memory_read", "environment": env,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
-              "results": results, "targets": checks}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    return checks
 
+
+def _print_tables(results: list[dict], checks: list[dict]) -> None:
+    """The results and the targets as markdown tables."""
     header = ["sim", "N", "K", "impl", "path", "ms (median)", "× straightforward", "peak extra MiB",
               "max |Δ| out", "max |Δ| ∂z", "max |Δ| ∂M", "max |Δ| ∂β", "note"]
     rows = []
@@ -330,6 +314,41 @@ def main(argv: list[str] | None = None) -> int:
     if checks:
         print()
         print(markdown(["target", "measured (GiB)", "limit (GiB)", "met"], [[c["target"], c["value"], c["limit"], c["met"]] for c in checks]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but no CUDA device is available")
+    from memvae.quantizers.memory import MemoryRead
+    from memvae.training.runs import environment
+
+    threshold = inspect.signature(MemoryRead).parameters["fused_threshold"].default
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limit = int(args.memory_limit * GIB)
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    env = {**environment(), "device": args.device, "torch_threads": torch.get_num_threads()}
+    if args.device == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name()
+    print(f"device {args.device} ({env.get('cuda_device') or env['cpu_model']}), torch {torch.__version__}, "
+          f"{env['torch_threads']} threads", flush=True)
+
+    results = _measure_grid(args, impls, threshold, limit)
+    checks = _targets(results)
+    report = {"benchmark": "memory_read", "environment": env,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+              "results": results, "targets": checks}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+
+    _print_tables(results, checks)
     print(f"\nwrote {out}")
     return 0
 

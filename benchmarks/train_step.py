@@ -297,6 +297,60 @@ def targets(results: list[dict], batch_sizes: list[int]) -> list[dict]:
     return rows
 
 
+def _time_batch_sizes(batch_sizes: list[int], images: torch.Tensor, study_set, device: torch.device,
+                      args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Time every variant at each batch size beside the reference matmul, round-robin;
+    returns (one row per batch size and variant, one matmul reference per batch size)."""
+    results, references = [], []
+    for batch_size in batch_sizes:
+        variants = build_variants(batch_size, images, study_set, device, args)
+        for variant in variants:
+            variant.flops = count_flops(variant)
+        matmul = MatmulReference(args.matmul_size or (8192 if device.type == "cuda" else 2048), device)
+        time_round_robin([*variants, matmul], args.repeats, args.warmup, device)
+        peak = matmul.flops / statistics.median(matmul.times)
+        references.append({"batch_size": batch_size, "matmul_n": matmul.n, "seconds_median": statistics.median(matmul.times),
+                           "flops_per_second": peak, "seconds_all": matmul.times})
+        medians = {v.name: statistics.median(v.times) for v in variants}
+        for variant in variants:
+            p25, p75 = quartiles(variant.times)
+            seconds = medians[variant.name]
+            row = {
+                "batch_size": batch_size,
+                "variant": variant.name,
+                "seconds_median": seconds,
+                "seconds_p25": p25,
+                "seconds_p75": p75,
+                "seconds_all": variant.times,
+                "flops": variant.flops,
+                "flops_per_second": variant.flops / seconds,
+                "fraction_of_matmul": variant.flops / seconds / peak,
+                "ratio_to_bare": seconds / medians[BARE],
+            }
+            if variant.name == STUDY:
+                row["ratio_to_memory_l2"] = seconds / medians["memory_l2"]
+            results.append(row)
+        print(f"batch {batch_size} done", flush=True)
+    return results, references
+
+
+def _print_tables(results: list[dict], references: list[dict], checks: list[dict]) -> None:
+    """The matmul references, the results and the targets, as text and markdown tables."""
+    for ref in references:
+        print(f"\nbatch {ref['batch_size']} round: {ref['matmul_n']}×{ref['matmul_n']} float32 matmul at "
+              f"{ref['flops_per_second'] / 1e9:.1f} GFLOP/s (the reference of the last column)")
+    print()
+    header = ["batch", "variant", "ms / update (median)", "IQR ms", "× bare", "GFLOP / update", "GFLOP/s", "of matmul rate"]
+    rows = [
+        [r["batch_size"], r["variant"], 1e3 * r["seconds_median"], f"{1e3 * r['seconds_p25']:.3g}–{1e3 * r['seconds_p75']:.3g}",
+         r["ratio_to_bare"], r["flops"] / 1e9, r["flops_per_second"] / 1e9, f"{100 * r['fraction_of_matmul']:.1f}%"]
+        for r in results
+    ]
+    print(markdown(header, rows))
+    print()
+    print(markdown(["target", "measured", "limit", "met"], [[t["target"], t["value"], t["limit"], t["met"]] for t in checks]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", default="32,256", help="comma-separated batch sizes (default 32,256)")
@@ -339,37 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.repeatability:
         return repeatability_main(args, data, device, env, batch_sizes)
-    results, references = [], []
-    for batch_size in batch_sizes:
-        variants = build_variants(batch_size, images, study_set, device, args)
-        for variant in variants:
-            variant.flops = count_flops(variant)
-        matmul = MatmulReference(args.matmul_size or (8192 if device.type == "cuda" else 2048), device)
-        time_round_robin([*variants, matmul], args.repeats, args.warmup, device)
-        peak = matmul.flops / statistics.median(matmul.times)
-        references.append({"batch_size": batch_size, "matmul_n": matmul.n, "seconds_median": statistics.median(matmul.times),
-                           "flops_per_second": peak, "seconds_all": matmul.times})
-        medians = {v.name: statistics.median(v.times) for v in variants}
-        for variant in variants:
-            p25, p75 = quartiles(variant.times)
-            seconds = medians[variant.name]
-            row = {
-                "batch_size": batch_size,
-                "variant": variant.name,
-                "seconds_median": seconds,
-                "seconds_p25": p25,
-                "seconds_p75": p75,
-                "seconds_all": variant.times,
-                "flops": variant.flops,
-                "flops_per_second": variant.flops / seconds,
-                "fraction_of_matmul": variant.flops / seconds / peak,
-                "ratio_to_bare": seconds / medians[BARE],
-            }
-            if variant.name == STUDY:
-                row["ratio_to_memory_l2"] = seconds / medians["memory_l2"]
-            results.append(row)
-        print(f"batch {batch_size} done", flush=True)
-
+    results, references = _time_batch_sizes(batch_sizes, images, study_set, device, args)
     report = {
         "benchmark": "train_step",
         "environment": env,
@@ -382,19 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 
-    for ref in references:
-        print(f"\nbatch {ref['batch_size']} round: {ref['matmul_n']}×{ref['matmul_n']} float32 matmul at "
-              f"{ref['flops_per_second'] / 1e9:.1f} GFLOP/s (the reference of the last column)")
-    print()
-    header = ["batch", "variant", "ms / update (median)", "IQR ms", "× bare", "GFLOP / update", "GFLOP/s", "of matmul rate"]
-    rows = [
-        [r["batch_size"], r["variant"], 1e3 * r["seconds_median"], f"{1e3 * r['seconds_p25']:.3g}–{1e3 * r['seconds_p75']:.3g}",
-         r["ratio_to_bare"], r["flops"] / 1e9, r["flops_per_second"] / 1e9, f"{100 * r['fraction_of_matmul']:.1f}%"]
-        for r in results
-    ]
-    print(markdown(header, rows))
-    print()
-    print(markdown(["target", "measured", "limit", "met"], [[t["target"], t["value"], t["limit"], t["met"]] for t in report["targets"]]))
+    _print_tables(results, references, report["targets"])
     print(f"\nwrote {out}")
     return 0
 
