@@ -13,7 +13,8 @@ from PIL import Image
 from memvae.config import schema as C
 from memvae.errors import MemvaeError
 from memvae.experiments.leaderboard import describe_missing, load_plan, missing, run_missing
-from memvae.experiments.leaderboard_report import choice_table, choices, rows_of, state_for, table
+from memvae.experiments.leaderboard_report import (choice_table, choices, machines, rows_of, state_for, table,
+                                                    write_report)
 from memvae.experiments.leaderboard_run import runs_to_train, train_one, write_commands
 from memvae.experiments.row import missing_steps
 from tests.conftest import REPO
@@ -125,6 +126,27 @@ def test_the_table_gives_mean_std_and_count_over_complete_runs(tmp_path):
     # NMSE over both seeds; bits/dim and the prior over the one run that has them, its count in brackets.
     assert "| 4 | `vq_ema_reseed-k16` | 0.0600 ± 0.0141 | 20.00 ± 0.00 | — | 5.000 (1) | — | 2.00 (1) | 10 ± 0 | 2 |" in text
     assert "| — | `none` | — |" in text and "| 0 (+1 unfinished) |" in text
+    written = write_report(plan)
+    assert [p.name for p in written] == ["leaderboard.md", "leaderboard.json", "nmse_vs_bits.png", "bpd_vs_bits.png"]
+    assert written[0].read_text() == text
+    assert [c["nmse"] for c in json.loads(written[1].read_text())["cells"]] == [rows[0]["nmse"], None]
+    for figure in written[2:]:
+        with Image.open(figure) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_each_machine_is_named_with_the_runs_it_trained(tmp_path):
+    plan = load_plan(write_plan(tmp_path, CELLS))
+    new, earlier, _ = plan.all_runs()  # the ceiling is unfinished: not counted, not listed
+    for run, meta in ((new, {"device": "cuda:0", "cuda": "NVIDIA H100", "cpu_model": "AMD EPYC"}),
+                      (earlier, {"device": "cpu", "cuda": None, "cpu_model": ""})):
+        fake_row(run, 6, 0.05)
+        (run.run_dir / "meta.json").write_text(json.dumps(meta))
+    assert machines(rows_of(plan)) == ("- NVIDIA H100 (GPU), 1 run: `vq_ema_reseed-k16` seed 1\n"
+                                       "- a CPU whose model was not recorded, 1 run: `vq_ema_reseed-k16` seed 2\n")
+    for run in (earlier, new):
+        (run.run_dir / "meta.json").write_text(json.dumps({"device": "cpu", "cuda": None, "cpu_model": "AMD EPYC"}))
+    assert machines(rows_of(plan)) == "- AMD EPYC, 2 runs: `vq_ema_reseed-k16` seeds 1, 2\n"
 
 
 def test_a_guard_chooses_the_setting_with_the_lowest_holdout_nmse(tmp_path):
@@ -138,6 +160,8 @@ def test_a_guard_chooses_the_setting_with_the_lowest_holdout_nmse(tmp_path):
     assert "| vq | `vq-b` | 0.2700 ± 0.0283 |" in text and text.count("**yes**") == 1
     (plan.all_runs()[0].run_dir / "eval.json").unlink()  # one run of the other setting not finished:
     assert choices(rows_of(plan)) == {}  # no choice yet
+    assert [p.name for p in write_report(plan)] == ["leaderboard.md", "leaderboard.json"]  # a guard draws no figures
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["leaderboard.json", "leaderboard.md", "plan.toml"]
 
 
 # The settings the loss guard chooses among (docs/results/loss-guard-2k/plan.toml).

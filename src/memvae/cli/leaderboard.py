@@ -40,10 +40,9 @@ def cmd_leaderboard(args, extra: list[str]) -> None:
         failed = train_missing(plan, args.jobs, args.data_dir, args.lossless)
         if failed:
             print("failed: " + ", ".join(f"{name} (exit {code})" for name, code in failed.items()), file=sys.stderr)
-    write_report(plan)
-    folder = plan.path.parent
-    print((folder / "leaderboard.md").read_text(), end="")
-    print(f"wrote {folder / 'leaderboard.md'}, leaderboard.json, nmse_vs_bits.png, bpd_vs_bits.png", file=sys.stderr)
+    written = write_report(plan)
+    print(written[0].read_text(), end="")
+    print(f"wrote {written[0]}, {', '.join(path.name for path in written[1:])}", file=sys.stderr)
 
 
 def add_leaderboard_command(sub) -> None:

@@ -36,6 +36,7 @@ GENERATORS: dict[str, Generator] = {
     "leaderboard": leaderboard_report.table_for,
     "leaderboard_summary": leaderboard_report.summary_for,
     "leaderboard_state": leaderboard_report.state_for,
+    "leaderboard_machines": leaderboard_report.machines_for,
     "command_time": doc_kinds.command_time_text,
 }
 

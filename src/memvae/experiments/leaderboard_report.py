@@ -24,6 +24,15 @@ def _own_read(run) -> str:
     return build_bottleneck(run.cfg.bottleneck, run.cfg.model.embedding_dim).eval_read
 
 
+def machine(run) -> str:
+    """What trained the run, from its meta.json: the GPU's name, else the CPU's model (recorded
+    from 2026-12-07 on; earlier runs say only that it was a CPU)."""
+    meta = read_json(run.run_dir / "meta.json") or {}
+    if str(meta.get("device", "")).startswith("cuda"):
+        return f"{meta.get('cuda') or 'a GPU'} (GPU)"
+    return meta.get("cpu_model") or "a CPU whose model was not recorded"
+
+
 def run_numbers(run, main_set: str = "test") -> dict:
     """One run's numbers from its small files: NMSE, PSNR and codes used of its own read on
     ``main_set`` (the test set; a guard's: the held-out training images), lossless NMSE;
@@ -31,7 +40,7 @@ def run_numbers(run, main_set: str = "test") -> dict:
     evaluated = read_json(run.run_dir / "eval.json")
     read = _own_read(run)
     test = evaluated[main_set][read]
-    out = {"run": run.name, "seed": run.cfg.train.seed, "nmse": test["nmse"], "psnr": test["psnr"]}
+    out = {"run": run.name, "seed": run.cfg.train.seed, "machine": machine(run), "nmse": test["nmse"], "psnr": test["psnr"]}
     if "slots_used" in test:
         out["codes_used"] = test["slots_used"]
     if "lossless" in evaluated:
@@ -142,20 +151,21 @@ def markdown(plan: Plan, rows: list[dict]) -> str:
     return table(rows) if plan.sets[0] == "test" else choice_table(rows, plan.sets[0])
 
 
-def write_report(plan: Plan) -> dict:
+def write_report(plan: Plan) -> list[Path]:
     """Write leaderboard.md and leaderboard.json beside the plan, and for a leaderboard (rows
-    on the test set) its two figures; returns the rows."""
+    on the test set) its two figures; returns the files written."""
     from memvae.experiments.leaderboard_figures import bits_per_dim_figure, nmse_figure
 
     rows = rows_of(plan)
     folder = plan.path.parent
-    (folder / "leaderboard.md").write_text(markdown(plan, rows))
-    (folder / "leaderboard.json").write_text(json.dumps({"steps": plan.steps, "sets": plan.sets, "cells": rows},
-                                                        indent=1) + "\n")
+    written = [folder / "leaderboard.md", folder / "leaderboard.json"]
+    written[0].write_text(markdown(plan, rows))
+    written[1].write_text(json.dumps({"steps": plan.steps, "sets": plan.sets, "cells": rows}, indent=1) + "\n")
     if plan.sets[0] == "test":
-        nmse_figure(rows, folder / "nmse_vs_bits.png", plan.steps)
-        bits_per_dim_figure(rows, folder / "bpd_vs_bits.png", plan.steps, VQVAE_PAPER_BITS_PER_DIM)
-    return {"rows": rows}
+        written += [folder / "nmse_vs_bits.png", folder / "bpd_vs_bits.png"]
+        nmse_figure(rows, written[2], plan.steps)
+        bits_per_dim_figure(rows, written[3], plan.steps, VQVAE_PAPER_BITS_PER_DIM)
+    return written
 
 
 # The documents' generated blocks (memvae.experiments.doc_tables): each takes the folder of a
@@ -199,6 +209,27 @@ def summary(rows: list[dict]) -> str:
 def summary_for(folder: Path, args: dict | None = None) -> str:
     """The plan's headline (:func:`summary`)."""
     return summary(rows_of(_plan_in(folder)))
+
+
+def machines(rows: list[dict]) -> str:
+    """Which machine trained each counted run, as Markdown bullets: one per machine (in the
+    order first met), naming each cell's seeds it trained."""
+    by_machine: dict[str, dict[str, list[int]]] = {}
+    for row in rows:
+        for run in row["runs"]:
+            by_machine.setdefault(run["machine"], {}).setdefault(row["label"], []).append(run["seed"])
+    lines = []
+    for name, cells in by_machine.items():
+        runs = sum(len(seeds) for seeds in cells.values())
+        listed = "; ".join(f"`{label}` seed{'s' * (len(seeds) > 1)} {', '.join(map(str, sorted(seeds)))}"
+                           for label, seeds in cells.items())
+        lines.append(f"- {name}, {runs} run{'s' * (runs > 1)}: {listed}")
+    return "\n".join(lines) + "\n"
+
+
+def machines_for(folder: Path, args: dict | None = None) -> str:
+    """The plan's machines (:func:`machines`)."""
+    return machines(rows_of(_plan_in(folder)))
 
 
 def state_for(folder: Path, args: dict | None = None) -> str:
