@@ -271,7 +271,7 @@ def test_a_run_another_process_trains_is_refused_naming_that_process(tmp_path, c
         (run.run_dir / "config.toml").write_text(C.to_toml(run.cfg))
         with pytest.raises(MemvaeError, match=f"in use by process {os.getpid()} "):
             train_one(plan, run.name, str(cifar_folder))
-    assert [p.name for p in run.run_dir.iterdir()] == [".lock", "config.toml"]  # nothing of it touched
+    assert sorted(p.name for p in run.run_dir.iterdir()) == [".lock", "config.toml"]  # nothing of it touched
 
 
 @pytest.mark.slow
