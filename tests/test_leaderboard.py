@@ -13,8 +13,8 @@ from PIL import Image
 from memvae.config import schema as C
 from memvae.errors import MemvaeError
 from memvae.experiments.leaderboard import describe_missing, load_plan, missing, run_missing
-from memvae.experiments.leaderboard_report import (choice_table, choices, machines, rows_of, state_for, table,
-                                                    write_report)
+from memvae.experiments.leaderboard_report import (choice_table, choices, machines, rows_of, state_for, summary,
+                                                    table, write_report)
 from memvae.experiments.leaderboard_run import runs_to_train, train_one, write_commands
 from memvae.experiments.row import missing_steps
 from tests.conftest import REPO
@@ -133,6 +133,23 @@ def test_the_table_gives_mean_std_and_count_over_complete_runs(tmp_path):
     for figure in written[2:]:
         with Image.open(figure) as image:
             assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_the_headline_names_each_rates_best_its_equals_and_what_is_not_measured_yet():
+    def row(label, bits, mean=None, std=0.0, seeds=2, incomplete=0):
+        nmse = None if mean is None else {"mean": mean, "std": std, "n": seeds}
+        return {"label": label, "family": label, "bits": bits, "nmse": nmse, "runs": [{}] * seeds,
+                "incomplete": incomplete}
+
+    rows = [row("a", 4, 0.05, std=0.01, incomplete=1), row("b", 4, 0.055, std=0.002),
+            row("c", 4, 0.08, std=0.001), row("d", 4, seeds=0, incomplete=3), row("e", 8, seeds=0, incomplete=3),
+            row("memory_l2", None, 0.01), row("none", None, 0.0025)]
+    # b is 0.005 behind a, inside a's spread of 0.01; c is 0.03 behind, outside both spreads.
+    assert summary(rows) == (
+        "- **4 bits per position**: `a`, test NMSE 0.0500 (2 of 3 seeds), level with `b` 0.0550 (a difference"
+        " inside the seeds' spread); 5.0 times `memory_l2`'s 0.0100 and 20.0 times `none`'s 0.0025."
+        " Not measured yet: `d`.\n"
+        "- **8 bits per position**: not measured yet (`e`).\n")
 
 
 def test_each_machine_is_named_with_the_runs_it_trained(tmp_path):

@@ -189,10 +189,17 @@ def _ceiling(rows: list[dict], family: str) -> dict | None:
 def summary(rows: list[dict]) -> str:
     """The leaderboard's headline as Markdown bullets: at each rate the model with the lowest
     mean test NMSE (over its complete seeds), and how many times the continuous ceilings'
-    NMSE it is (the study's soft read ``memory_l2``, and ``none``, no bottleneck)."""
+    NMSE it is (the study's soft read ``memory_l2``, and ``none``, no bottleneck); then the
+    rate's cells that have no complete run yet, since the best so far is not the best of all."""
     soft, none = _ceiling(rows, "memory_l2"), _ceiling(rows, "none")
+    best = best_at_each_rate(rows)
     lines = []
-    for bits, row in best_at_each_rate(rows).items():
+    for bits in sorted({r["bits"] for r in rows if r["bits"] is not None}):
+        unmeasured = [f"`{r['label']}`" for r in rows if r["bits"] == bits and not r["nmse"]]
+        row = best.get(bits)
+        if row is None:
+            lines.append(f"- **{bits:g} bits per position**: not measured yet ({', '.join(unmeasured)}).")
+            continue
         n, seeds = row["nmse"]["n"], len(row["runs"]) + row["incomplete"]
         text = (f"- **{bits:g} bits per position**: `{row['label']}`, test NMSE {row['nmse']['mean']:.4f}"
                 f" ({n} of {seeds} seeds)")
@@ -202,7 +209,10 @@ def summary(rows: list[dict]) -> str:
             text += f", level with {', '.join(level)} (a difference inside the seeds' spread)"
         ratios = [f"{row['nmse']['mean'] / c['nmse']['mean']:.1f} times `{c['family']}`'s {c['nmse']['mean']:.4f}"
                   for c in (soft, none) if c]
-        lines.append(text + ("; " + " and ".join(ratios) if ratios else "") + ".")
+        text += ("; " + " and ".join(ratios) if ratios else "") + "."
+        if unmeasured:
+            text += f" Not measured yet: {', '.join(unmeasured)}."
+        lines.append(text)
     return "\n".join(lines) + "\n"
 
 
